@@ -1,0 +1,7 @@
+"""outbox: a Postgres-native webhook delivery sidecar."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

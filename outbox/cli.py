@@ -1,0 +1,248 @@
+"""The `outbox` command: parses arguments and calls the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
+
+import psycopg
+
+from outbox import __version__, db, sidecar, webhooks
+from outbox.config import ConfigError, Settings
+from outbox.delivery import Sender
+from outbox.events import EVENTS, UnknownEvent
+from outbox.log import configure
+
+__all__ = ["main"]
+
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+class UsageError(Exception):
+    """Bad input: reported on one line, exit 2, nothing written."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _webhook_id(raw: str) -> int:
+    if not raw.isdigit():
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a webhook id (a number)")
+    return int(raw)
+
+
+def _event(raw: str) -> str:
+    if raw not in EVENTS:
+        raise argparse.ArgumentTypeError(str(UnknownEvent(raw)))
+    return raw
+
+
+async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    applied = await db.migrate(settings.database_url)
+    print(f"migrated: applied {applied}" if applied else "migrated: already up to date")
+    return 0
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    await sidecar.run(settings)
+    return 0
+
+
+async def _emit(args: argparse.Namespace, settings: Settings) -> int:
+    raw = args.json if args.json is not None else sys.stdin.read()
+    try:
+        data = json.loads(raw or "{}")
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"JSON: data must be an object, not {type(data).__name__}")
+    async with await db.connect(settings.database_url) as conn:
+        print(await webhooks.emit(conn, args.account, args.event, json.dumps(data)))
+    return 0
+
+
+async def _add(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        webhook_id = await webhooks.add(
+            conn,
+            account_id=args.account,
+            name=args.name,
+            url=args.url,
+            event=args.event,
+            secret=args.secret,
+            enabled=not args.disabled,
+        )
+    print(webhook_id)
+    return 0
+
+
+_COLUMNS = (
+    "id",
+    "name",
+    "event",
+    "enabled",
+    "last_delivery_status",
+    "last_delivery_at",
+    "pending",
+    "url",
+    "last_error",
+)
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def text(value: Any) -> str:
+        if value is None:
+            return "-"
+        if hasattr(value, "isoformat"):
+            return str(value.isoformat(timespec="seconds"))
+        return str(value)
+
+    cells = [[text(row[c]) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+async def _list(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        rows = await webhooks.status(conn, args.account)
+    if args.json:
+        print(json.dumps(rows, default=str, indent=2))
+    elif rows:
+        print(_table(rows, _COLUMNS))
+    else:
+        print(f"account {args.account} has no webhooks")
+    return 0
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        rows = await webhooks.status(conn, args.account)
+    print(_table(rows, ("account_id", *_COLUMNS)) if rows else "no webhooks")
+    return 0
+
+
+async def _update(args: argparse.Namespace, settings: Settings) -> int:
+    fields: dict[str, Any] = {
+        k: v
+        for k, v in vars(args).items()
+        if k in ("name", "url", "event", "enabled") and v is not None
+    }
+    if args.no_secret:
+        fields["secret"] = None
+    elif args.secret is not None:
+        fields["secret"] = args.secret
+    if not fields:
+        raise UsageError(
+            "nothing to change: give --name, --url, --event, --secret, "
+            "--no-secret, --enable or --disable"
+        )
+    async with await db.connect(settings.database_url) as conn:
+        await webhooks.update(conn, args.id, **fields)
+    print(f"webhook {args.id} updated")
+    return 0
+
+
+async def _delete(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        await webhooks.delete(conn, args.id)
+    print(f"webhook {args.id} deleted")
+    return 0
+
+
+async def _test(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        webhook = await webhooks.get(conn, args.id)
+    async with Sender(settings) as sender:
+        attempt = await webhooks.test(sender, webhook, args.event)
+    outcome = "ok" if attempt.ok else "failed"
+    detail = f"HTTP {attempt.status}" if attempt.ok else attempt.error
+    print(f"{outcome}: {detail} in {attempt.duration_ms} ms")
+    return 0 if attempt.ok else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="outbox", description="Postgres-native webhook delivery sidecar.")
+    parser.add_argument("--version", action="version", version=f"outbox {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    commands.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=_migrate)
+    commands.add_parser("run", help="run the sidecar until SIGTERM").set_defaults(func=_run)
+
+    emit = commands.add_parser("emit", help="emit an event; prints its id")
+    emit.add_argument("account")
+    emit.add_argument("event", type=_event)
+    emit.add_argument("json", nargs="?", help="the data object (default: read stdin)")
+    emit.set_defaults(func=_emit)
+
+    status = commands.add_parser("status", help="each webhook's delivery status")
+    status.add_argument("--account")
+    status.set_defaults(func=_status)
+
+    hooks = commands.add_parser("webhooks", help="manage webhooks").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    add = hooks.add_parser("add", help="create a webhook; prints its id")
+    add.add_argument("--account", required=True)
+    add.add_argument("--name", required=True)
+    add.add_argument("--url", required=True)
+    add.add_argument("--event", required=True, type=_event)
+    add.add_argument("--secret")
+    add.add_argument("--disabled", action="store_true")
+    add.set_defaults(func=_add)
+
+    listing = hooks.add_parser("list", help="an account's webhooks")
+    listing.add_argument("--account", required=True)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_list)
+
+    update = hooks.add_parser("update", help="change a webhook")
+    update.add_argument("id", type=_webhook_id)
+    update.add_argument("--name")
+    update.add_argument("--url")
+    update.add_argument("--event", type=_event)
+    secret = update.add_mutually_exclusive_group()
+    secret.add_argument("--secret")
+    secret.add_argument("--no-secret", action="store_true")
+    enabled = update.add_mutually_exclusive_group()
+    enabled.add_argument("--enable", dest="enabled", action="store_true", default=None)
+    enabled.add_argument("--disable", dest="enabled", action="store_false")
+    update.set_defaults(func=_update)
+
+    delete = hooks.add_parser("delete", help="delete a webhook")
+    delete.add_argument("id", type=_webhook_id)
+    delete.set_defaults(func=_delete)
+
+    test = hooks.add_parser("test", help="send one sample payload now")
+    test.add_argument("id", type=_webhook_id)
+    test.add_argument("--event", type=_event)
+    test.set_defaults(func=_test)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        settings = Settings.from_env()
+        configure(settings.log_format)
+        func: Command = args.func
+        return asyncio.run(func(args, settings))
+    except (UsageError, ConfigError, webhooks.Invalid, UnknownEvent) as exc:
+        print(f"outbox: {exc}", file=sys.stderr)
+        return 2
+    except webhooks.NotFound as exc:
+        print(f"outbox: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        print(f"outbox: cannot reach the database: {first}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

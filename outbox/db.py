@@ -1,0 +1,88 @@
+"""The one module that talks SQL: named queries from sql/queries.sql, and migrations."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any, LiteralString
+
+import psycopg
+import structlog
+
+__all__ = ["SQL_DIR", "connect", "migrate", "query"]
+
+log = structlog.get_logger("outbox.db")
+
+# Installed wheels carry sql/ inside the package; a source checkout keeps it beside.
+_PACKAGED = Path(__file__).with_name("sql")
+SQL_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).parent.parent / "sql"
+
+# Session-level lock that makes concurrent `outbox migrate` runs take turns.
+_MIGRATE_LOCK = "SELECT pg_advisory_lock(1869968482, 0)"
+
+
+@cache
+def _queries() -> dict[str, str]:
+    text = (SQL_DIR / "queries.sql").read_text()
+    parts = re.split(r"^-- ([a-z_]+) --$", text, flags=re.MULTILINE)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def query(name: str) -> LiteralString:
+    """The SQL of the named query; the files are ours, so it is as trusted as a literal."""
+    return _queries()[name]
+
+
+async def connect(url: str, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection that names itself in pg_stat_activity."""
+    return await psycopg.AsyncConnection.connect(
+        url, autocommit=True, application_name="outbox", **kwargs
+    )
+
+
+def _warn(notice: psycopg.errors.Diagnostic) -> None:
+    if notice.severity_nonlocalized == "WARNING":
+        log.warning("migrate", message=notice.message_primary)
+
+
+def migrations() -> list[tuple[int, str, Path]]:
+    """(version, name, path) of every migration, in order."""
+    found = []
+    for path in sorted((SQL_DIR / "migrations").glob("*.sql")):
+        version, _, name = path.stem.partition("_")
+        found.append((int(version), name, path))
+    return found
+
+
+async def migrate(url: str) -> list[int]:
+    """Apply the migrations the database lacks; return the versions applied.
+
+    Safe to run twice and concurrently: runs take turns under an advisory lock, and each
+    migration commits together with its row in outbox.schema_migrations.
+    """
+    applied: list[int] = []
+    async with await connect(url) as conn:
+        # A migrating user who may not create roles is told so, and the rest goes on.
+        conn.add_notice_handler(_warn)
+        await conn.execute(_MIGRATE_LOCK)
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS outbox")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS outbox.schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur = await conn.execute("SELECT version FROM outbox.schema_migrations")
+        done = {row[0] for row in await cur.fetchall()}
+        for version, name, path in migrations():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(path.read_text())
+                await conn.execute(
+                    "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, %s)",
+                    (version, name),
+                )
+            log.info("migrated", version=version, name=name)
+            applied.append(version)
+    return applied

@@ -1,0 +1,353 @@
+"""The delivery loop: wait (NOTIFY | due time | free slot | stop) → claim → deliver → record.
+
+One asyncio process. Claims are short transactions that lease rows; HTTP runs outside
+any transaction; results are written back in batches by a separate task, so the loop
+itself only ever waits on the database for a claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from outbox import db, wire
+from outbox.config import Settings
+from outbox.delivery import Attempt, Sender
+from outbox.retry import next_delay
+
+__all__ = ["Dispatcher"]
+
+log = structlog.get_logger("outbox.dispatcher")
+
+# With nothing due, look again at least this often: NOTIFY only speeds things up, and a
+# notification sent while the listener was reconnecting is lost.
+POLL_INTERVAL = 1.0
+# While another dispatcher holds rows we could take, look again this soon.
+CONTENDED_RETRY = 0.02
+BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed delivery: everything one attempt needs."""
+
+    id: int
+    webhook_id: int
+    attempt: int
+    event: str
+    timestamp: str
+    data: str
+    url: str
+    secret: str | None
+    lease: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    job: Job
+    attempt: Attempt
+    outcome: str
+    retry_in: float | None
+
+
+class Doorbell:
+    """Holds the advisory lock that tells producers to NOTIFY, while we sleep.
+
+    Runs in the background on a connection of its own: taking the lock can wait for
+    producers that are mid-transaction, and the loop must not wait with it. Once held,
+    it calls ``on_armed`` so the loop polls one more time (see outbox.fan_out()).
+    """
+
+    def __init__(self, url: str, on_armed: asyncio.Event) -> None:
+        self._url = url
+        self._on_armed = on_armed
+        self._want = False
+        self._held = False
+        self._changed = asyncio.Event()
+
+    def want(self, armed: bool) -> None:
+        if armed != self._want:
+            self._want = armed
+            self._changed.set()
+
+    async def run(self) -> None:
+        conn: psycopg.AsyncConnection[Any] | None = None
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                if conn is None or conn.closed:
+                    self._held = False
+                    conn = await db.connect(self._url)
+                    await conn.execute("SET lock_timeout = '1s'")
+                if self._want and not self._held:
+                    await conn.execute(db.query("arm_doorbell"))
+                    self._held = True
+                    self._on_armed.set()
+                elif not self._want and self._held:
+                    await conn.execute(db.query("disarm_doorbell"))
+                    self._held = False
+            except psycopg.errors.LockNotAvailable:
+                # Another dispatcher sleeps on the doorbell already, or a long producer
+                # transaction is open: polling covers us; try again a little later.
+                await asyncio.sleep(POLL_INTERVAL)
+                self._changed.set()
+            except psycopg.OperationalError as exc:
+                log.warning("doorbell connection lost", error=str(exc))
+                conn = None
+                await asyncio.sleep(POLL_INTERVAL)
+                self._changed.set()
+
+
+class Dispatcher:
+    """Delivers due deliveries until ``stop`` is set, then finishes what is in flight."""
+
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool[Any], sender: Sender):
+        self._settings = settings
+        self._pool = pool
+        self._sender = sender
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: Counter[int] = Counter()
+        self._results: list[Result] = []
+        self._results_ready = asyncio.Event()
+        self._notified = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._doorbell = Doorbell(settings.database_url, self._notified)
+        self._last_help = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        background = [
+            asyncio.create_task(self._listen(), name="listen"),
+            asyncio.create_task(self._doorbell.run(), name="doorbell"),
+        ]
+        recorder = asyncio.create_task(self._record(stop), name="record")
+        log.info("dispatcher started", concurrency=self._settings.concurrency)
+        try:
+            await self._loop(stop)
+        finally:
+            log.info("stopping: finishing attempts in flight", in_flight=len(self._tasks))
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._results_ready.set()
+            try:
+                await asyncio.wait_for(recorder, self._settings.lease_seconds)
+            except TimeoutError:
+                log.error(
+                    "results not recorded; those deliveries are retried when their lease ends",
+                    unrecorded=len(self._results),
+                )
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            log.info("dispatcher stopped")
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        concurrency = self._settings.concurrency
+        # Under a backlog, wait for a quarter of the slots rather than claim one by one.
+        batch_min = max(1, concurrency // 4)
+        backoff = 0.0
+        while not stop.is_set():
+            free = concurrency - len(self._tasks)
+            if free < batch_min and self._tasks:
+                self._slot_freed.clear()
+                await _wait_any(stop, self._slot_freed)
+                continue
+            self._notified.clear()
+            try:
+                jobs, claimed = await self._claim(free)
+                if claimed == free:
+                    # Busy: more is probably due. Producers need not ring; peers may help.
+                    self._doorbell.want(False)
+                    await self._ask_for_help()
+                    self._start(jobs)
+                    backoff = 0.0
+                    continue
+                self._start(jobs)
+                due_in = await self._next_due()
+                backoff = 0.0
+            except psycopg.OperationalError as exc:
+                backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
+                log.warning("database unavailable, retrying", error=str(exc), retry_in=backoff)
+                await _wait_any(stop, within=backoff)
+                continue
+            if due_in is not None and due_in <= 0:
+                # Due rows we could not take: held by a peer's claim, or for webhooks at
+                # their share. A finished attempt or a moment's wait changes that.
+                self._slot_freed.clear()
+                await _wait_any(stop, self._slot_freed, self._notified, within=CONTENDED_RETRY)
+                continue
+            self._doorbell.want(True)
+            timeout = POLL_INTERVAL if due_in is None else min(POLL_INTERVAL, due_in)
+            await _wait_any(stop, self._notified, within=timeout)
+
+    async def _claim(self, limit: int) -> tuple[list[Job], int]:
+        share = self._settings.per_webhook_limit
+        full = [w for w, n in self._in_flight.items() if n >= share]
+        busy = [(w, n) for w, n in self._in_flight.items() if 0 < n < share]
+        lease = uuid.uuid4()
+        params = {
+            "limit": limit,
+            "window": limit * 2,
+            "per_webhook": share,
+            "full_webhooks": full,
+            "busy_webhooks": [w for w, _ in busy],
+            "busy_counts": [n for _, n in busy],
+            "lease_seconds": self._settings.lease_seconds,
+            "lease": lease,
+        }
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(db.query("claim"), params)
+            rows = await cur.fetchall()
+        jobs = [
+            Job(
+                id=row["id"],
+                webhook_id=row["webhook_id"],
+                attempt=row["attempt"],
+                event=row["event"],
+                timestamp=row["timestamp"],
+                data=row["data"],
+                url=row["url"],
+                secret=row["secret"],
+                lease=lease,
+            )
+            for row in rows
+            # The claim cancelled these: their webhook was disabled.
+            if row["enabled"]
+        ]
+        return jobs, len(rows)
+
+    async def _next_due(self) -> float | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(db.query("next_due"))
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
+    async def _ask_for_help(self) -> None:
+        now = time.monotonic()
+        if now - self._last_help >= POLL_INTERVAL:
+            self._last_help = now
+            async with self._pool.connection() as conn:
+                await conn.execute(db.query("help"))
+
+    def _start(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._in_flight[job.webhook_id] += 1
+            task = asyncio.create_task(self._deliver(job))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._finished, job))
+
+    def _finished(self, job: Job, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight[job.webhook_id] -= 1
+        if not self._in_flight[job.webhook_id]:
+            del self._in_flight[job.webhook_id]
+        self._slot_freed.set()
+
+    async def _deliver(self, job: Job) -> None:
+        payload = wire.body(job.event, job.timestamp, job.data)
+        headers = wire.headers(
+            message_id=str(job.id),
+            event=job.event,
+            attempt=job.attempt,
+            payload=payload,
+            secret=job.secret,
+            now=int(time.time()),
+        )
+        attempt = await self._sender.post(job.url, payload, headers)
+        retry_in = None
+        if attempt.ok:
+            outcome = "succeeded"
+        else:
+            retry_in = next_delay(
+                job.attempt, self._settings.retry_delays, retry_after=attempt.retry_after
+            )
+            outcome = "failed" if retry_in is None else "pending"
+        log.info(
+            "attempt",
+            delivery_id=job.id,
+            webhook_id=job.webhook_id,
+            attempt=job.attempt,
+            status=attempt.status,
+            duration_ms=attempt.duration_ms,
+            outcome=outcome,
+            error=attempt.error,
+        )
+        self._results.append(Result(job, attempt, outcome, retry_in))
+        self._results_ready.set()
+
+    async def _record(self, stop: asyncio.Event) -> None:
+        """Write results back in batches: whatever finished while the last write ran."""
+        backoff = 0.0
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            if not self._results:
+                if stop.is_set() and not self._tasks:
+                    return
+                continue
+            batch, self._results = self._results, []
+            try:
+                await self._write(batch)
+                backoff = 0.0
+            except psycopg.OperationalError as exc:
+                # Keep the results: the leases outlast a short outage.
+                self._results[:0] = batch
+                backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
+                log.warning("cannot record results yet", error=str(exc), pending=len(batch))
+                await asyncio.sleep(backoff)
+            self._results_ready.set()
+
+    async def _write(self, batch: list[Result]) -> None:
+        params = {
+            "ids": [r.job.id for r in batch],
+            "leases": [r.job.lease for r in batch],
+            "attempts": [r.job.attempt for r in batch],
+            "started": [r.attempt.started_at for r in batch],
+            "durations": [r.attempt.duration_ms for r in batch],
+            "statuses": [r.attempt.status for r in batch],
+            "errors": [r.attempt.error for r in batch],
+            "outcomes": [r.outcome for r in batch],
+            "retry_in": [r.retry_in for r in batch],
+        }
+        async with self._pool.connection() as conn:
+            await conn.execute(db.query("record"), params)
+
+    async def _listen(self) -> None:
+        """Turn NOTIFYs into wake-ups, on a connection of its own (LESSONS #5)."""
+        backoff = 0.0
+        while True:
+            try:
+                async with await db.connect(self._settings.database_url) as conn:
+                    await conn.execute("LISTEN outbox_wake")
+                    backoff = 0.0
+                    # Anything committed while we were not listening is found by this poll.
+                    self._notified.set()
+                    while True:
+                        async for _ in conn.notifies(timeout=30.0):
+                            self._notified.set()
+                        # Quiet for a while: make sure the connection is still alive.
+                        await conn.execute(db.query("ping"))
+            except psycopg.OperationalError as exc:
+                backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
+                log.warning("listener connection lost", error=str(exc), retry_in=backoff)
+                await asyncio.sleep(backoff)
+
+
+async def _wait_any(*events: asyncio.Event, within: float | None = None) -> None:
+    """Return when any event is set or ``within`` seconds pass."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

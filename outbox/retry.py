@@ -1,0 +1,47 @@
+"""When to try again: pure functions, no I/O, no clock."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from collections.abc import Sequence
+from datetime import datetime
+
+__all__ = ["JITTER", "next_delay", "parse_retry_after"]
+
+JITTER = 0.2
+
+
+def next_delay(
+    attempt: int,
+    delays: Sequence[float],
+    *,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float | None:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based), or None when done.
+
+    Each delay gets up to ±20% jitter so a burst of failures does not retry in lockstep.
+    A ``Retry-After`` is a minimum, capped at the largest configured delay so a receiver
+    cannot park a delivery for a week.
+    """
+    if attempt > len(delays):
+        return None
+    scheduled = delays[attempt - 1] * (1 + (rng or random).uniform(-JITTER, JITTER))
+    if retry_after is not None:
+        scheduled = max(scheduled, min(retry_after, max(delays)))
+    return scheduled
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds asked for by a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - now).total_seconds())

@@ -1,0 +1,54 @@
+"""`outbox run`: the dispatcher and the admin server in one process, until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import structlog
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from outbox import api
+from outbox.config import Settings
+from outbox.delivery import Sender
+from outbox.dispatcher import Dispatcher
+
+__all__ = ["run"]
+
+log = structlog.get_logger("outbox")
+
+
+def pool(settings: Settings, max_size: int = 4) -> AsyncConnectionPool[Any]:
+    """Autocommit connections that come back by themselves after the database does."""
+    return AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=max_size,
+        kwargs={"autocommit": True, "application_name": "outbox"},
+        check=AsyncConnectionPool.check_connection,
+        # Keep trying for as long as the database is away; the dispatcher waits.
+        reconnect_timeout=float("inf"),
+        open=False,
+    )
+
+
+async def run(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with pool(settings) as connections, Sender(settings) as sender:
+        runner = None
+        if settings.api_listen is not None:
+            runner = web.AppRunner(api.make_app(connections), access_log=None)
+            await runner.setup()
+            host, port = settings.api_listen
+            await web.TCPSite(runner, host, port).start()
+            log.info("admin API listening", url=f"http://{host}:{port}")
+        try:
+            await Dispatcher(settings, connections, sender).run(stop)
+        finally:
+            if runner is not None:
+                await runner.cleanup()

@@ -1,0 +1,137 @@
+"""Managing webhooks, shared by the CLI and the admin API.
+
+The database enforces every rule; these functions turn its refusals into
+``Invalid`` (a rule broken) or ``LimitReached`` with the database's own words.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from outbox import db, wire
+from outbox.delivery import Attempt, Sender
+from outbox.events import check_event, sample
+
+__all__ = [
+    "Invalid",
+    "LimitReached",
+    "NotFound",
+    "add",
+    "delete",
+    "emit",
+    "get",
+    "status",
+    "test",
+    "update",
+]
+
+# Raised by outbox.webhooks_guard() when an account already has 10 webhooks.
+LIMIT_SQLSTATE = "OB409"
+
+
+class Invalid(ValueError):
+    """Input that breaks a rule of the contract; the message names the rule."""
+
+
+class LimitReached(Invalid):
+    """The account already has the most webhooks allowed."""
+
+
+class NotFound(LookupError):
+    """No such webhook."""
+
+
+@asynccontextmanager
+async def _rules() -> AsyncIterator[None]:
+    try:
+        yield
+    except psycopg.errors.CheckViolation as exc:
+        raise Invalid(exc.diag.message_primary or str(exc)) from None
+    except psycopg.errors.NotNullViolation as exc:
+        raise Invalid(f"{exc.diag.column_name} is required") from None
+    except psycopg.errors.InvalidTextRepresentation as exc:
+        raise Invalid(exc.diag.message_primary or str(exc)) from None
+    except psycopg.Error as exc:
+        if exc.sqlstate == LIMIT_SQLSTATE:
+            raise LimitReached(exc.diag.message_primary or str(exc)) from None
+        raise
+
+
+async def emit(conn: psycopg.AsyncConnection[Any], account_id: str, event: str, data: str) -> int:
+    async with _rules():
+        cur = await conn.execute(
+            db.query("emit"), {"account_id": account_id, "event": event, "data": data}
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def add(conn: psycopg.AsyncConnection[Any], **fields: Any) -> int:
+    params = {"secret": None, "enabled": True} | fields
+    async with _rules():
+        cur = await conn.execute(db.query("webhook_add"), params)
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def update(conn: psycopg.AsyncConnection[Any], webhook_id: int, **fields: Any) -> None:
+    """Change the given fields; ``secret=None`` removes the secret, absent leaves it."""
+    params = {"id": webhook_id, "name": None, "url": None, "event": None, "enabled": None}
+    params |= {k: v for k, v in fields.items() if k != "secret"}
+    params["set_secret"] = "secret" in fields
+    params["secret"] = fields.get("secret")
+    async with _rules():
+        cur = await conn.execute(db.query("webhook_update"), params)
+        if await cur.fetchone() is None:
+            raise NotFound(f"webhook {webhook_id} not found")
+
+
+async def delete(conn: psycopg.AsyncConnection[Any], webhook_id: int) -> None:
+    cur = await conn.execute(db.query("webhook_delete"), {"id": webhook_id})
+    if await cur.fetchone() is None:
+        raise NotFound(f"webhook {webhook_id} not found")
+
+
+async def get(conn: psycopg.AsyncConnection[Any], webhook_id: int) -> dict[str, Any]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(db.query("webhook_get"), {"id": webhook_id})
+        row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"webhook {webhook_id} not found")
+    return row
+
+
+async def status(
+    conn: psycopg.AsyncConnection[Any], account_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Each webhook with its status fields (the outbox.webhook_status view)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(db.query("webhook_status"), {"account_id": account_id})
+        return await cur.fetchall()
+
+
+async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = None) -> Attempt:
+    """Send one sample payload now, signed with the current secret; no retries, no record."""
+    event = check_event(event or webhook["event"])
+    timestamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    payload = wire.body(event, timestamp, json.dumps(sample(event)))
+    headers = wire.headers(
+        message_id=f"test_{uuid.uuid4().hex}",
+        event=event,
+        attempt=1,
+        payload=payload,
+        secret=webhook["secret"],
+        now=int(time.time()),
+        test=True,
+    )
+    return await sender.post(webhook["url"], payload, headers)

@@ -1,0 +1,53 @@
+"""What a receiver gets: the body and headers of one attempt (pure, no I/O).
+
+The body is assembled from the event's stored JSON text rather than re-encoded, so
+``data`` reaches the receiver exactly as Postgres holds it and the bytes that are signed
+are the bytes that are sent.
+"""
+
+from __future__ import annotations
+
+import json
+
+from outbox import __version__
+from outbox.signing import signature, standard_signature
+
+__all__ = ["USER_AGENT", "body", "headers"]
+
+USER_AGENT = f"outbox/{__version__}"
+
+
+def body(event: str, timestamp: str, data_json: str) -> bytes:
+    """``{"event", "timestamp", "data"}`` with ``data_json`` inserted verbatim."""
+    return (
+        f'{{"event": {json.dumps(event)}, "timestamp": {json.dumps(timestamp)}, '
+        f'"data": {data_json}}}'
+    ).encode()
+
+
+def headers(
+    *,
+    message_id: str,
+    event: str,
+    attempt: int,
+    payload: bytes,
+    secret: str | None,
+    now: int,
+    test: bool = False,
+) -> dict[str, str]:
+    """Headers for one attempt; ``now`` (unix seconds) is the attempt's send time."""
+    result = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "X-Webhook-Event": event,
+        "X-Webhook-Id": message_id,
+        "X-Webhook-Attempt": str(attempt),
+    }
+    if test:
+        result["X-Webhook-Test"] = "true"
+    if secret is not None:
+        result["X-Webhook-Signature"] = signature(secret, payload)
+        result["webhook-id"] = message_id
+        result["webhook-timestamp"] = str(now)
+        result["webhook-signature"] = standard_signature(secret, message_id, now, payload)
+    return result

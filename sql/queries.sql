@@ -1,0 +1,139 @@
+-- Named queries, loaded by outbox/db.py: "-- name --" starts each one.
+-- Parameters are psycopg's %(name)s placeholders.
+
+-- claim --
+-- Take up to %(limit)s due deliveries under a lease. Rows another dispatcher holds
+-- are skipped, not waited for. Webhooks already at their in-flight share are left out,
+-- and no webhook gets more than its remaining share, so one slow endpoint cannot fill
+-- every slot. Locked rows that are not picked are released when this commits.
+WITH due AS MATERIALIZED (
+    SELECT d.id, d.webhook_id, d.next_attempt_at
+    FROM outbox.deliveries d
+    WHERE d.status = 'pending'
+      AND d.next_attempt_at <= now()
+      AND d.webhook_id <> ALL (%(full_webhooks)s::bigint[])
+    ORDER BY d.next_attempt_at
+    LIMIT %(window)s
+    FOR UPDATE SKIP LOCKED
+),
+picked AS (
+    SELECT r.id
+    FROM (SELECT id, next_attempt_at, webhook_id,
+                 row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rank
+          FROM due) r
+    LEFT JOIN unnest(%(busy_webhooks)s::bigint[], %(busy_counts)s::int[])
+        AS busy (webhook_id, in_flight) USING (webhook_id)
+    WHERE r.rank <= %(per_webhook)s - coalesce(busy.in_flight, 0)
+    ORDER BY r.next_attempt_at
+    LIMIT %(limit)s
+)
+UPDATE outbox.deliveries d
+SET next_attempt_at = now() + make_interval(secs => %(lease_seconds)s),
+    lease = %(lease)s,
+    -- A concurrent producer can add a delivery for a webhook being disabled; it is
+    -- cancelled here rather than sent.
+    status = CASE WHEN w.enabled THEN 'pending' ELSE 'cancelled' END,
+    finished_at = CASE WHEN w.enabled THEN NULL ELSE now() END,
+    last_error = CASE WHEN w.enabled THEN d.last_error ELSE 'webhook disabled' END
+FROM picked p, outbox.events e, outbox.webhooks w
+WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.webhook_id
+RETURNING d.id, d.webhook_id, d.attempts + 1 AS attempt, w.enabled, e.event,
+          to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS timestamp,
+          e.data::text AS data, w.url, w.secret;
+
+-- record --
+-- Store a batch of attempt results in one round trip. A result counts only while its
+-- claim still holds the row: after a lost lease, the new holder's result wins.
+WITH result AS (
+    SELECT *
+    FROM unnest(%(ids)s::bigint[], %(leases)s::uuid[], %(attempts)s::int[],
+                %(started)s::timestamptz[], %(durations)s::int[], %(statuses)s::int[],
+                %(errors)s::text[], %(outcomes)s::text[], %(retry_in)s::float8[])
+        AS r (id, lease, attempt, started_at, duration_ms, response_status, error,
+              outcome, retry_in)
+),
+recorded AS (
+    UPDATE outbox.deliveries d
+    SET attempts = r.attempt,
+        status = CASE WHEN d.status = 'pending' THEN r.outcome ELSE d.status END,
+        next_attempt_at = CASE WHEN r.outcome = 'pending'
+                               THEN now() + make_interval(secs => r.retry_in)
+                               ELSE d.next_attempt_at END,
+        finished_at = CASE WHEN d.status = 'pending' AND r.outcome <> 'pending'
+                           THEN now() ELSE d.finished_at END,
+        last_error = CASE WHEN d.status = 'pending' THEN r.error ELSE d.last_error END,
+        last_response_status = r.response_status,
+        lease = NULL
+    FROM result r
+    WHERE d.id = r.id AND d.lease = r.lease
+    RETURNING d.id
+)
+INSERT INTO outbox.delivery_attempts
+    (delivery_id, attempt, started_at, duration_ms, response_status, error)
+SELECT r.id, r.attempt, r.started_at, r.duration_ms, r.response_status, r.error
+FROM result r JOIN recorded USING (id)
+ON CONFLICT DO NOTHING;
+
+-- next_due --
+-- Seconds until the earliest pending delivery falls due (a retry, or a lease running
+-- out); NULL when nothing is pending.
+SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
+FROM outbox.deliveries
+WHERE status = 'pending';
+
+-- arm_doorbell --
+-- Held while the dispatcher sleeps: producers that see it NOTIFY. Taking it waits for
+-- producers that saw it free (they hold it shared until commit), so the poll that
+-- follows sees their rows.
+SELECT pg_advisory_lock(1869968482, 1);
+
+-- disarm_doorbell --
+SELECT pg_advisory_unlock(1869968482, 1);
+
+-- try_lead --
+-- One dispatcher at a time owns the doorbell; the others listen and poll.
+SELECT pg_try_advisory_lock(1869968482, 2);
+
+-- help --
+-- A dispatcher with a backlog wakes its idle peers; this costs producers nothing.
+SELECT pg_notify('outbox_wake', 'backlog');
+
+-- emit --
+SELECT outbox.emit(%(account_id)s, %(event)s, %(data)s::jsonb);
+
+-- webhook_add --
+INSERT INTO outbox.webhooks (account_id, name, url, event, secret, enabled)
+VALUES (%(account_id)s, %(name)s, %(url)s, %(event)s, %(secret)s, %(enabled)s)
+RETURNING id;
+
+-- webhook_get --
+SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled, w.secret,
+       w.created_at, w.updated_at
+FROM outbox.webhooks w
+WHERE w.id = %(id)s;
+
+-- webhook_delete --
+DELETE FROM outbox.webhooks WHERE id = %(id)s RETURNING id;
+
+-- webhook_status --
+SELECT s.id, s.account_id, s.name, s.url, s.event, s.enabled, s.last_delivery_status,
+       s.last_delivery_at, s.last_error, s.pending, w.secret IS NOT NULL AS has_secret,
+       w.created_at, w.updated_at
+FROM outbox.webhook_status s
+JOIN outbox.webhooks w USING (id)
+WHERE %(account_id)s::text IS NULL OR s.account_id = %(account_id)s
+ORDER BY s.account_id, s.id;
+
+-- ping --
+SELECT 1;
+
+-- webhook_update --
+-- NULL leaves a field as it is; the secret, which may be set to NULL, has its own flag.
+UPDATE outbox.webhooks
+SET name = coalesce(%(name)s, name),
+    url = coalesce(%(url)s, url),
+    event = coalesce(%(event)s, event),
+    enabled = coalesce(%(enabled)s, enabled),
+    secret = CASE WHEN %(set_secret)s THEN %(secret)s ELSE secret END
+WHERE id = %(id)s
+RETURNING id;

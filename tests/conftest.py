@@ -1,0 +1,248 @@
+"""Shared fixtures: a real Postgres (the machine's, or one we start), a migrated template
+database cloned per test, a real HTTPS receiver, and real `outbox run` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import trustme
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from outbox import db, localpg
+from tests.receiver import Receiver
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> localpg.Server:
+    """127.0.0.1:5432 when it answers, else a private cluster started for the suite."""
+    return localpg.server()
+
+
+def _janitor(server: localpg.Server, dbname: str, **kwargs: Any) -> DatabaseJanitor:
+    return DatabaseJanitor(
+        user=server.user, host=server.host, port=server.port, dbname=dbname, **kwargs
+    )
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: localpg.Server) -> Iterator[str]:
+    """A database migrated once; every test gets a copy (CREATE DATABASE ... TEMPLATE)."""
+    name = f"outbox_tpl_{os.getpid()}"
+    janitor = _janitor(pg_server, name, as_template=True)
+    janitor.drop()
+    janitor.init()
+    asyncio.run(db.migrate(pg_server.url(name)))
+    yield name
+    janitor.drop()
+
+
+@pytest.fixture
+def database_url(pg_server: localpg.Server, template_db: str) -> Iterator[str]:
+    name = f"outbox_t_{uuid.uuid4().hex[:12]}"
+    janitor = _janitor(pg_server, name, template_dbname=template_db)
+    janitor.init()
+    yield pg_server.url(name)
+    janitor.drop()
+
+
+@pytest.fixture
+def empty_database_url(pg_server: localpg.Server) -> Iterator[str]:
+    name = f"outbox_e_{uuid.uuid4().hex[:12]}"
+    janitor = _janitor(pg_server, name)
+    janitor.init()
+    yield pg_server.url(name)
+    janitor.drop()
+
+
+class SQL:
+    """Synchronous SQL for arranging and checking; autocommit, one connection."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn = psycopg.connect(url, autocommit=True)
+
+    def __call__(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        cur = self.conn.execute(query, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+    def one(self, query: str, params: Any = None) -> Any:
+        rows = self(query, params)
+        assert len(rows) == 1 and len(rows[0]) == 1, rows
+        return rows[0][0]
+
+    def webhook(
+        self,
+        url: str,
+        *,
+        account: str = "acct_1",
+        event: str = "lead.scored",
+        secret: str | None = "whsec_test_secret_0123",
+        name: str = "hook",
+        enabled: bool = True,
+    ) -> int:
+        return int(
+            self.one(
+                "INSERT INTO outbox.webhooks (account_id, name, url, event, secret, enabled)"
+                " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                (account, name, url, event, secret, enabled),
+            )
+        )
+
+    def emit(
+        self,
+        account: str = "acct_1",
+        event: str = "lead.scored",
+        data: dict[str, Any] | None = None,
+    ) -> int:
+        return int(
+            self.one(
+                "SELECT outbox.emit(%s, %s, %s::jsonb)",
+                (account, event, json.dumps(data or {"lead": {"id": 42}})),
+            )
+        )
+
+
+@pytest.fixture
+def sql(database_url: str) -> Iterator[SQL]:
+    s = SQL(database_url)
+    yield s
+    s.conn.close()
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def receiver(ca: trustme.CA) -> Iterator[Receiver]:
+    r = Receiver(ca).start()
+    yield r
+    r.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 15, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Sidecar:
+    """A real `outbox run` process."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.api_port = int(env["OUTBOX_API_LISTEN"].rsplit(":", 1)[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Sidecar:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "outbox", "run"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(
+            lambda: "dispatcher started" in self.log() or self.proc.poll() is not None,
+            what="dispatcher start",
+        )
+        assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+        return lines
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.signal(signal.SIGTERM)
+        return self.wait()
+
+
+@pytest.fixture
+def sidecar_env(database_url: str, ca_file: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env.update(
+        OUTBOX_DATABASE_URL=database_url,
+        OUTBOX_CA_FILE=ca_file,
+        OUTBOX_ALLOW_PRIVATE_TARGETS="true",
+        OUTBOX_RETRY_DELAYS="0.2,0.4,0.8",
+        OUTBOX_HTTP_TIMEOUT="2",
+        OUTBOX_LOG_FORMAT="json",
+    )
+    return env
+
+
+@pytest.fixture
+def sidecars(sidecar_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Sidecar]]:
+    """Start `outbox run` processes: sidecars(OUTBOX_X="...") with extra settings."""
+    started: list[Sidecar] = []
+
+    def start(**overrides: str) -> Sidecar:
+        env = dict(sidecar_env)
+        env.setdefault("OUTBOX_API_LISTEN", f"127.0.0.1:{free_port()}")
+        env.update(overrides)
+        sidecar = Sidecar(env, tmp_path / f"sidecar{len(started)}.log").start()
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        if sidecar.proc is not None and sidecar.proc.poll() is None:
+            sidecar.proc.kill()
+            sidecar.wait()

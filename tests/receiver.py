@@ -1,0 +1,91 @@
+"""A real HTTPS receiver for tests: aiohttp on its own thread, with a trustme certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trustme
+from aiohttp import web
+
+
+@dataclass(frozen=True)
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+class Receiver:
+    """Records every request; ``respond`` decides each answer (default 200)."""
+
+    def __init__(self, ca: trustme.CA) -> None:
+        self.requests: list[Received] = []
+        self.respond: Callable[[Received], Reply] = lambda _: Reply()
+        self._lock = threading.Lock()
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        self._ssl = cert.configure_cert  # applied to the server context in start()
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> Receiver:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ssl(context)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(context), self._loop).result(10)
+        return self
+
+    async def _start(self, context: object) -> None:
+        app = web.Application(client_max_size=2**20)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)  # type: ignore[arg-type]
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        received = Received(request.path, dict(request.headers), await request.read(), time.time())
+        with self._lock:
+            self.requests.append(received)
+        reply = self.respond(received)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        return web.Response(status=reply.status, headers=reply.headers, text="ok")
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def url(self, path: str = "/hook") -> str:
+        return f"https://127.0.0.1:{self.port}{path}"
+
+    def received(self, path: str | None = None) -> list[Received]:
+        with self._lock:
+            return [r for r in self.requests if path is None or r.path == path]
+
+    def wait_for(self, count: int, path: str | None = None, timeout: float = 15) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.received(path)
+            if len(got) >= count:
+                return got
+            time.sleep(0.01)
+        raise AssertionError(f"expected {count} requests to {path}, got {len(self.received(path))}")
