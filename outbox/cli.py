@@ -49,6 +49,11 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _sql(args: argparse.Namespace, settings: Settings) -> int:
+    print((db.SQL_DIR / "schema.sql").read_text(), end="")
+    return 0
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     await sidecar.run(settings)
     return 0
@@ -175,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=_migrate)
     commands.add_parser("run", help="run the sidecar until SIGTERM").set_defaults(func=_run)
+    commands.add_parser("sql", help="print the schema, for review").set_defaults(func=_sql)
 
     emit = commands.add_parser("emit", help="emit an event; prints its id")
     emit.add_argument("account")

@@ -1,0 +1,231 @@
+-- The whole current schema, for reading and review (`outbox sql` prints it).
+-- sql/migrations/ moves a database from one version to the next; a test proves that
+-- applying them in order gives exactly this schema. Change both together.
+
+CREATE SCHEMA IF NOT EXISTS outbox;
+
+-- Raise a check_violation with a message a person can act on, instead of the bare
+-- "violates check constraint" that a plain CHECK gives. NULL passes: NOT NULL
+-- constraints speak for missing values.
+CREATE FUNCTION outbox.require(ok boolean, message text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF ok IS NOT FALSE THEN
+        RETURN true;
+    END IF;
+    RAISE EXCEPTION '%', message USING ERRCODE = 'check_violation';
+END
+$$;
+
+CREATE FUNCTION outbox.event_names() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT ARRAY['lead.created', 'lead.scored', 'reply.received', 'message.sent',
+                 'ai_response.sent', 'meeting.booked', 'enrichment.completed']
+$$;
+
+CREATE FUNCTION outbox.check_event(name text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT outbox.require(
+        name = ANY (outbox.event_names()),
+        format('unknown event %L: valid events are %s',
+               name, array_to_string(outbox.event_names(), ', ')))
+$$;
+
+CREATE FUNCTION outbox.check_data(data jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT outbox.require(jsonb_typeof(data) = 'object',
+                          format('data must be a JSON object, not %s', jsonb_typeof(data)))
+       AND outbox.require(octet_length(data::text) <= 262144,
+                          format('data is %s bytes; the limit is 262144',
+                                 octet_length(data::text)))
+$$;
+
+CREATE TABLE outbox.events (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account_id  text NOT NULL
+                CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
+    event       text NOT NULL CHECK (outbox.check_event(event)),
+    data        jsonb NOT NULL DEFAULT '{}' CHECK (outbox.check_data(data)),
+    occurred_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE outbox.webhooks (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account_id text NOT NULL
+               CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
+    name       text NOT NULL
+               CHECK (outbox.require(btrim(name) <> '', 'name must not be empty')),
+    url        text NOT NULL CHECK (outbox.require(
+                   length(url) <= 2048
+                   AND url ~* '^https://([^/?#@[:space:]]*@)?(\[[0-9a-f:.]+\]|[^][/?#:@[:space:]]+)(:[0-9]{1,5})?([/?#][^[:space:]]*)?$',
+                   'url must be an absolute https:// URL with a host')),
+    event      text NOT NULL CHECK (outbox.check_event(event)),
+    secret     text CHECK (outbox.require(length(secret) >= 16,
+                                          'secret must be at least 16 characters')),
+    enabled    boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The fan-out looks webhooks up by (account, event) on every producer INSERT.
+CREATE INDEX webhooks_subscribed ON outbox.webhooks (account_id, event) WHERE enabled;
+
+CREATE TABLE outbox.deliveries (
+    id                   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id             bigint NOT NULL REFERENCES outbox.events ON DELETE CASCADE,
+    webhook_id           bigint NOT NULL REFERENCES outbox.webhooks ON DELETE CASCADE,
+    status               text NOT NULL DEFAULT 'pending'
+                         CHECK (status IN ('pending', 'succeeded', 'failed', 'cancelled')),
+    attempts             integer NOT NULL DEFAULT 0,
+    -- While a dispatcher holds a delivery, this is when its lease runs out: a crashed
+    -- dispatcher's rows simply fall due again, with no sweeper.
+    next_attempt_at      timestamptz NOT NULL DEFAULT now(),
+    last_error           text,
+    last_response_status integer,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    finished_at          timestamptz,
+    -- Identifies the claim that holds the row; a result is recorded only by its holder.
+    lease                uuid,
+    UNIQUE (event_id, webhook_id)
+);
+
+-- The claim scans only pending rows, so finished history does not slow it down.
+CREATE INDEX deliveries_due ON outbox.deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX deliveries_pending_by_webhook ON outbox.deliveries (webhook_id)
+    WHERE status = 'pending';
+CREATE INDEX deliveries_by_webhook ON outbox.deliveries (webhook_id, id);
+-- The status view's "last finished delivery" per webhook.
+CREATE INDEX deliveries_finished_by_webhook ON outbox.deliveries (webhook_id, finished_at)
+    WHERE status IN ('succeeded', 'failed');
+
+CREATE TABLE outbox.delivery_attempts (
+    delivery_id     bigint NOT NULL REFERENCES outbox.deliveries ON DELETE CASCADE,
+    attempt         integer NOT NULL,
+    started_at      timestamptz NOT NULL,
+    duration_ms     integer NOT NULL,
+    response_status integer,
+    error           text,
+    PRIMARY KEY (delivery_id, attempt)
+);
+
+-- The producer's INSERT fans out here, inside the producer's transaction: enqueueing
+-- is exactly once because it commits or rolls back with the business change.
+--
+-- The wake-up: a NOTIFY in the producer's transaction serializes every notifying
+-- commit in the cluster. So the producer notifies only when a dispatcher is asleep and
+-- has asked for it by holding the doorbell lock (1869968482, 1) exclusively. A producer
+-- that finds the lock free holds it shared until it commits, so a dispatcher that goes
+-- to sleep (takes the lock, then polls) always sees that producer's rows.
+CREATE FUNCTION outbox.fan_out() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO outbox.deliveries (event_id, webhook_id)
+    SELECT e.id, w.id
+    FROM new_events e
+    JOIN outbox.webhooks w ON w.account_id = e.account_id AND w.event = e.event AND w.enabled;
+    IF FOUND AND NOT pg_try_advisory_xact_lock_shared(1869968482, 1) THEN
+        PERFORM pg_notify('outbox_wake', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_fan_out AFTER INSERT ON outbox.events
+    REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox.fan_out();
+
+CREATE FUNCTION outbox.emit(account_id text, event text, data jsonb DEFAULT '{}',
+                            occurred_at timestamptz DEFAULT NULL) RETURNS bigint
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO outbox.events (account_id, event, data, occurred_at)
+    VALUES ($1, $2, coalesce($3, '{}'), coalesce($4, now()))
+    RETURNING id
+$$;
+
+-- Webhook rules that a CHECK cannot express: the per-account limit (counted under a
+-- per-account lock so concurrent creates cannot both slip under it), a fixed owner,
+-- updated_at.
+CREATE FUNCTION outbox.webhooks_guard() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.account_id IS DISTINCT FROM OLD.account_id THEN
+            RAISE EXCEPTION 'account_id of a webhook cannot change'
+                USING ERRCODE = 'check_violation';
+        END IF;
+        NEW.updated_at := now();
+        RETURN NEW;
+    END IF;
+    PERFORM pg_advisory_xact_lock(1869968483, hashtext(NEW.account_id));
+    IF (SELECT count(*) FROM outbox.webhooks WHERE account_id = NEW.account_id) >= 10 THEN
+        RAISE EXCEPTION 'account % already has 10 webhooks, the limit', NEW.account_id
+            USING ERRCODE = 'OB409';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER webhooks_guard BEFORE INSERT OR UPDATE ON outbox.webhooks
+    FOR EACH ROW EXECUTE FUNCTION outbox.webhooks_guard();
+
+-- A disabled webhook gets nothing: what was still pending is cancelled, not kept for
+-- later. (A delivery a concurrent producer adds is cancelled by the claim instead.)
+CREATE FUNCTION outbox.webhooks_disabled() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE outbox.deliveries
+    SET status = 'cancelled', finished_at = now(), last_error = 'webhook disabled'
+    WHERE webhook_id = NEW.id AND status = 'pending';
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER webhooks_disabled AFTER UPDATE OF enabled ON outbox.webhooks
+    FOR EACH ROW WHEN (OLD.enabled AND NOT NEW.enabled)
+    EXECUTE FUNCTION outbox.webhooks_disabled();
+
+CREATE VIEW outbox.webhook_status AS
+SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled,
+       last.status AS last_delivery_status,
+       last.finished_at AS last_delivery_at,
+       CASE WHEN last.status = 'failed' THEN last.last_error END AS last_error,
+       (SELECT count(*) FROM outbox.deliveries p
+        WHERE p.webhook_id = w.id AND p.status = 'pending') AS pending
+FROM outbox.webhooks w
+LEFT JOIN LATERAL (
+    SELECT d.status, d.finished_at, d.last_error
+    FROM outbox.deliveries d
+    WHERE d.webhook_id = w.id AND d.status IN ('succeeded', 'failed')
+    ORDER BY d.finished_at DESC, d.id DESC
+    LIMIT 1
+) last ON true;
+
+-- Producers get exactly what they need and nothing more. The role is cluster-wide,
+-- so another database (or a concurrent migrate) may have created it already.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_producer') THEN
+        BEGIN
+            CREATE ROLE outbox_producer NOLOGIN;
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN NULL;
+            WHEN insufficient_privilege THEN
+                RAISE WARNING 'outbox: cannot create role outbox_producer (%); create it '
+                              'as a superuser and rerun migrate to grant it', SQLERRM;
+        END;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION outbox.emit(text, text, jsonb, timestamptz) FROM PUBLIC;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_producer') THEN
+        GRANT USAGE ON SCHEMA outbox TO outbox_producer;
+        GRANT INSERT ON outbox.events TO outbox_producer;
+        GRANT EXECUTE ON FUNCTION outbox.emit(text, text, jsonb, timestamptz)
+            TO outbox_producer;
+    END IF;
+END
+$$;
