@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -22,8 +23,8 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}: {raw!r} is not a number") from None
-    if not value >= minimum:
-        raise ConfigError(f"{name}: {raw!r} must be at least {minimum:g}")
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name}: {raw!r} must be a finite number, at least {minimum:g}")
     return value
 
 
@@ -46,8 +47,10 @@ def _delays(env: Mapping[str, str]) -> tuple[float, ...]:
             delay = float(part)
         except ValueError:
             raise ConfigError(f"OUTBOX_RETRY_DELAYS: {part.strip()!r} is not a number") from None
-        if not delay >= 0:
-            raise ConfigError(f"OUTBOX_RETRY_DELAYS: {part.strip()!r} is negative")
+        if not math.isfinite(delay) or delay < 0:
+            raise ConfigError(
+                f"OUTBOX_RETRY_DELAYS: {part.strip()!r} must be a finite number of seconds >= 0"
+            )
         delays.append(delay)
     return tuple(delays)
 
@@ -57,7 +60,7 @@ def _listen(env: Mapping[str, str]) -> tuple[str, int] | None:
     if raw.lower() == "off":
         return None
     host, sep, port = raw.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"OUTBOX_API_LISTEN: {raw!r} is not HOST:PORT or off")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -74,6 +77,8 @@ class Settings:
     allow_private_targets: bool = False
     api_listen: tuple[str, int] | None = ("127.0.0.1", 8080)
     log_format: str = "json"
+    # Not in the contract: how often an idle dispatcher looks without being woken.
+    poll_interval: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -84,7 +89,7 @@ class Settings:
         if log_format not in ("console", "json"):
             raise ConfigError(f"OUTBOX_LOG_FORMAT: {log_format!r} is not console or json")
         ca_file = env.get("OUTBOX_CA_FILE", "").strip() or None
-        if ca_file is not None and not os.path.isfile(ca_file):
+        if ca_file is not None and not (os.path.isfile(ca_file) and os.access(ca_file, os.R_OK)):
             raise ConfigError(f"OUTBOX_CA_FILE: {ca_file!r} is not a readable file")
         return cls(
             database_url=env.get("OUTBOX_DATABASE_URL") or env.get("DATABASE_URL") or "",
@@ -95,6 +100,7 @@ class Settings:
             allow_private_targets=_flag(env, "OUTBOX_ALLOW_PRIVATE_TARGETS"),
             api_listen=_listen(env),
             log_format=log_format,
+            poll_interval=_number(env, "OUTBOX_POLL_INTERVAL", 1.0, 0.01),
         )
 
     @property

@@ -30,11 +30,30 @@ class Blocked(OSError):
     """The target resolves to an address we refuse to connect to."""
 
 
+# NAT64 (RFC 6052) carries an IPv4 address in its last 32 bits; a NAT64 gateway would
+# take us to that address, so it is judged as that address.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def _check_address(address: str) -> None:
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if not ip.is_global or ip.is_multicast:
+    candidates = [ip]
+    if isinstance(ip, ipaddress.IPv6Address) and (inner := _embedded_ipv4(ip)) is not None:
+        candidates.append(inner)
+    if any(not c.is_global or c.is_multicast for c in candidates):
         raise Blocked(f"blocked: {address} is not a public address")
 
 
@@ -75,12 +94,15 @@ def _reason(exc: BaseException, timeout: float) -> str:
     """The failure in the words the contract promises users (and psql shows)."""
     if isinstance(exc, TimeoutError):
         return f"timeout after {timeout:g}s"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        exc = exc.certificate_error
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, Blocked):
             return str(cause)
         if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"TLS: certificate verify failed ({cause.verify_message})"
+            detail = getattr(cause, "verify_message", None) or cause.reason
+            return f"TLS: certificate verify failed ({detail})"
         if isinstance(cause, ssl.SSLError):
             return f"TLS: {cause.reason or cause}"
         if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
@@ -88,8 +110,6 @@ def _reason(exc: BaseException, timeout: float) -> str:
         if isinstance(cause, socket.gaierror):
             return f"DNS: cannot resolve host ({cause.strerror})"
         cause = getattr(cause, "os_error", None) or cause.__cause__
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return f"TLS: certificate verify failed ({exc.certificate_error})"
     if isinstance(exc, aiohttp.ClientSSLError):
         return f"TLS: {exc}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -151,6 +171,9 @@ class Sender:
             error = None if 200 <= status < 300 else _http_reason(status, response.headers)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             error = _reason(exc, self._settings.http_timeout)
+        except Exception as exc:
+            # Whatever else goes wrong is still an attempt to record, not a lost delivery.
+            error = f"internal error: {exc.__class__.__name__}: {exc}"
         duration_ms = round((time.perf_counter() - start) * 1000)
         return Attempt(started_at, duration_ms, status, error, retry_after)
 

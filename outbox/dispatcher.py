@@ -29,9 +29,6 @@ __all__ = ["Dispatcher"]
 
 log = structlog.get_logger("outbox.dispatcher")
 
-# With nothing due, look again at least this often: NOTIFY only speeds things up, and a
-# notification sent while the listener was reconnecting is lost.
-POLL_INTERVAL = 1.0
 # While another dispatcher holds rows we could take, look again this soon.
 CONTENDED_RETRY = 0.02
 BACKOFF_MAX = 5.0
@@ -68,8 +65,9 @@ class Doorbell:
     it calls ``on_armed`` so the loop polls one more time (see outbox.fan_out()).
     """
 
-    def __init__(self, url: str, on_armed: asyncio.Event) -> None:
+    def __init__(self, url: str, on_armed: asyncio.Event, retry_in: float) -> None:
         self._url = url
+        self._retry_in = retry_in
         self._on_armed = on_armed
         self._want = False
         self._held = False
@@ -100,12 +98,12 @@ class Doorbell:
             except psycopg.errors.LockNotAvailable:
                 # Another dispatcher sleeps on the doorbell already, or a long producer
                 # transaction is open: polling covers us; try again a little later.
-                await asyncio.sleep(POLL_INTERVAL)
+                await asyncio.sleep(self._retry_in)
                 self._changed.set()
             except psycopg.OperationalError as exc:
                 log.warning("doorbell connection lost", error=str(exc))
                 conn = None
-                await asyncio.sleep(POLL_INTERVAL)
+                await asyncio.sleep(self._retry_in)
                 self._changed.set()
 
 
@@ -122,7 +120,7 @@ class Dispatcher:
         self._results_ready = asyncio.Event()
         self._notified = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._doorbell = Doorbell(settings.database_url, self._notified)
+        self._doorbell = Doorbell(settings.database_url, self._notified, settings.poll_interval)
         self._last_help = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -177,7 +175,12 @@ class Dispatcher:
                 backoff = 0.0
             except psycopg.OperationalError as exc:
                 backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
-                log.warning("database unavailable, retrying", error=str(exc), retry_in=backoff)
+                log.warning(
+                    "database unavailable, retrying",
+                    error=str(exc),
+                    retry_in=backoff,
+                    pool=self._pool.get_stats(),
+                )
                 await _wait_any(stop, within=backoff)
                 continue
             if due_in is not None and due_in <= 0:
@@ -187,8 +190,12 @@ class Dispatcher:
                 await _wait_any(stop, self._slot_freed, self._notified, within=CONTENDED_RETRY)
                 continue
             self._doorbell.want(True)
-            timeout = POLL_INTERVAL if due_in is None else min(POLL_INTERVAL, due_in)
-            await _wait_any(stop, self._notified, within=timeout)
+            # NOTIFY only speeds things up: a notification sent while the listener was
+            # reconnecting is lost, so look again now and then anyway.
+            poll = self._settings.poll_interval
+            await _wait_any(
+                stop, self._notified, within=poll if due_in is None else min(poll, due_in)
+            )
 
     async def _claim(self, limit: int) -> tuple[list[Job], int]:
         share = self._settings.per_webhook_limit
@@ -234,7 +241,7 @@ class Dispatcher:
 
     async def _ask_for_help(self) -> None:
         now = time.monotonic()
-        if now - self._last_help >= POLL_INTERVAL:
+        if now - self._last_help >= self._settings.poll_interval:
             self._last_help = now
             async with self._pool.connection() as conn:
                 await conn.execute(db.query("help"))
@@ -269,7 +276,9 @@ class Dispatcher:
             outcome = "succeeded"
         else:
             retry_in = next_delay(
-                job.attempt, self._settings.retry_delays, retry_after=attempt.retry_after
+                job.attempt,
+                self._settings.retry_delays,
+                retry_after=attempt.retry_after,
             )
             outcome = "failed" if retry_in is None else "pending"
         log.info(

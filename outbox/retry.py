@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.utils
 import random
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 __all__ = ["JITTER", "next_delay", "parse_retry_after"]
 
@@ -38,10 +38,13 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:
+        # HTTP dates are always GMT, whatever form (asctime, "-0000") they come in.
+        when = when.replace(tzinfo=UTC)
     return max(0.0, (when - now).total_seconds())

@@ -27,7 +27,10 @@ def pool(settings: Settings, max_size: int = 4) -> AsyncConnectionPool[Any]:
         min_size=1,
         max_size=max_size,
         kwargs={"autocommit": True, "application_name": "outbox"},
-        check=AsyncConnectionPool.check_connection,
+        # No check= callback: with it a pool whose connections were terminated can stall
+        # for its whole timeout (psycopg issue #1123). A dead connection fails its query
+        # instead, the pool discards it, and the caller retries on a fresh one.
+        timeout=5.0,
         # Keep trying for as long as the database is away; the dispatcher waits.
         reconnect_timeout=float("inf"),
         open=False,

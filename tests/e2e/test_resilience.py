@@ -1,0 +1,175 @@
+"""Several dispatchers, crashes, lost connections, restarts and signals (contract section 6)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from outbox import db, localpg
+from tests.conftest import SQL, Sidecar, wait_until
+from tests.receiver import Receiver, Reply
+
+Start = Callable[..., Sidecar]
+
+
+def statuses(sql: SQL) -> dict[str, int]:
+    return dict(sql("SELECT status, count(*) FROM outbox.deliveries GROUP BY status"))
+
+
+def all_succeeded(sql: SQL, total: int, timeout: float = 60) -> None:
+    wait_until(
+        lambda: statuses(sql) == {"succeeded": total},
+        timeout=timeout,
+        what=f"{total} succeeded deliveries (now {statuses(sql)})",
+    )
+
+
+def emit_many(sql: SQL, count: int, account: str = "acct_1") -> None:
+    sql(
+        "INSERT INTO outbox.events (account_id, event, data)"
+        " SELECT %s, 'lead.scored', jsonb_build_object('n', n)"
+        " FROM generate_series(1, %s) AS n",
+        (account, count),
+    )
+
+
+class TestSeveralDispatchers:
+    def test_three_dispatchers_share_thousands_without_duplicates(
+        self, sql: SQL, receiver: Receiver, sidecars: Start
+    ) -> None:
+        """Three processes on one database deliver each of 3,000 deliveries exactly once."""
+        for n in range(10):
+            sql.webhook(receiver.url(f"/hook{n}"))
+        runners = [sidecars() for _ in range(3)]
+        emit_many(sql, 300)
+        all_succeeded(sql, 3000)
+        ids = Counter(r.headers["X-Webhook-Id"] for r in receiver.received())
+        assert len(ids) == 3000
+        assert ids.most_common(1)[0][1] == 1, "a delivery was sent twice"
+        for runner in runners:
+            assert runner.stop() == 0
+        workers = [
+            sum(1 for line in r.log_lines() if line.get("event") == "attempt") for r in runners
+        ]
+        assert sum(workers) == 3000
+        assert sum(1 for n in workers if n) >= 2, f"one dispatcher did everything: {workers}"
+
+
+class TestCrashes:
+    def test_kill_9_mid_flight_loses_nothing(
+        self, sql: SQL, receiver: Receiver, sidecars: Start
+    ) -> None:
+        """Deliveries a killed dispatcher held are attempted again by another within 30 s."""
+        receiver.respond = lambda _: Reply(200, delay=2)
+        for n in range(4):
+            sql.webhook(receiver.url(f"/hook{n}"))
+        victim = sidecars(OUTBOX_HTTP_TIMEOUT="10")  # default lease
+        emit_many(sql, 5)
+        receiver.wait_for(4)  # attempts in flight
+        victim.signal(signal.SIGKILL)
+        victim.wait()
+        killed_at = time.monotonic()
+        receiver.respond = lambda _: Reply(200)
+        sidecars()
+        all_succeeded(sql, 20, timeout=40)
+        assert time.monotonic() - killed_at < 30
+        delivered = {r.headers["X-Webhook-Id"] for r in receiver.received()}
+        assert len(delivered) == 20
+
+    def test_terminated_database_connections_lose_nothing(
+        self, sql: SQL, receiver: Receiver, sidecars: Start
+    ) -> None:
+        """pg_terminate_backend on every dispatcher connection, repeatedly: all delivered once."""
+        receiver.respond = lambda _: Reply(200, delay=0.05)
+        for n in range(5):
+            sql.webhook(receiver.url(f"/hook{n}"))
+        sidecars()
+        backends = (
+            "FROM pg_stat_activity WHERE application_name = 'outbox'"
+            " AND datname = current_database()"
+        )
+        for _ in range(4):
+            emit_many(sql, 20)
+            time.sleep(0.1)
+            # Every connection comes back (pool, listener, doorbell) before the next blow.
+            wait_until(lambda: sql.one(f"SELECT count(*) {backends}") >= 3, what="reconnect")
+            sql(f"SELECT pg_terminate_backend(pid) {backends}")
+        all_succeeded(sql, 400)
+        ids = Counter(r.headers["X-Webhook-Id"] for r in receiver.received())
+        assert len(ids) == 400 and ids.most_common(1)[0][1] == 1
+        # The dispatcher is still alive and listening: a new event is still delivered.
+        sql.emit(data={"after": True})
+        wait_until(
+            lambda: any(json.loads(r.body)["data"] == {"after": True} for r in receiver.received())
+        )
+
+
+class TestSignals:
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+    def test_stop_finishes_in_flight_attempts_and_exits_0(
+        self, sql: SQL, receiver: Receiver, sidecars: Start, sig: int
+    ) -> None:
+        """On SIGTERM/SIGINT: no new claims, in-flight attempts finish and are recorded, exit 0."""
+        receiver.respond = lambda _: Reply(200, delay=1)
+        sql.webhook(receiver.url())
+        sidecar = sidecars(OUTBOX_CONCURRENCY="16")
+        emit_many(sql, 20)
+        in_flight = receiver.wait_for(2)
+        sidecar.signal(sig)
+        assert sidecar.wait(timeout=15) == 0
+        sent = len(receiver.received())
+        assert sent >= len(in_flight)
+        assert statuses(sql).get("succeeded") == sent
+        assert sql.one("SELECT count(*) FROM outbox.deliveries WHERE lease IS NOT NULL") == 0
+        assert (
+            sql.one(
+                "SELECT count(*) FROM outbox.deliveries"
+                " WHERE status = 'pending' AND next_attempt_at > now()"
+            )
+            == 0
+        )
+
+
+class TestDatabaseRestart:
+    def test_dispatcher_survives_a_database_restart(
+        self,
+        receiver: Receiver,
+        sidecar_env: dict[str, str],
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        sidecars: Start,
+    ) -> None:
+        """A private cluster is restarted under a running dispatcher; everything arrives."""
+        datadir = Path("/tmp") / f"outbox-restart-{os.getpid()}-{tmp_path.name}"
+        datadir.mkdir(mode=0o755)
+        monkeypatch.setenv("OUTBOX_LOCALPG_DIR", str(datadir / "pgdata"))
+        try:
+            server = localpg.server(force_private=True)
+            url = localpg.ensure_database(server, "outbox")
+            asyncio.run(db.migrate(url))
+            sql = SQL(url)
+            sql.webhook(receiver.url())
+            sidecars(OUTBOX_DATABASE_URL=url)
+            emit_many(sql, 10)
+            receiver.wait_for(10)
+            sql.conn.close()
+            localpg.stop_private()
+            time.sleep(1)
+            assert localpg.server(force_private=True).port == server.port
+            sql = SQL(url)
+            emit_many(sql, 10)
+            all_succeeded(sql, 20)
+            sql.conn.close()
+        finally:
+            localpg.stop_private()
+            import shutil
+
+            shutil.rmtree(datadir, ignore_errors=True)

@@ -1,0 +1,247 @@
+"""Tests for outbox.config: settings from the environment (contract section 8)."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from outbox.config import ConfigError, Settings
+
+
+class _Stream(io.StringIO):
+    """A stderr stand-in whose isatty() answer is chosen by the test."""
+
+    def __init__(self, *, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+class TestDefaults:
+    """`Settings.from_env` with an empty environment."""
+
+    def test_documented_defaults(self) -> None:
+        """An empty environment gives the documented defaults."""
+        s = Settings.from_env({"OUTBOX_LOG_FORMAT": "json"})
+        assert s.retry_delays == (60.0, 600.0, 3600.0)
+        assert s.http_timeout == 10.0
+        assert s.concurrency == 64
+        assert isinstance(s.concurrency, int)
+        assert s.api_listen == ("127.0.0.1", 8080)
+        assert s.allow_private_targets is False
+        assert s.ca_file is None
+        assert s.database_url == ""
+
+    def test_log_format_json_off_a_tty(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With no OUTBOX_LOG_FORMAT and stderr not a TTY, logs are json."""
+        monkeypatch.setattr(sys, "stderr", _Stream(tty=False))
+        assert Settings.from_env({}).log_format == "json"
+
+    def test_log_format_console_on_a_tty(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With no OUTBOX_LOG_FORMAT and stderr a TTY, logs are console."""
+        monkeypatch.setattr(sys, "stderr", _Stream(tty=True))
+        assert Settings.from_env({}).log_format == "console"
+
+    def test_reads_os_environ_when_none(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """from_env() without a mapping reads os.environ."""
+        monkeypatch.setenv("OUTBOX_CONCURRENCY", "7")
+        monkeypatch.setenv("OUTBOX_LOG_FORMAT", "json")
+        assert Settings.from_env().concurrency == 7
+
+
+class TestValues:
+    """`Settings.from_env` with good values."""
+
+    @pytest.mark.parametrize(
+        ("raw", "expected"),
+        [
+            ("0.2,0.4,0.8", (0.2, 0.4, 0.8)),
+            ("1.5", (1.5,)),
+            ("5, 10 ,20", (5.0, 10.0, 20.0)),
+            ("0", (0.0,)),
+            ("none", ()),
+        ],
+    )
+    def test_retry_delays(self, raw: str, expected: tuple[float, ...]) -> None:
+        """OUTBOX_RETRY_DELAYS takes comma-separated seconds, decimals allowed."""
+        s = Settings.from_env({"OUTBOX_RETRY_DELAYS": raw, "OUTBOX_LOG_FORMAT": "json"})
+        assert s.retry_delays == pytest.approx(expected)
+        assert len(s.retry_delays) == len(expected)
+
+    def test_http_timeout_decimal(self) -> None:
+        """OUTBOX_HTTP_TIMEOUT accepts decimals."""
+        s = Settings.from_env({"OUTBOX_HTTP_TIMEOUT": "2.5", "OUTBOX_LOG_FORMAT": "json"})
+        assert s.http_timeout == 2.5
+
+    def test_concurrency(self) -> None:
+        """OUTBOX_CONCURRENCY is read as an int."""
+        s = Settings.from_env({"OUTBOX_CONCURRENCY": "16", "OUTBOX_LOG_FORMAT": "json"})
+        assert s.concurrency == 16
+        assert isinstance(s.concurrency, int)
+
+    @pytest.mark.parametrize("raw", ["1", "true", "TRUE", "yes", "on"])
+    def test_allow_private_true(self, raw: str) -> None:
+        """Common spellings of true turn OUTBOX_ALLOW_PRIVATE_TARGETS on."""
+        env = {"OUTBOX_ALLOW_PRIVATE_TARGETS": raw, "OUTBOX_LOG_FORMAT": "json"}
+        assert Settings.from_env(env).allow_private_targets is True
+
+    @pytest.mark.parametrize("raw", ["", "0", "false", "False", "no", "off"])
+    def test_allow_private_false(self, raw: str) -> None:
+        """Common spellings of false (and empty) leave OUTBOX_ALLOW_PRIVATE_TARGETS off."""
+        env = {"OUTBOX_ALLOW_PRIVATE_TARGETS": raw, "OUTBOX_LOG_FORMAT": "json"}
+        assert Settings.from_env(env).allow_private_targets is False
+
+    @pytest.mark.parametrize(
+        ("raw", "expected"),
+        [
+            ("0.0.0.0:9000", ("0.0.0.0", 9000)),
+            ("localhost:1", ("localhost", 1)),
+            ("[::1]:8081", ("::1", 8081)),
+        ],
+    )
+    def test_api_listen(self, raw: str, expected: tuple[str, int]) -> None:
+        """OUTBOX_API_LISTEN HOST:PORT (IPv6 in brackets) gives (host, port)."""
+        env = {"OUTBOX_API_LISTEN": raw, "OUTBOX_LOG_FORMAT": "json"}
+        assert Settings.from_env(env).api_listen == expected
+
+    @pytest.mark.parametrize("raw", ["off", "OFF", " off "])
+    def test_api_listen_off(self, raw: str) -> None:
+        """OUTBOX_API_LISTEN=off disables the admin server (None)."""
+        env = {"OUTBOX_API_LISTEN": raw, "OUTBOX_LOG_FORMAT": "json"}
+        assert Settings.from_env(env).api_listen is None
+
+    @pytest.mark.parametrize("raw", ["console", "json", "JSON"])
+    def test_log_format(self, raw: str) -> None:
+        """OUTBOX_LOG_FORMAT accepts console or json, case-insensitively."""
+        assert Settings.from_env({"OUTBOX_LOG_FORMAT": raw}).log_format == raw.lower()
+
+    def test_ca_file(self, tmp_path: Path) -> None:
+        """An existing OUTBOX_CA_FILE is kept as given."""
+        path = tmp_path / "ca.pem"
+        path.write_text("-----BEGIN CERTIFICATE-----\n")
+        env = {"OUTBOX_CA_FILE": str(path), "OUTBOX_LOG_FORMAT": "json"}
+        assert Settings.from_env(env).ca_file == str(path)
+
+    def test_outbox_database_url_beats_database_url(self) -> None:
+        """OUTBOX_DATABASE_URL wins over DATABASE_URL."""
+        env = {
+            "OUTBOX_DATABASE_URL": "postgresql:///outbox",
+            "DATABASE_URL": "postgresql:///app",
+            "OUTBOX_LOG_FORMAT": "json",
+        }
+        assert Settings.from_env(env).database_url == "postgresql:///outbox"
+
+    def test_database_url_fallback(self) -> None:
+        """Without OUTBOX_DATABASE_URL, DATABASE_URL is used."""
+        env = {"DATABASE_URL": "postgresql:///app", "OUTBOX_LOG_FORMAT": "json"}
+        assert Settings.from_env(env).database_url == "postgresql:///app"
+
+
+class TestErrors:
+    """Each unusable value raises ConfigError naming the variable."""
+
+    @pytest.mark.parametrize(
+        ("name", "raw"),
+        [
+            ("OUTBOX_RETRY_DELAYS", "60,abc,3600"),
+            ("OUTBOX_RETRY_DELAYS", "60,,3600"),
+            ("OUTBOX_RETRY_DELAYS", "60,-1"),
+            ("OUTBOX_RETRY_DELAYS", "-0.5"),
+            ("OUTBOX_RETRY_DELAYS", "nan"),
+            ("OUTBOX_HTTP_TIMEOUT", "ten"),
+            ("OUTBOX_HTTP_TIMEOUT", "0"),
+            ("OUTBOX_HTTP_TIMEOUT", "-1"),
+            ("OUTBOX_HTTP_TIMEOUT", "nan"),
+            ("OUTBOX_CONCURRENCY", "0"),
+            ("OUTBOX_CONCURRENCY", "-4"),
+            ("OUTBOX_CONCURRENCY", "many"),
+            ("OUTBOX_API_LISTEN", "8080"),
+            ("OUTBOX_API_LISTEN", "localhost:"),
+            ("OUTBOX_API_LISTEN", "localhost:http"),
+            ("OUTBOX_API_LISTEN", "127.0.0.1:65536"),
+            ("OUTBOX_API_LISTEN", "127.0.0.1:-1"),
+            ("OUTBOX_ALLOW_PRIVATE_TARGETS", "maybe"),
+            ("OUTBOX_ALLOW_PRIVATE_TARGETS", "2"),
+            ("OUTBOX_LOG_FORMAT", "xml"),
+            ("OUTBOX_LOG_FORMAT", "text"),
+        ],
+    )
+    def test_bad_value_names_variable(self, name: str, raw: str) -> None:
+        """A bad value raises ConfigError and the message names the variable."""
+        env = {"OUTBOX_LOG_FORMAT": "json", name: raw}
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env(env)
+        assert name in str(info.value)
+
+    def test_missing_ca_file(self, tmp_path: Path) -> None:
+        """An OUTBOX_CA_FILE that does not exist raises ConfigError naming the variable."""
+        env = {"OUTBOX_CA_FILE": str(tmp_path / "missing.pem"), "OUTBOX_LOG_FORMAT": "json"}
+        with pytest.raises(ConfigError, match="OUTBOX_CA_FILE"):
+            Settings.from_env(env)
+
+    def test_ca_file_is_a_directory(self, tmp_path: Path) -> None:
+        """An OUTBOX_CA_FILE that is a directory raises ConfigError naming the variable."""
+        env = {"OUTBOX_CA_FILE": str(tmp_path), "OUTBOX_LOG_FORMAT": "json"}
+        with pytest.raises(ConfigError, match="OUTBOX_CA_FILE"):
+            Settings.from_env(env)
+
+    def test_config_error_is_value_error(self) -> None:
+        """ConfigError is a ValueError, so callers catching ValueError see it."""
+        assert issubclass(ConfigError, ValueError)
+
+    def test_infinite_concurrency(self) -> None:
+        """OUTBOX_CONCURRENCY=inf raises ConfigError naming the variable."""
+        env = {"OUTBOX_CONCURRENCY": "inf", "OUTBOX_LOG_FORMAT": "json"}
+        with pytest.raises(ConfigError, match="OUTBOX_CONCURRENCY"):
+            Settings.from_env(env)
+
+    @pytest.mark.parametrize("name", ["OUTBOX_RETRY_DELAYS", "OUTBOX_HTTP_TIMEOUT"])
+    def test_infinite_seconds(self, name: str) -> None:
+        """An infinite number of seconds is not a usable value: ConfigError naming the variable."""
+        env = {name: "inf", "OUTBOX_LOG_FORMAT": "json"}
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env(env)
+
+    def test_listen_non_ascii_digit_port(self) -> None:
+        """A port of Unicode 'digits' that int() rejects raises ConfigError naming the variable."""
+        env = {"OUTBOX_API_LISTEN": "127.0.0.1:\u00b2", "OUTBOX_LOG_FORMAT": "json"}
+        with pytest.raises(ConfigError, match="OUTBOX_API_LISTEN"):
+            Settings.from_env(env)
+
+
+class TestDerived:
+    """`lease_seconds` and `per_webhook_limit`."""
+
+    def test_lease_within_contract_by_default(self) -> None:
+        """With the default 10 s timeout a lease is at most 30 s (crash recovery promise)."""
+        s = Settings.from_env({"OUTBOX_LOG_FORMAT": "json"})
+        assert s.lease_seconds <= 30
+        assert s.lease_seconds > s.http_timeout
+
+    @pytest.mark.parametrize("timeout", [0.001, 0.5, 2, 10, 14.9, 15, 30, 120, 3600])
+    def test_lease_outlasts_timeout(self, timeout: float) -> None:
+        """A lease always lasts longer than one HTTP attempt can take."""
+        s = Settings(http_timeout=timeout)
+        assert s.lease_seconds > timeout
+
+    @pytest.mark.parametrize("timeout", [10, 30, 300])
+    def test_lease_leaves_room_to_record(self, timeout: float) -> None:
+        """The lease leaves several seconds beyond the timeout to record the result."""
+        assert Settings(http_timeout=timeout).lease_seconds >= timeout + 5
+
+    def test_per_webhook_limit_default(self) -> None:
+        """With concurrency 64 one webhook gets a bounded share, less than all 64."""
+        s = Settings.from_env({"OUTBOX_LOG_FORMAT": "json"})
+        assert s.concurrency == 64
+        assert 1 <= s.per_webhook_limit < s.concurrency
+
+    @pytest.mark.parametrize("concurrency", [16, 64, 256, 1000])
+    def test_per_webhook_limit_is_a_share(self, concurrency: int) -> None:
+        """For larger pools one webhook may use at most half of the slots, and at least one."""
+        s = Settings(concurrency=concurrency)
+        assert 1 <= s.per_webhook_limit <= concurrency // 2

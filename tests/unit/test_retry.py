@@ -1,0 +1,173 @@
+"""Tests for outbox.retry: retry schedule, jitter and Retry-After (contract section 5)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from outbox.retry import JITTER, next_delay, parse_retry_after
+
+DEFAULT = (60.0, 600.0, 3600.0)
+SEEDS = range(500)
+NOW = datetime(2026, 1, 1, 0, 0, 0, tzinfo=UTC)
+
+
+class TestNextDelay:
+    """`next_delay`: the jittered schedule, its end, and Retry-After as a minimum."""
+
+    def test_jitter_is_twenty_percent(self) -> None:
+        """The published jitter bound is 20%."""
+        assert abs(JITTER - 0.2) < 1e-12
+
+    @pytest.mark.parametrize("attempt", [1, 2, 3])
+    def test_within_twenty_percent(self, attempt: int) -> None:
+        """Across many seeds every delay stays within ±20% of the configured one."""
+        base = DEFAULT[attempt - 1]
+        values = [next_delay(attempt, DEFAULT, rng=random.Random(seed)) for seed in SEEDS]
+        assert all(v is not None for v in values)
+        floats = [float(v) for v in values if v is not None]
+        assert min(floats) >= base * 0.8
+        assert max(floats) <= base * 1.2
+
+    @pytest.mark.parametrize("attempt", [1, 2, 3])
+    def test_jitter_varies_and_spans_both_sides(self, attempt: int) -> None:
+        """Jitter really varies: many distinct values, some well below and some well above."""
+        base = DEFAULT[attempt - 1]
+        values = [next_delay(attempt, DEFAULT, rng=random.Random(seed)) for seed in SEEDS]
+        floats = [float(v) for v in values if v is not None]
+        assert len(set(floats)) > 400
+        assert min(floats) < base * 0.85
+        assert max(floats) > base * 1.15
+
+    def test_same_seed_same_delay(self) -> None:
+        """The rng passed in is the only source of randomness: equal seeds give equal delays."""
+        a = next_delay(2, DEFAULT, rng=random.Random(7))
+        b = next_delay(2, DEFAULT, rng=random.Random(7))
+        assert a == b
+
+    @pytest.mark.parametrize("seed", range(50))
+    def test_default_delays_grow(self, seed: int) -> None:
+        """With 60, 600, 3600 each retry waits longer than the one before, whatever the jitter."""
+        rng = random.Random(seed)
+        d1, d2, d3 = (next_delay(n, DEFAULT, rng=rng) for n in (1, 2, 3))
+        assert d1 is not None and d2 is not None and d3 is not None
+        assert d1 < d2 < d3
+
+    @pytest.mark.parametrize(
+        ("attempt", "delays"),
+        [(4, DEFAULT), (1, ()), (2, (5.0,)), (10, DEFAULT)],
+    )
+    def test_none_after_last_delay(self, attempt: int, delays: tuple[float, ...]) -> None:
+        """Once the attempts exceed the configured delays there is no further retry."""
+        assert next_delay(attempt, delays, rng=random.Random(0)) is None
+
+    def test_none_after_last_even_with_retry_after(self) -> None:
+        """A Retry-After does not add an attempt beyond the schedule."""
+        assert next_delay(4, DEFAULT, retry_after=30, rng=random.Random(0)) is None
+
+    def test_last_attempt_still_has_a_delay(self) -> None:
+        """Attempt number len(delays) still gets a retry (one retry per configured delay)."""
+        assert next_delay(3, DEFAULT, rng=random.Random(0)) is not None
+
+    def test_zero_delay_stays_zero(self) -> None:
+        """A delay of 0 is not jittered into a negative or positive wait."""
+        assert next_delay(1, (0.0, 1.0), rng=random.Random(3)) == 0.0
+
+    @pytest.mark.parametrize("attempt", [1, 2])
+    @pytest.mark.parametrize("seed", range(20))
+    def test_retry_after_capped_at_largest_delay(self, attempt: int, seed: int) -> None:
+        """Retry-After 100 with delays (1, 2, 3) waits exactly the largest delay, 3."""
+        got = next_delay(attempt, (1, 2, 3), retry_after=100, rng=random.Random(seed))
+        assert got == 3
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_retry_after_is_a_minimum(self, seed: int) -> None:
+        """A Retry-After above the jittered delay (but under the cap) is waited exactly."""
+        got = next_delay(1, DEFAULT, retry_after=300, rng=random.Random(seed))
+        assert got == 300
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_retry_after_below_schedule_is_ignored(self, seed: int) -> None:
+        """A Retry-After shorter than the scheduled delay leaves the jittered delay as it was."""
+        plain = next_delay(2, DEFAULT, rng=random.Random(seed))
+        got = next_delay(2, DEFAULT, retry_after=5, rng=random.Random(seed))
+        assert got == plain
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_retry_after_zero_leaves_schedule(self, seed: int) -> None:
+        """Retry-After 0 leaves the jittered schedule unchanged."""
+        plain = next_delay(1, (1, 2, 3), rng=random.Random(seed))
+        got = next_delay(1, (1, 2, 3), retry_after=0, rng=random.Random(seed))
+        assert got == plain
+        assert got is not None and 0.8 <= got <= 1.2
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_retry_after_never_shortens_last_delay(self, seed: int) -> None:
+        """On the last retry the result is max(jittered delay, capped Retry-After)."""
+        plain = next_delay(3, (1, 2, 3), rng=random.Random(seed))
+        got = next_delay(3, (1, 2, 3), retry_after=100, rng=random.Random(seed))
+        assert plain is not None
+        assert got == max(plain, 3)
+
+
+class TestParseRetryAfter:
+    """`parse_retry_after`: delta-seconds or HTTP-date, relative to `now`."""
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [("0", 0.0), ("1", 1.0), ("120", 120.0), (" 120 ", 120.0), ("86400", 86400.0)],
+    )
+    def test_delta_seconds(self, value: str, expected: float) -> None:
+        """A delta-seconds value is that many seconds."""
+        assert parse_retry_after(value, NOW) == expected
+
+    def test_http_date_in_future(self) -> None:
+        """An IMF-fixdate two minutes after `now` gives 120 seconds."""
+        assert parse_retry_after("Thu, 01 Jan 2026 00:02:00 GMT", NOW) == pytest.approx(120.0)
+
+    def test_http_date_relative_to_now(self) -> None:
+        """The same date gives a different wait for a different `now`."""
+        later = NOW + timedelta(seconds=90)
+        assert parse_retry_after("Thu, 01 Jan 2026 00:02:00 GMT", later) == pytest.approx(30.0)
+
+    def test_rfc850_date(self) -> None:
+        """The obsolete RFC 850 form of HTTP-date is understood."""
+        value = "Thursday, 01-Jan-26 00:02:00 GMT"
+        assert parse_retry_after(value, NOW) == pytest.approx(120.0)
+
+    def test_asctime_date(self) -> None:
+        """The asctime HTTP-date form (RFC 9110 5.6.7: recipients must accept it) is understood."""
+        assert parse_retry_after("Thu Jan  1 00:02:00 2026", NOW) == pytest.approx(120.0)
+
+    @pytest.mark.parametrize(
+        "value", ["Thu, 01 Jan 2026 00:02:00 -0000", "Thu, 01 Jan 2026 00:02:00"]
+    )
+    def test_zoneless_date_does_not_raise(self, value: str) -> None:
+        """A date with no zone or a "-0000" zone gives seconds or None, never an exception."""
+        result = parse_retry_after(value, NOW)
+        assert result is None or result >= 0
+
+    @pytest.mark.parametrize(
+        "value", ["Wed, 31 Dec 2025 23:00:00 GMT", "Thu, 01 Jan 2026 00:00:00 GMT"]
+    )
+    def test_past_or_present_date_is_zero(self, value: str) -> None:
+        """A date at or before `now` means no extra wait: 0."""
+        assert parse_retry_after(value, NOW) == 0.0
+
+    @pytest.mark.parametrize(
+        "value", ["garbage", "soon", "1.5", "-5", "120s", "0x10", "Thu, 99 Foo 2026"]
+    )
+    def test_garbage_is_none(self, value: str) -> None:
+        """A value that is neither delta-seconds nor an HTTP-date is None."""
+        assert parse_retry_after(value, NOW) is None
+
+    def test_non_ascii_digit_is_none(self) -> None:
+        """A Unicode "digit" that is not an ASCII digit is garbage (None), not an exception."""
+        assert parse_retry_after("\u00b2", NOW) is None
+
+    @pytest.mark.parametrize("value", ["", None, "   "])
+    def test_empty_is_none(self, value: str | None) -> None:
+        """A missing, empty or blank header is None."""
+        assert parse_retry_after(value, NOW) is None
