@@ -1,0 +1,223 @@
+"""The `outbox` command as a user types it: real processes, a real database and receiver."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import standardwebhooks
+
+from outbox.events import EVENTS
+from tests.conftest import ROOT, SQL
+from tests.receiver import Receiver, Reply
+
+
+@pytest.fixture
+def outbox(database_url: str, ca_file: str):  # type: ignore[no-untyped-def]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env.update(
+        OUTBOX_DATABASE_URL=database_url,
+        OUTBOX_CA_FILE=ca_file,
+        OUTBOX_ALLOW_PRIVATE_TARGETS="true",
+        OUTBOX_LOG_FORMAT="json",
+    )
+
+    def run(*args: str, stdin: str = "", **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "outbox", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env | extra,
+            timeout=60,
+            check=False,
+        )
+
+    return run
+
+
+def webhook_count(sql: SQL) -> int:
+    return int(sql.one("SELECT count(*) FROM outbox.webhooks"))
+
+
+class TestWebhookCommands:
+    def test_add_list_update_delete(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """add prints the id alone; list shows it; update changes it; delete removes it."""
+        added = outbox(
+            "webhooks",
+            "add",
+            "--account",
+            "acct_1",
+            "--name",
+            "CRM Sync",
+            "--url",
+            "https://example.com/hook",
+            "--event",
+            "lead.scored",
+            "--secret",
+            "0123456789abcdef",
+        )
+        assert added.returncode == 0, added.stderr
+        hook_id = int(added.stdout)
+        assert added.stdout == f"{hook_id}\n"
+
+        listed = outbox("webhooks", "list", "--account", "acct_1", "--json")
+        (row,) = json.loads(listed.stdout)
+        assert row["id"] == hook_id and row["name"] == "CRM Sync" and row["has_secret"]
+        assert "secret" not in row
+        table = outbox("webhooks", "list", "--account", "acct_1").stdout
+        assert "CRM Sync" in table and "lead.scored" in table
+
+        assert (
+            outbox(
+                "webhooks", "update", str(hook_id), "--disable", "--no-secret", "--name", "Slack"
+            ).returncode
+            == 0
+        )
+        assert sql("SELECT name, enabled, secret FROM outbox.webhooks") == [("Slack", False, None)]
+        assert outbox("webhooks", "delete", str(hook_id)).returncode == 0
+        assert webhook_count(sql) == 0
+
+    @pytest.mark.parametrize(
+        ("args", "says"),
+        [
+            (["--url", "http://example.com/hook"], "https://"),
+            (["--secret", "short"], "16"),
+            (["--name", "  "], "name"),
+            (["--event", "lead.bogus"], "lead.created, lead.scored"),
+        ],
+    )
+    def test_bad_input_is_one_line_exit_2_nothing_written(  # type: ignore[no-untyped-def]
+        self, outbox, sql: SQL, args: list[str], says: str
+    ) -> None:
+        """A broken rule is named on one stderr line, exit 2, and nothing is stored."""
+        base = {
+            "--account": "acct_1",
+            "--name": "n",
+            "--url": "https://example.com/h",
+            "--event": "lead.scored",
+        }
+        base.update(dict(zip(args[::2], args[1::2], strict=True)))
+        result = outbox("webhooks", "add", *[x for kv in base.items() for x in kv])
+        assert result.returncode == 2
+        assert result.stdout == ""
+        assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr
+        assert webhook_count(sql) == 0
+
+    def test_the_eleventh_webhook_is_refused(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """The 10-per-account limit is reported plainly."""
+        for n in range(10):
+            sql.webhook(f"https://example.com/{n}")
+        result = outbox(
+            "webhooks",
+            "add",
+            "--account",
+            "acct_1",
+            "--name",
+            "n",
+            "--url",
+            "https://example.com/11",
+            "--event",
+            "lead.scored",
+        )
+        assert result.returncode == 2 and "10 webhooks" in result.stderr
+        assert webhook_count(sql) == 10
+
+    def test_unknown_id(self, outbox) -> None:  # type: ignore[no-untyped-def]
+        """An id that does not exist, or is not a number, is a one-line error."""
+        for args in (["delete", "999"], ["update", "999", "--enable"], ["test", "abc"]):
+            result = outbox("webhooks", *args)
+            assert result.returncode == 2, args
+            assert len(result.stderr.strip().splitlines()) == 1
+
+
+class TestTestSend:
+    def test_sends_a_signed_sample_once(  # type: ignore[no-untyped-def]
+        self, outbox, sql: SQL, receiver: Receiver
+    ) -> None:
+        """`webhooks test` POSTs one signed, marked sample of the chosen event; exit 0 on 2xx."""
+        secret = "whsec_test_secret_0123"
+        hook = sql.webhook(receiver.url(), secret=secret)
+        result = outbox("webhooks", "test", str(hook), "--event", "meeting.booked")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("ok: HTTP 200")
+        (got,) = receiver.received()
+        body = json.loads(got.body)
+        assert body["event"] == "meeting.booked" and body["data"]["meeting"]
+        assert got.headers["X-Webhook-Test"] == "true"
+        assert got.headers["X-Webhook-Id"].startswith("test_")
+        standardwebhooks.Webhook(secret.encode()).verify(got.body, got.headers)
+        assert sql.one("SELECT count(*) FROM outbox.deliveries") == 0
+
+    def test_failure_exits_1_without_retrying(  # type: ignore[no-untyped-def]
+        self, outbox, sql: SQL, receiver: Receiver
+    ) -> None:
+        """A 5xx answer is reported with its status and exit 1, after exactly one request."""
+        receiver.respond = lambda _: Reply(500)
+        hook = sql.webhook(receiver.url())
+        result = outbox("webhooks", "test", str(hook))
+        assert result.returncode == 1 and "HTTP 500" in result.stdout
+        assert len(receiver.received()) == 1
+
+    def test_every_event_has_a_sample(  # type: ignore[no-untyped-def]
+        self, outbox, sql: SQL, receiver: Receiver
+    ) -> None:
+        """Each of the seven events sends a non-empty sample with a lead."""
+        hook = sql.webhook(receiver.url())
+        for event in EVENTS:
+            assert outbox("webhooks", "test", str(hook), "--event", event).returncode == 0
+        bodies = [json.loads(r.body) for r in receiver.received()]
+        assert [b["event"] for b in bodies] == list(EVENTS)
+        assert all(b["data"]["lead"] for b in bodies)
+
+
+class TestEmitAndStatus:
+    def test_emit_from_argument_and_stdin(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """emit prints the new event's id alone, taking JSON from the argument or stdin."""
+        first = outbox("emit", "acct_1", "lead.created", '{"lead": {"id": 1}}')
+        second = outbox("emit", "acct_1", "lead.created", stdin='{"lead": {"id": 2}}')
+        assert first.returncode == second.returncode == 0
+        ids = [int(first.stdout), int(second.stdout)]
+        rows = sql("SELECT id, data FROM outbox.events ORDER BY id")
+        assert rows == [(ids[0], {"lead": {"id": 1}}), (ids[1], {"lead": {"id": 2}})]
+
+    @pytest.mark.parametrize(
+        ("args", "says"),
+        [
+            (["acct_1", "lead.nope", "{}"], "valid events are"),
+            (["acct_1", "lead.created", "{not json"], "JSON"),
+            (["acct_1", "lead.created", "[1, 2]"], "object"),
+            (["", "lead.created", "{}"], "account_id"),
+        ],
+    )
+    def test_emit_rejects_bad_input(  # type: ignore[no-untyped-def]
+        self, outbox, sql: SQL, args: list[str], says: str
+    ) -> None:
+        """Bad emit input: one line naming the problem, exit 2, no event."""
+        result = outbox("emit", *args)
+        assert result.returncode == 2 and says in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert sql.one("SELECT count(*) FROM outbox.events") == 0
+
+    def test_status_shows_the_failure_reason(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """`outbox status` shows each webhook with its last status and reason."""
+        hook = sql.webhook("https://example.com/hook", name="CRM Sync")
+        sql.emit()
+        sql(
+            "UPDATE outbox.deliveries SET status = 'failed', finished_at = now(),"
+            " last_error = 'HTTP 503' WHERE webhook_id = %s",
+            (hook,),
+        )
+        out = outbox("status", "--account", "acct_1").stdout
+        assert "CRM Sync" in out and "failed" in out and "HTTP 503" in out
+
+    def test_migrate_twice_and_bad_settings(self, outbox) -> None:  # type: ignore[no-untyped-def]
+        """migrate is idempotent; a bad setting is named on one line with exit 2."""
+        assert outbox("migrate").returncode == 0
+        assert "up to date" in outbox("migrate").stdout
+        bad = outbox("status", OUTBOX_HTTP_TIMEOUT="soon")
+        assert bad.returncode == 2 and "OUTBOX_HTTP_TIMEOUT" in bad.stderr
