@@ -31,6 +31,19 @@ LANGUAGE sql IMMUTABLE AS $$
                name, array_to_string(outbox.event_names(), ', ')))
 $$;
 
+-- An absolute https:// URL with a host, and a port (if any) that exists.
+CREATE FUNCTION outbox.valid_url(url text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    parts text[] := regexp_match(url,
+        '^https://(?:[^/?#@[:space:]]*@)?(\[[0-9a-f:.]+\]|[^][/?#:@[:space:]]+)'
+        '(?::([0-9]{1,5}))?(?:[/?#][^[:space:]]*)?$', 'i');
+BEGIN
+    RETURN length(url) <= 2048 AND parts IS NOT NULL
+       AND (parts[2] IS NULL OR parts[2]::integer BETWEEN 1 AND 65535);
+END
+$$;
+
 CREATE FUNCTION outbox.check_data(data jsonb) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
     SELECT outbox.require(jsonb_typeof(data) = 'object',
@@ -54,11 +67,9 @@ CREATE TABLE outbox.webhooks (
     account_id text NOT NULL
                CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
     name       text NOT NULL
-               CHECK (outbox.require(btrim(name) <> '', 'name must not be empty')),
+               CHECK (outbox.require(name !~ '^[[:space:]]*$', 'name must not be empty')),
     url        text NOT NULL CHECK (outbox.require(
-                   length(url) <= 2048
-                   AND url ~* '^https://([^/?#@[:space:]]*@)?(\[[0-9a-f:.]+\]|[^][/?#:@[:space:]]+)(:[0-9]{1,5})?([/?#][^[:space:]]*)?$',
-                   'url must be an absolute https:// URL with a host')),
+                   outbox.valid_url(url), 'url must be an absolute https:// URL with a host')),
     event      text NOT NULL CHECK (outbox.check_event(event)),
     secret     text CHECK (outbox.require(length(secret) >= 16,
                                           'secret must be at least 16 characters')),
@@ -87,6 +98,11 @@ CREATE TABLE outbox.deliveries (
     -- Identifies the claim that holds the row; a result is recorded only by its holder.
     lease                uuid,
     UNIQUE (event_id, webhook_id)
+) WITH (
+    -- Every delivery is updated two or three times: vacuum early and often so the hot
+    -- pending rows stay on few pages.
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02
 );
 
 -- The claim scans only pending rows, so finished history does not slow it down.
@@ -119,10 +135,14 @@ CREATE TABLE outbox.delivery_attempts (
 CREATE FUNCTION outbox.fan_out() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    -- KEY SHARE (which the foreign key takes anyway) makes a concurrent DELETE of the
+    -- webhook either wait for us or, once committed, drop it from this fan-out, instead
+    -- of failing the producer's transaction on the foreign key.
     INSERT INTO outbox.deliveries (event_id, webhook_id)
     SELECT e.id, w.id
     FROM new_events e
-    JOIN outbox.webhooks w ON w.account_id = e.account_id AND w.event = e.event AND w.enabled;
+    JOIN outbox.webhooks w ON w.account_id = e.account_id AND w.event = e.event AND w.enabled
+    FOR KEY SHARE OF w;
     IF FOUND AND NOT pg_try_advisory_xact_lock_shared(1869968482, 1) THEN
         PERFORM pg_notify('outbox_wake', '');
     END IF;
@@ -142,12 +162,26 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     RETURNING id
 $$;
 
--- Webhook rules that a CHECK cannot express: the per-account limit (counted under a
--- per-account lock so concurrent creates cannot both slip under it), a fixed owner,
+-- How many webhooks each account has. Creators update the account's row, so concurrent
+-- creates take turns on its lock (or, under REPEATABLE READ, fail to serialize) rather
+-- than each counting 9 and both inserting.
+CREATE TABLE outbox.webhook_quota (
+    account_id text PRIMARY KEY,
+    webhooks   integer NOT NULL
+);
+
+-- Webhook rules that a CHECK cannot express: the per-account limit, a fixed owner,
 -- updated_at.
 CREATE FUNCTION outbox.webhooks_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    used integer;
 BEGIN
+    IF TG_OP = 'DELETE' THEN
+        UPDATE outbox.webhook_quota SET webhooks = webhooks - 1
+        WHERE account_id = OLD.account_id;
+        RETURN OLD;
+    END IF;
     IF TG_OP = 'UPDATE' THEN
         IF NEW.account_id IS DISTINCT FROM OLD.account_id THEN
             RAISE EXCEPTION 'account_id of a webhook cannot change'
@@ -156,8 +190,10 @@ BEGIN
         NEW.updated_at := now();
         RETURN NEW;
     END IF;
-    PERFORM pg_advisory_xact_lock(1869968483, hashtext(NEW.account_id));
-    IF (SELECT count(*) FROM outbox.webhooks WHERE account_id = NEW.account_id) >= 10 THEN
+    INSERT INTO outbox.webhook_quota AS q (account_id, webhooks) VALUES (NEW.account_id, 1)
+    ON CONFLICT (account_id) DO UPDATE SET webhooks = q.webhooks + 1
+    RETURNING webhooks INTO used;
+    IF used > 10 THEN
         RAISE EXCEPTION 'account % already has 10 webhooks, the limit', NEW.account_id
             USING ERRCODE = 'OB409';
     END IF;
@@ -165,7 +201,7 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER webhooks_guard BEFORE INSERT OR UPDATE ON outbox.webhooks
+CREATE TRIGGER webhooks_guard BEFORE INSERT OR UPDATE OR DELETE ON outbox.webhooks
     FOR EACH ROW EXECUTE FUNCTION outbox.webhooks_guard();
 
 -- A disabled webhook gets nothing: what was still pending is cancelled, not kept for

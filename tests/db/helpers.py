@@ -1,0 +1,91 @@
+"""Helpers shared by the database tests: raising checks, claim/record wrappers, catalogs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from outbox import db
+
+EVENTS = (
+    "lead.created",
+    "lead.scored",
+    "reply.received",
+    "message.sent",
+    "ai_response.sent",
+    "meeting.booked",
+    "enrichment.completed",
+)
+
+HTTPS = "https://hooks.example.com/in"
+
+
+@contextmanager
+def raises(
+    error: type[psycopg.Error], message: str | None = None, sqlstate: str | None = None
+) -> Iterator[pytest.ExceptionInfo[psycopg.Error]]:
+    """Expect a Postgres error of this class, with this exact primary message."""
+    with pytest.raises(error) as info:
+        yield info
+    if message is not None:
+        actual = info.value.diag.message_primary
+        assert actual == message, f"{actual!r} != {message!r}"
+    if sqlstate is not None:
+        assert info.value.sqlstate == sqlstate, info.value.sqlstate
+
+
+def claim(
+    conn: psycopg.Connection[Any],
+    *,
+    limit: int = 10,
+    per_webhook: int = 1000,
+    full: Sequence[int] = (),
+    busy: dict[int, int] | None = None,
+    lease_seconds: float = 60,
+    lease: uuid.UUID | None = None,
+) -> list[dict[str, Any]]:
+    """Run the dispatcher's claim query with parameters built as Dispatcher._claim does."""
+    busy = busy or {}
+    params = {
+        "limit": limit,
+        "window": limit * 2,
+        "per_webhook": per_webhook,
+        "full_webhooks": list(full),
+        "busy_webhooks": list(busy),
+        "busy_counts": list(busy.values()),
+        "lease_seconds": lease_seconds,
+        "lease": lease or uuid.uuid4(),
+    }
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(db.query("claim"), params)
+        return cur.fetchall()
+
+
+def record(
+    conn: psycopg.Connection[Any],
+    results: Sequence[dict[str, Any]],
+) -> None:
+    """Run the record query with parameters built as Dispatcher._write does.
+
+    Each result: id, lease, attempt, started (datetime), duration_ms, status, error,
+    outcome, retry_in.
+    """
+    params = {
+        "ids": [r["id"] for r in results],
+        "leases": [r["lease"] for r in results],
+        "attempts": [r["attempt"] for r in results],
+        "started": [r.get("started") or datetime.now().astimezone() for r in results],
+        "durations": [r.get("duration_ms", 12) for r in results],
+        "statuses": [r.get("status") for r in results],
+        "errors": [r.get("error") for r in results],
+        "outcomes": [r["outcome"] for r in results],
+        "retry_in": [r.get("retry_in") for r in results],
+    }
+    conn.execute(db.query("record"), params)

@@ -1,0 +1,250 @@
+"""`outbox migrate`: idempotent, safe concurrently, and equal to sql/schema.sql."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from outbox import db, localpg
+from tests.conftest import ROOT
+
+SCHEMA = ROOT / "sql" / "schema.sql"
+
+# One line per object of schema `outbox` (schema_migrations excepted, since only
+# `migrate` creates it): enough to show any difference between two databases.
+DESCRIBE = """
+SELECT format('schema acl=%s', nspacl) FROM pg_namespace WHERE nspname = 'outbox'
+UNION ALL
+SELECT format('relation %s kind=%s acl=%s', c.relname, c.relkind, c.relacl)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'outbox' AND c.relkind IN ('r', 'v', 'm', 'p', 'S')
+  AND c.relname <> 'schema_migrations'
+UNION ALL
+SELECT format('column %s.%s #%s %s %s default=%s identity=%s generated=%s', c.relname,
+              a.attname, row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum),
+              format_type(a.atttypid, a.atttypmod),
+              CASE WHEN a.attnotnull THEN 'NOT NULL' ELSE 'NULL' END,
+              pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated)
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE n.nspname = 'outbox' AND c.relkind IN ('r', 'v', 'm', 'p')
+  AND c.relname <> 'schema_migrations' AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT format('constraint %s on %s: %s', con.conname, c.relname, pg_get_constraintdef(con.oid))
+FROM pg_constraint con
+JOIN pg_namespace n ON n.oid = con.connamespace
+LEFT JOIN pg_class c ON c.oid = con.conrelid
+WHERE n.nspname = 'outbox' AND c.relname IS DISTINCT FROM 'schema_migrations'
+UNION ALL
+SELECT format('index %s', pg_get_indexdef(i.indexrelid))
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'outbox' AND c.relname <> 'schema_migrations'
+UNION ALL
+SELECT format('view %s: %s', c.relname, pg_get_viewdef(c.oid))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'outbox' AND c.relkind IN ('v', 'm')
+UNION ALL
+SELECT format('function %s acl=%s: %s', p.oid::regprocedure, p.proacl,
+              pg_get_functiondef(p.oid))
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = 'outbox' AND p.prokind IN ('f', 'p')
+UNION ALL
+SELECT format('trigger %s', pg_get_triggerdef(t.oid))
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'outbox' AND NOT t.tgisinternal
+"""
+
+
+def describe(url: str) -> list[str]:
+    """A sorted, readable description of schema outbox in the database at url."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return sorted(str(r[0]) for r in conn.execute(DESCRIBE).fetchall())
+
+
+def migrations_table(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT version, name, applied_at FROM outbox.schema_migrations ORDER BY version"
+        ).fetchall()
+
+
+def migrate(url: str) -> list[int]:
+    return asyncio.run(db.migrate(url))
+
+
+VERSIONS = [version for version, _, _ in db.migrations()]
+
+
+@pytest.fixture
+def new_database(pg_server: localpg.Server) -> Iterator[Callable[[], str]]:
+    """Create empty databases on demand; all are dropped after the test."""
+    janitors: list[DatabaseJanitor] = []
+
+    def create() -> str:
+        name = f"outbox_x_{uuid.uuid4().hex[:12]}"
+        janitor = DatabaseJanitor(
+            user=pg_server.user, host=pg_server.host, port=pg_server.port, dbname=name
+        )
+        janitor.init()
+        janitors.append(janitor)
+        return pg_server.url(name)
+
+    yield create
+    for janitor in janitors:
+        janitor.drop()
+
+
+class TestMigrationFiles:
+    def test_versions_are_numbered_one_to_n(self) -> None:
+        """Migration files are numbered 1, 2, ... with no gap or duplicate."""
+        numbers = [version for version, _, _ in db.migrations()]
+        assert numbers == list(range(1, len(numbers) + 1))
+        assert all(name for _, name, _ in db.migrations())
+
+
+class TestMigrate:
+    def test_first_run_applies_every_migration(self, empty_database_url: str) -> None:
+        """On an empty database migrate applies all migrations and records each one."""
+        assert migrate(empty_database_url) == VERSIONS
+        rows = migrations_table(empty_database_url)
+        assert [(v, n) for v, n, _ in rows] == [(v, n) for v, n, _ in db.migrations()]
+
+    def test_second_run_is_a_no_op(self, empty_database_url: str) -> None:
+        """Migrating again applies nothing, keeps the data and leaves the schema as it was."""
+        migrate(empty_database_url)
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO outbox.webhooks (account_id, name, url, event)"
+                " VALUES ('acct_1', 'n', 'https://example.com', 'lead.scored')"
+            )
+            conn.execute("SELECT outbox.emit('acct_1', 'lead.scored', '{}')")
+        before = (describe(empty_database_url), migrations_table(empty_database_url))
+        assert migrate(empty_database_url) == []
+        assert (describe(empty_database_url), migrations_table(empty_database_url)) == before
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            counts = conn.execute(
+                "SELECT (SELECT count(*) FROM outbox.webhooks),"
+                " (SELECT count(*) FROM outbox.events), (SELECT count(*) FROM outbox.deliveries)"
+            ).fetchone()
+        assert counts == (1, 1, 1)
+
+    def test_upgrade_from_version_one(
+        self, new_database: Callable[[], str], template_db: str, pg_server: localpg.Server
+    ) -> None:
+        """A database at version 1 is brought to the latest version, same as a fresh one."""
+        if len(VERSIONS) < 2:
+            pytest.skip("only one migration so far")
+        url = new_database()
+        (version, name, path) = db.migrations()[0]
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE SCHEMA outbox")
+            conn.execute(
+                "CREATE TABLE outbox.schema_migrations (version integer PRIMARY KEY,"
+                " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            conn.execute(path.read_text())
+            conn.execute(
+                "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, %s)",
+                (version, name),
+            )
+        assert migrate(url) == VERSIONS[1:]
+        assert describe(url) == describe(pg_server.url(template_db))
+
+    def test_concurrent_threads(
+        self, empty_database_url: str, template_db: str, pg_server: localpg.Server
+    ) -> None:
+        """Three migrates started together all succeed; the migrations are applied once."""
+        barrier = threading.Barrier(3, timeout=30)
+
+        def run(_: int) -> list[int]:
+            barrier.wait()
+            return migrate(empty_database_url)
+
+        with ThreadPoolExecutor(3) as pool:
+            applied = list(pool.map(run, range(3)))
+        assert sorted(applied, key=len) == [[], [], VERSIONS]
+        assert [v for v, _, _ in migrations_table(empty_database_url)] == VERSIONS
+        assert describe(empty_database_url) == describe(pg_server.url(template_db))
+
+    def test_concurrent_processes(
+        self, empty_database_url: str, template_db: str, pg_server: localpg.Server
+    ) -> None:
+        """Three `python -m outbox migrate` processes at once all exit 0, one row per
+        migration."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+        env.update(OUTBOX_DATABASE_URL=empty_database_url, OUTBOX_LOG_FORMAT="json")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "outbox", "migrate"],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(3)
+        ]
+        outputs = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], outputs
+        assert [v for v, _, _ in migrations_table(empty_database_url)] == VERSIONS
+        assert describe(empty_database_url) == describe(pg_server.url(template_db))
+
+
+class TestSchemaFile:
+    def test_schema_sql_equals_the_migrations_applied_in_order(
+        self, new_database: Callable[[], str]
+    ) -> None:
+        """sql/schema.sql builds exactly the schema that the migrations build."""
+        migrated, from_file = new_database(), new_database()
+        migrate(migrated)
+        with psycopg.connect(from_file, autocommit=True) as conn:
+            conn.execute(SCHEMA.read_text())
+        expected = describe(migrated)
+        assert any(line.startswith("relation events ") for line in expected)
+        assert describe(from_file) == expected
+
+    def test_schema_sql_runs_under_psql(self, new_database: Callable[[], str]) -> None:
+        """`psql -v ON_ERROR_STOP=1 -f sql/schema.sql` applies cleanly to an empty database."""
+        url = new_database()
+        done = subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", str(SCHEMA)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        with psycopg.connect(url, autocommit=True) as conn:
+            emitted = conn.execute("SELECT outbox.emit('a', 'lead.scored', '{}')").fetchone()
+        assert emitted == (1,)
+
+    def test_outbox_sql_prints_schema_sql(self) -> None:
+        """`python -m outbox sql` prints sql/schema.sql unchanged."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "outbox", "sql"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == SCHEMA.read_text()
