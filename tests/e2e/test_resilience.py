@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from outbox import db, localpg
-from tests.conftest import SQL, Sidecar, wait_until
+from tests.conftest import ROOT, SQL, Sidecar, wait_until
 from tests.receiver import Receiver, Reply
 
 Start = Callable[..., Sidecar]
@@ -138,38 +141,69 @@ class TestSignals:
         )
 
 
-class TestDatabaseRestart:
-    def test_dispatcher_survives_a_database_restart(
-        self,
-        receiver: Receiver,
-        sidecar_env: dict[str, str],
-        tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch,
-        sidecars: Start,
-    ) -> None:
-        """A private cluster is restarted under a running dispatcher; everything arrives."""
-        datadir = Path("/tmp") / f"outbox-restart-{os.getpid()}-{tmp_path.name}"
-        datadir.mkdir(mode=0o755)
-        monkeypatch.setenv("OUTBOX_LOCALPG_DIR", str(datadir / "pgdata"))
-        try:
-            server = localpg.server(force_private=True)
-            url = localpg.ensure_database(server, "outbox")
-            asyncio.run(db.migrate(url))
-            sql = SQL(url)
-            sql.webhook(receiver.url())
-            sidecars(OUTBOX_DATABASE_URL=url)
-            emit_many(sql, 10)
-            receiver.wait_for(10)
-            sql.conn.close()
-            localpg.stop_private()
-            time.sleep(1)
-            assert localpg.server(force_private=True).port == server.port
-            sql = SQL(url)
-            emit_many(sql, 10)
-            all_succeeded(sql, 20)
-            sql.conn.close()
-        finally:
-            localpg.stop_private()
-            import shutil
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[localpg.Server]:
+    """A cluster of our own, which these tests may restart and add roles to."""
+    datadir = Path("/tmp") / f"outbox-private-{os.getpid()}"
+    datadir.mkdir(mode=0o755)
+    saved = os.environ.get("OUTBOX_LOCALPG_DIR")
+    os.environ["OUTBOX_LOCALPG_DIR"] = str(datadir / "pgdata")
+    try:
+        yield localpg.server(force_private=True)
+    finally:
+        localpg.stop_private()
+        if saved is None:
+            del os.environ["OUTBOX_LOCALPG_DIR"]
+        else:
+            os.environ["OUTBOX_LOCALPG_DIR"] = saved
+        shutil.rmtree(datadir, ignore_errors=True)
 
-            shutil.rmtree(datadir, ignore_errors=True)
+
+class TestPrivateCluster:
+    def test_migrate_without_the_right_to_create_roles_says_so_and_goes_on(
+        self, private_pg: localpg.Server
+    ) -> None:
+        """A migrating user who may not create roles gets the schema and a clear warning."""
+        admin = SQL(private_pg.url("postgres"))
+        # First in this class: nothing has created the cluster-wide role yet.
+        assert admin.one("SELECT count(*) FROM pg_roles WHERE rolname = 'outbox_producer'") == 0
+        admin("CREATE ROLE app_owner LOGIN CREATEDB NOCREATEROLE")
+        admin("CREATE DATABASE app OWNER app_owner")
+        admin.conn.close()
+        url = f"postgresql://app_owner@{private_pg.host}:{private_pg.port}/app"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+        result = subprocess.run(
+            [sys.executable, "-m", "outbox", "migrate"],
+            capture_output=True,
+            text=True,
+            env=env | {"OUTBOX_DATABASE_URL": url, "OUTBOX_LOG_FORMAT": "json"},
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "cannot create role outbox_producer" in result.stderr
+        app = SQL(url)
+        assert app.one("SELECT count(*) FROM pg_roles WHERE rolname = 'outbox_producer'") == 0
+        assert app.one("SELECT outbox.emit('acct_1', 'lead.created', '{}')") == 1
+        app.conn.close()
+
+    def test_dispatcher_survives_a_database_restart(
+        self, private_pg: localpg.Server, receiver: Receiver, sidecars: Start
+    ) -> None:
+        """The cluster is restarted under a running dispatcher; everything arrives."""
+        url = localpg.ensure_database(private_pg, "restart")
+        asyncio.run(db.migrate(url))
+        sql = SQL(url)
+        sql.webhook(receiver.url())
+        sidecars(OUTBOX_DATABASE_URL=url)
+        emit_many(sql, 10)
+        receiver.wait_for(10)
+        sql.conn.close()
+        localpg.stop_private()
+        time.sleep(1)
+        assert localpg.server(force_private=True).port == private_pg.port
+        sql = SQL(url)
+        emit_many(sql, 10)
+        all_succeeded(sql, 20)
+        sql.conn.close()
