@@ -1,19 +1,291 @@
-"""The admin HTTP server (aiohttp.web). For now: the health check."""
+"""The admin HTTP API (aiohttp.web), contract section 9.
+
+Every ``/api/`` call is made for one account: the one its bearer token belongs to. An
+id that another account owns answers 404, exactly like an id that does not exist, so
+the API tells no one what other accounts have. Handlers raise; one middleware turns
+what they raise into the error shape ``{"error": {"code", "message"}}``. The rules for
+webhooks are the database's (see outbox.webhooks); this module only checks that values
+have the right JSON types before passing them on. ``GET /healthz`` and ``GET /metrics``
+need no token.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db
+from outbox import db, metrics, openapi, tokens, webhooks
+from outbox.delivery import Sender
+from outbox.events import EVENTS, UnknownEvent, check_event
 
-__all__ = ["make_app"]
+__all__ = ["BODY_LIMIT", "make_app"]
+
+log = structlog.get_logger("outbox.api")
 
 POOL = web.AppKey("pool", AsyncConnectionPool)
+SENDER = web.AppKey("sender", Sender)
+# Set by the auth middleware on every /api/ request that got past it.
+_ACCOUNT = "outbox.account"
+
+# Request bodies are a handful of short fields; anything bigger is refused with 413.
+BODY_LIMIT = 64 * 1024
+PAGE_SIZE = 20
+PAGE_MAX = 100
+# How long an API call waits for a database connection before answering 503.
+DB_WAIT = 5.0
+_BIGINT_MAX = 2**63 - 1
+
+_WEBHOOK_FIELDS = (
+    "id",
+    "name",
+    "url",
+    "event",
+    "enabled",
+    "has_secret",
+    "created_at",
+    "updated_at",
+    "last_delivery_status",
+    "last_delivery_at",
+    "last_error",
+    "pending",
+)
+_WRITABLE = ("name", "url", "event", "secret", "enabled")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An answer other than success, in the API's error shape."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        body = {"error": {"code": self.code, "message": str(self)}}
+        return web.json_response(body, status=self.status, headers=self.headers, dumps=_dumps)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _dumps(data: Any) -> str:
+    # The newline keeps a shell prompt off the end of what curl prints.
+    return json.dumps(data, default=_encode) + "\n"
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+# Errors raised by outbox.webhooks and outbox.events, as (status, code).
+_DOMAIN_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
+    (webhooks.NotFound, 404, "not_found"),
+    (webhooks.LimitReached, 409, "limit_reached"),
+    (webhooks.Conflict, 409, "conflict"),
+    (webhooks.Invalid, 422, "invalid"),
+    (UnknownEvent, 422, "invalid"),
+)
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        # aiohttp's own answers: no such route, a method the route lacks, and so on.
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return ApiError(exc.status, code, exc.reason, headers).response()
+    except psycopg.OperationalError as exc:
+        log.warning("api: database unavailable", path=request.path, error=type(exc).__name__)
+        return ApiError(503, "unavailable", "the database is not answering; try again").response()
+    except Exception as exc:
+        for kind, status, code in _DOMAIN_ERRORS:
+            if isinstance(exc, kind):
+                return ApiError(status, code, str(exc)).response()
+        log.exception("api: unexpected error", method=request.method, path=request.path)
+        return ApiError(500, "internal", "internal error; see the server log").response()
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        request[_ACCOUNT] = await _authenticate(request)
+    return await handler(request)
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="outbox"'})
+
+
+async def _authenticate(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("send a token: Authorization: Bearer <token>")
+    async with _connection(request) as conn:
+        account = await tokens.account(conn, token)
+    if account is None:
+        raise _unauthorized("unknown or revoked token")
+    return account
+
+
+def _account(request: web.Request) -> str:
+    account: str = request[_ACCOUNT]
+    return account
+
+
+def _connection(
+    request: web.Request,
+) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+    return request.app[POOL].connection(timeout=DB_WAIT)
+
+
+def _id(request: web.Request, kind: str) -> int:
+    """The path's id; anything that is not one answers 404, like an unknown id."""
+    raw = request.match_info["id"]
+    if raw.isascii() and raw.isdigit() and 0 < int(raw) <= _BIGINT_MAX:
+        return int(raw)
+    raise webhooks.NotFound(f"{kind} {raw} not found")
+
+
+async def _body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
+    """The request's JSON object; an empty body is ``{}`` when ``required`` is False."""
+    if request.content_length is not None and request.content_length > BODY_LIMIT:
+        raise _too_large()
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large() from None
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "bad_request", "send a JSON object in the request body")
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_request", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return data
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, "too_large", f"the request body is over the {BODY_LIMIT} byte limit")
+
+
+def _text(key: str, value: Any) -> str:
+    """A JSON string that Postgres can store as text."""
+    if not isinstance(value, str):
+        raise webhooks.Invalid(f"{key} must be a string")
+    if "\x00" in value:
+        raise webhooks.Invalid(f"{key} must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise webhooks.Invalid(f"{key} must be valid Unicode text") from None
+    return value
+
+
+def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
+    """The fields of a create (``partial=False``) or a change, type-checked.
+
+    The rules themselves (https, events, 16 characters, a name) are left to the
+    database, which enforces them for every path; this only turns JSON into values.
+    """
+    for key in body:
+        if key not in _WRITABLE:
+            raise webhooks.Invalid(
+                f"unknown field {key!r}: a webhook has name, url, event, secret and enabled"
+            )
+    if not partial:
+        for key in ("name", "url", "event"):
+            if body.get(key) is None:
+                raise webhooks.Invalid(f"{key} is required")
+    fields: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "enabled":
+            if not isinstance(value, bool):
+                raise webhooks.Invalid("enabled must be true or false")
+        elif value is None:
+            if key != "secret":
+                raise webhooks.Invalid(f"{key} must not be null")
+        else:
+            value = _text(key, value)
+        fields[key] = value
+    return fields
+
+
+def parse_since(value: Any) -> datetime:
+    """An ISO 8601 / RFC 3339 time with its offset: ``2026-11-27T10:00:00Z``."""
+    if not isinstance(value, str):
+        raise webhooks.Invalid("since is required: an ISO 8601 time, e.g. 2026-11-27T10:00:00Z")
+    try:
+        since = datetime.fromisoformat(value.strip().upper())
+    except ValueError:
+        since = None
+    if since is None or since.tzinfo is None:
+        raise webhooks.Invalid(
+            f"since must be an ISO 8601 time with a UTC offset, e.g. 2026-11-27T10:00:00Z, "
+            f"not {value!r}"
+        )
+    return since
+
+
+def page_params(query: Mapping[str, str]) -> tuple[int | None, int]:
+    """(cursor, limit) of a delivery log request; 400 for values we cannot use."""
+    raw_limit = query.get("limit", str(PAGE_SIZE))
+    if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= PAGE_MAX):
+        raise ApiError(400, "bad_request", f"limit must be a whole number from 1 to {PAGE_MAX}")
+    raw_cursor = query.get("cursor")
+    if raw_cursor is None:
+        return None, int(raw_limit)
+    if not (raw_cursor.isascii() and raw_cursor.isdigit() and int(raw_cursor) <= _BIGINT_MAX):
+        raise ApiError(400, "bad_request", "cursor must be a next_cursor this API returned")
+    return int(raw_cursor), int(raw_limit)
+
+
+def _webhook(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in _WEBHOOK_FIELDS}
+
+
+async def _owned(
+    conn: psycopg.AsyncConnection[Any], account: str, webhook_id: int
+) -> dict[str, Any]:
+    """The webhook with its status fields, if ``account`` owns it (an account has at
+    most ten, so its list is the cheapest way to ask). A webhook's account never
+    changes, so what was checked here stays true for the rest of the request."""
+    for row in await webhooks.status(conn, account):
+        if row["id"] == webhook_id:
+            return row
+    raise webhooks.NotFound(f"webhook {webhook_id} not found")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -28,8 +300,164 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def make_app(pool: AsyncConnectionPool[Any]) -> web.Application:
-    app = web.Application()
+async def prometheus(request: web.Request) -> web.Response:
+    """Prometheus text format (no token needed). The pending gauges are read now; when
+    the database does not answer they keep their last values and up says why."""
+    try:
+        async with asyncio.timeout(2), request.app[POOL].connection() as conn:
+            cur = await conn.execute(db.query("pending_stats"))
+            row = await cur.fetchone()
+        assert row is not None
+        metrics.pending(row[0], row[1])
+    except (psycopg.Error, TimeoutError):
+        pass
+    body, content_type = metrics.exposition(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return _json(openapi.DOCUMENT)
+
+
+async def list_events(request: web.Request) -> web.Response:
+    events = [{"name": name, "display_name": display} for name, display in EVENTS.items()]
+    return _json({"events": events})
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    async with _connection(request) as conn:
+        rows = await webhooks.status(conn, _account(request))
+    return _json({"webhooks": [_webhook(row) for row in rows]})
+
+
+async def create_webhook(request: web.Request) -> web.Response:
+    account = _account(request)
+    fields = webhook_fields(await _body(request), partial=False)
+    async with _connection(request) as conn:
+        webhook_id = await webhooks.add(conn, account_id=account, **fields)
+        row = await _owned(conn, account, webhook_id)
+    log.info("api: webhook created", account_id=account, webhook_id=webhook_id)
+    location = f"/api/v1/webhooks/{webhook_id}"
+    return _json(_webhook(row), status=201, headers={"Location": location})
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    webhook_id = _id(request, "webhook")
+    async with _connection(request) as conn:
+        row = await _owned(conn, _account(request), webhook_id)
+    return _json(_webhook(row))
+
+
+async def update_webhook(request: web.Request) -> web.Response:
+    account, webhook_id = _account(request), _id(request, "webhook")
+    fields = webhook_fields(await _body(request), partial=True)
+    async with _connection(request) as conn:
+        row = await _owned(conn, account, webhook_id)
+        if fields:
+            await webhooks.update(conn, webhook_id, **fields)
+            row = await _owned(conn, account, webhook_id)
+    if fields:
+        log.info(
+            "api: webhook updated", account_id=account, webhook_id=webhook_id, fields=sorted(fields)
+        )
+    return _json(_webhook(row))
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    account, webhook_id = _account(request), _id(request, "webhook")
+    async with _connection(request) as conn:
+        await _owned(conn, account, webhook_id)
+        await webhooks.delete(conn, webhook_id)
+    log.info("api: webhook deleted", account_id=account, webhook_id=webhook_id)
+    return web.Response(status=204)
+
+
+async def test_webhook(request: web.Request) -> web.Response:
+    """Send one sample payload now, signed, through the dispatcher's own Sender."""
+    account, webhook_id = _account(request), _id(request, "webhook")
+    body = await _body(request, required=False)
+    for key in body:
+        if key != "event":
+            raise webhooks.Invalid(f"unknown field {key!r}: a test send takes only event")
+    event = body.get("event")
+    if event is not None:
+        check_event(_text("event", event))
+    async with _connection(request) as conn:
+        await _owned(conn, account, webhook_id)
+        webhook = await webhooks.get(conn, webhook_id)
+    attempt = await webhooks.test(request.app[SENDER], webhook, event)
+    log.info(
+        "api: test payload sent",
+        account_id=account,
+        webhook_id=webhook_id,
+        ok=attempt.ok,
+        status=attempt.status,
+        error=attempt.error,
+    )
+    result = {
+        "ok": attempt.ok,
+        "status": attempt.status,
+        "duration_ms": attempt.duration_ms,
+        "error": attempt.error,
+    }
+    return _json(result)
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    webhook_id = _id(request, "webhook")
+    before, limit = page_params(request.query)
+    async with _connection(request) as conn:
+        await _owned(conn, _account(request), webhook_id)
+        # One more than asked for tells whether there is a next page.
+        rows = await webhooks.deliveries(conn, webhook_id, before=before, limit=limit + 1)
+    page = rows[:limit]
+    cursor = str(page[-1]["id"]) if len(rows) > limit else None
+    return _json({"deliveries": page, "next_cursor": cursor})
+
+
+async def retry_delivery(request: web.Request) -> web.Response:
+    account, delivery_id = _account(request), _id(request, "delivery")
+    async with _connection(request) as conn:
+        await webhooks.retry(conn, delivery_id, account)
+        delivery = await webhooks.delivery(conn, delivery_id, account)
+    log.info("api: delivery re-queued", account_id=account, delivery_id=delivery_id)
+    return _json(delivery, status=202)
+
+
+async def recover_webhook(request: web.Request) -> web.Response:
+    account, webhook_id = _account(request), _id(request, "webhook")
+    body = await _body(request)
+    for key in body:
+        if key != "since":
+            raise webhooks.Invalid(f"unknown field {key!r}: recover takes only since")
+    since = parse_since(body.get("since"))
+    async with _connection(request) as conn:
+        await _owned(conn, account, webhook_id)
+        count = await webhooks.recover(conn, webhook_id, since)
+    log.info(
+        "api: failed deliveries re-queued", account_id=account, webhook_id=webhook_id, count=count
+    )
+    return _json({"requeued": count}, status=202)
+
+
+def make_app(pool: AsyncConnectionPool[Any], sender: Sender) -> web.Application:
+    """The admin server: ``sender`` is the dispatcher's, so test sends get the same SSRF
+    guard, timeout and TLS settings as deliveries."""
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_LIMIT)
     app[POOL] = pool
-    app.router.add_get("/healthz", healthz)
+    app[SENDER] = sender
+    add = app.router.add_route
+    add("GET", "/healthz", healthz)
+    add("GET", "/metrics", prometheus)
+    add("GET", "/api/v1/openapi.json", openapi_document)
+    add("GET", "/api/v1/events", list_events)
+    add("GET", "/api/v1/webhooks", list_webhooks)
+    add("POST", "/api/v1/webhooks", create_webhook)
+    add("GET", "/api/v1/webhooks/{id}", get_webhook)
+    add("PATCH", "/api/v1/webhooks/{id}", update_webhook)
+    add("DELETE", "/api/v1/webhooks/{id}", delete_webhook)
+    add("POST", "/api/v1/webhooks/{id}/test", test_webhook)
+    add("GET", "/api/v1/webhooks/{id}/deliveries", list_deliveries)
+    add("POST", "/api/v1/webhooks/{id}/recover", recover_webhook)
+    add("POST", "/api/v1/deliveries/{id}/retry", retry_delivery)
     return app

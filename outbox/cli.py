@@ -7,11 +7,12 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import Any, NoReturn
 
 import psycopg
 
-from outbox import __version__, db, sidecar, webhooks
+from outbox import __version__, api, db, sidecar, tokens, webhooks
 from outbox.config import ConfigError, Settings
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent
@@ -173,6 +174,67 @@ async def _test(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if attempt.ok else 1
 
 
+def _id(kind: str) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        if not (raw.isascii() and raw.isdigit() and 0 < int(raw) < 2**63):
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a {kind} id (a number)")
+        return int(raw)
+
+    return parse
+
+
+def _since(raw: str) -> datetime:
+    try:
+        return api.parse_since(raw)
+    except webhooks.Invalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def _token_create(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        token_id, token = await tokens.create(conn, args.account)
+    print(token)
+    print(
+        f"token {token_id} of account {args.account}: keep it now, it is not shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _token_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        rows = await tokens.for_account(conn, args.account)
+    if args.json:
+        print(json.dumps(rows, default=str, indent=2))
+    elif rows:
+        print(_table(rows, ("id", "created_at", "last_used_at")))
+    else:
+        print(f"account {args.account} has no tokens")
+    return 0
+
+
+async def _token_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        if not await tokens.revoke(conn, args.id):
+            raise UsageError(f"token {args.id} not found")
+    print(f"token {args.id} revoked")
+    return 0
+
+
+async def _retry(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        await webhooks.retry(conn, args.id)
+    print(f"delivery {args.id} re-queued")
+    return 0
+
+
+async def _recover(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        count = await webhooks.recover(conn, args.id, args.since)
+    print(f"webhook {args.id}: re-queued {count} failed deliveries")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outbox", description="Postgres-native webhook delivery sidecar.")
     parser.add_argument("--version", action="version", version=f"outbox {__version__}")
@@ -230,6 +292,32 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("id", type=_webhook_id)
     test.add_argument("--event", type=_event)
     test.set_defaults(func=_test)
+
+    recover = hooks.add_parser("recover", help="re-queue failed deliveries since a time")
+    recover.add_argument("id", type=_webhook_id)
+    recover.add_argument("--since", required=True, type=_since, help="e.g. 2026-11-27T10:00Z")
+    recover.set_defaults(func=_recover)
+
+    keys = commands.add_parser("tokens", help="admin API tokens").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    create = keys.add_parser("create", help="a new token; printed once")
+    create.add_argument("--account", required=True)
+    create.set_defaults(func=_token_create)
+    key_list = keys.add_parser("list", help="an account's tokens (never the tokens)")
+    key_list.add_argument("--account", required=True)
+    key_list.add_argument("--json", action="store_true")
+    key_list.set_defaults(func=_token_list)
+    revoke = keys.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("id", type=_id("token"))
+    revoke.set_defaults(func=_token_revoke)
+
+    deliveries = commands.add_parser("deliveries", help="replay deliveries").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    retry = deliveries.add_parser("retry", help="re-queue one finished delivery")
+    retry.add_argument("id", type=_id("delivery"))
+    retry.set_defaults(func=_retry)
     return parser
 
 

@@ -20,7 +20,7 @@ import structlog
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, wire
+from outbox import db, metrics, wire
 from outbox.config import Settings
 from outbox.delivery import Attempt, Sender
 from outbox.retry import next_delay
@@ -47,6 +47,7 @@ class Job:
     url: str
     secret: str | None
     lease: uuid.UUID
+    retry_base: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +182,7 @@ class Dispatcher:
                     retry_in=backoff,
                     pool=self._pool.get_stats(),
                 )
+                metrics.dispatcher_up(False)
                 await _wait_any(stop, within=backoff)
                 continue
             if due_in is not None and due_in <= 0:
@@ -215,6 +217,7 @@ class Dispatcher:
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(db.query("claim"), params)
             rows = await cur.fetchall()
+        metrics.claimed(len(rows))
         jobs = [
             Job(
                 id=row["id"],
@@ -226,6 +229,7 @@ class Dispatcher:
                 url=row["url"],
                 secret=row["secret"],
                 lease=lease,
+                retry_base=row["retry_base"],
             )
             for row in rows
             # The claim cancelled these: their webhook was disabled.
@@ -276,11 +280,12 @@ class Dispatcher:
             outcome = "succeeded"
         else:
             retry_in = next_delay(
-                job.attempt,
+                job.attempt - job.retry_base,
                 self._settings.retry_delays,
                 retry_after=attempt.retry_after,
             )
             outcome = "failed" if retry_in is None else "pending"
+        metrics.attempt(outcome, attempt.duration_ms / 1000)
         log.info(
             "attempt",
             delivery_id=job.id,
@@ -308,6 +313,9 @@ class Dispatcher:
             try:
                 await self._write(batch)
                 backoff = 0.0
+                if any(r.outcome == "pending" for r in batch):
+                    # A retry may now fall due before the loop's next look: let it look.
+                    self._notified.set()
             except psycopg.OperationalError as exc:
                 # Keep the results: the leases outlast a short outage.
                 self._results[:0] = batch

@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api
+from outbox import api, metrics
 from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.dispatcher import Dispatcher
@@ -45,7 +45,7 @@ async def run(settings: Settings) -> None:
     async with pool(settings) as connections, Sender(settings) as sender:
         runner = None
         if settings.api_listen is not None:
-            runner = web.AppRunner(api.make_app(connections), access_log=None)
+            runner = web.AppRunner(api.make_app(connections, sender), access_log=None)
             await runner.setup()
             host, port = settings.api_listen
             await web.TCPSite(runner, host, port).start()
@@ -53,5 +53,6 @@ async def run(settings: Settings) -> None:
         try:
             await Dispatcher(settings, connections, sender).run(stop)
         finally:
+            metrics.dispatcher_up(False)
             if runner is not None:
                 await runner.cleanup()

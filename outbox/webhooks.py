@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -21,13 +22,18 @@ from outbox.delivery import Attempt, Sender
 from outbox.events import check_event, sample
 
 __all__ = [
+    "Conflict",
     "Invalid",
     "LimitReached",
     "NotFound",
     "add",
     "delete",
+    "deliveries",
+    "delivery",
     "emit",
     "get",
+    "recover",
+    "retry",
     "status",
     "test",
     "update",
@@ -47,6 +53,11 @@ class LimitReached(Invalid):
 
 class NotFound(LookupError):
     """No such webhook."""
+
+
+class Conflict(Invalid):
+    """Valid input that the current state does not allow, e.g. replaying a delivery that
+    is still pending."""
 
 
 @asynccontextmanager
@@ -135,3 +146,74 @@ async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = N
         test=True,
     )
     return await sender.post(webhook["url"], payload, headers)
+
+
+async def _with_attempts(
+    conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Give each delivery row its ``attempt_log``: every attempt, oldest first."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(db.query("delivery_attempts"), {"ids": [r["id"] for r in rows]})
+        attempts = await cur.fetchall()
+    by_delivery: dict[int, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
+    for attempt in attempts:
+        by_delivery[attempt.pop("delivery_id")].append(attempt)
+    return [row | {"attempt_log": by_delivery[row["id"]]} for row in rows]
+
+
+async def deliveries(
+    conn: psycopg.AsyncConnection[Any], webhook_id: int, *, before: int | None, limit: int
+) -> list[dict[str, Any]]:
+    """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            db.query("delivery_page"), {"webhook_id": webhook_id, "before": before, "limit": limit}
+        )
+        rows = await cur.fetchall()
+    return await _with_attempts(conn, rows)
+
+
+async def delivery(
+    conn: psycopg.AsyncConnection[Any], delivery_id: int, account_id: str | None = None
+) -> dict[str, Any]:
+    """One delivery with its attempts; with ``account_id``, only if that account owns it."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(db.query("delivery_get"), {"id": delivery_id, "account_id": account_id})
+        row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"delivery {delivery_id} not found")
+    return (await _with_attempts(conn, [row]))[0]
+
+
+async def retry(
+    conn: psycopg.AsyncConnection[Any], delivery_id: int, account_id: str | None = None
+) -> None:
+    """Re-queue a finished delivery (succeeded, failed or cancelled) as a new series of
+    attempts with the same id. With ``account_id``, only that account's deliveries."""
+    cur = await conn.execute(
+        db.query("delivery_retry"), {"id": delivery_id, "account_id": account_id}
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"delivery {delivery_id} not found")
+    status, enabled, requeued = row
+    if not requeued:
+        if status == "pending":
+            raise Conflict(f"delivery {delivery_id} is still pending; only finished ones replay")
+        assert not enabled
+        raise Conflict(f"delivery {delivery_id} belongs to a disabled webhook; enable it first")
+    await conn.execute(db.query("wake"))
+
+
+async def recover(conn: psycopg.AsyncConnection[Any], webhook_id: int, since: datetime) -> int:
+    """Re-queue every delivery of the webhook that failed at or after ``since``; how many."""
+    webhook = await get(conn, webhook_id)
+    if not webhook["enabled"]:
+        raise Conflict(f"webhook {webhook_id} is disabled; enable it first")
+    cur = await conn.execute(
+        db.query("webhook_recover"), {"webhook_id": webhook_id, "since": since}
+    )
+    count = len(await cur.fetchall())
+    if count:
+        await conn.execute(db.query("wake"))
+    return count

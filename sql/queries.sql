@@ -39,7 +39,7 @@ FROM picked p, outbox.events e, outbox.webhooks w
 WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.webhook_id
 RETURNING d.id, d.webhook_id, d.attempts + 1 AS attempt, w.enabled, e.event,
           to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS timestamp,
-          e.data::text AS data, w.url, w.secret;
+          e.data::text AS data, w.url, w.secret, d.retry_base;
 
 -- record --
 -- Store a batch of attempt results in one round trip. A result counts only while its
@@ -137,3 +137,112 @@ SET name = coalesce(%(name)s, name),
     secret = CASE WHEN %(set_secret)s THEN %(secret)s ELSE secret END
 WHERE id = %(id)s
 RETURNING id;
+
+-- token_create --
+INSERT INTO outbox.api_tokens (account_id, token_sha256)
+VALUES (%(account_id)s, %(token_sha256)s)
+RETURNING id;
+
+-- token_list --
+SELECT id, account_id, created_at, last_used_at
+FROM outbox.api_tokens
+WHERE account_id = %(account_id)s
+ORDER BY id;
+
+-- token_revoke --
+DELETE FROM outbox.api_tokens WHERE id = %(id)s RETURNING id;
+
+-- token_account --
+-- The account a token belongs to, or no row. last_used_at is written at most once a
+-- minute per token, so a busy client does not turn every read into a write.
+WITH token AS (
+    SELECT id, account_id, last_used_at
+    FROM outbox.api_tokens
+    WHERE token_sha256 = %(token_sha256)s
+),
+touched AS (
+    UPDATE outbox.api_tokens t
+    SET last_used_at = now()
+    FROM token
+    WHERE t.id = token.id
+      AND (token.last_used_at IS NULL OR token.last_used_at < now() - interval '1 minute')
+)
+SELECT account_id FROM token;
+
+-- delivery_page --
+-- One page of a webhook's delivery log, newest first; %(before)s is the cursor (the
+-- last id of the previous page). next_attempt_at only means something while pending.
+SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
+       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+       d.last_error, d.last_response_status, d.created_at, d.finished_at
+FROM outbox.deliveries d
+JOIN outbox.events e ON e.id = d.event_id
+WHERE d.webhook_id = %(webhook_id)s
+  AND (%(before)s::bigint IS NULL OR d.id < %(before)s::bigint)
+ORDER BY d.id DESC
+LIMIT %(limit)s;
+
+-- delivery_get --
+-- One delivery, for an account (or for anyone when %(account_id)s is NULL).
+SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
+       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+       d.last_error, d.last_response_status, d.created_at, d.finished_at
+FROM outbox.deliveries d
+JOIN outbox.events e ON e.id = d.event_id
+JOIN outbox.webhooks w ON w.id = d.webhook_id
+WHERE d.id = %(id)s
+  AND (%(account_id)s::text IS NULL OR w.account_id = %(account_id)s::text);
+
+-- delivery_attempts --
+SELECT delivery_id, attempt, started_at, duration_ms, response_status, error
+FROM outbox.delivery_attempts
+WHERE delivery_id = ANY (%(ids)s::bigint[])
+ORDER BY delivery_id, attempt;
+
+-- delivery_retry --
+-- Re-queue one finished delivery as a new series of attempts: the same row (so the
+-- same X-Webhook-Id), due now, with retry_base moved up to the attempts made so far.
+-- last_error stays until the next attempt replaces it. Pending deliveries, and those of
+-- a disabled webhook (the claim would cancel them at once), are left alone; the caller
+-- learns why from the status and enabled columns.
+WITH target AS (
+    SELECT d.id, d.status, w.enabled
+    FROM outbox.deliveries d
+    JOIN outbox.webhooks w ON w.id = d.webhook_id
+    WHERE d.id = %(id)s
+      AND (%(account_id)s::text IS NULL OR w.account_id = %(account_id)s::text)
+    FOR UPDATE OF d
+),
+requeued AS (
+    UPDATE outbox.deliveries d
+    SET status = 'pending', next_attempt_at = now(), retry_base = d.attempts,
+        finished_at = NULL, lease = NULL
+    FROM target t
+    WHERE d.id = t.id AND t.enabled AND t.status <> 'pending'
+    RETURNING d.id
+)
+SELECT t.status, t.enabled, r.id IS NOT NULL AS requeued
+FROM target t
+LEFT JOIN requeued r USING (id);
+
+-- webhook_recover --
+-- Re-queue every delivery of one enabled webhook that failed at or after %(since)s,
+-- each as a new series of attempts (see delivery_retry).
+UPDATE outbox.deliveries d
+SET status = 'pending', next_attempt_at = now(), retry_base = d.attempts,
+    finished_at = NULL, lease = NULL
+FROM outbox.webhooks w
+WHERE w.id = %(webhook_id)s AND w.enabled
+  AND d.webhook_id = w.id AND d.status = 'failed' AND d.finished_at >= %(since)s
+RETURNING d.id;
+
+-- wake --
+-- Replayed deliveries are due now: tell the dispatchers rather than wait for a poll.
+SELECT pg_notify('outbox_wake', 'replay');
+
+-- pending_stats --
+-- For /metrics: how many deliveries are pending, and how long ago the oldest was
+-- enqueued (NULL when none is pending).
+SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
+FROM outbox.deliveries
+WHERE status = 'pending';

@@ -1,0 +1,105 @@
+"""Prometheus metrics of one `outbox run` process, served at ``GET /metrics``.
+
+Counters and histograms are this process's own (sum them over replicas). The pending
+gauges describe the whole database, read when scraped, so every replica reports the
+same values (take the max, not the sum).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+
+__all__ = ["REGISTRY", "attempt", "claimed", "dispatcher_up", "exposition", "pending"]
+
+# The *_created series only repeat the process start time.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+
+_ATTEMPTS = Counter(
+    "outbox_attempts",
+    "HTTP attempts made, by what came of them: succeeded, retrying (failed, another "
+    "attempt is scheduled) or failed (failed, and it was the last attempt).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+_DELIVERIES = Counter(
+    "outbox_deliveries",
+    "Deliveries finished, by outcome: succeeded, or failed after their last attempt.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+_DURATION = Histogram(
+    "outbox_attempt_duration_seconds",
+    "How long each HTTP attempt took, from connecting to the end of the response.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+_CLAIM = Histogram(
+    "outbox_claim_batch_size",
+    "Deliveries taken by each claim that took any.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
+)
+_PENDING = Gauge(
+    "outbox_pending_deliveries",
+    "Deliveries waiting to be sent or retried, in the whole database.",
+    registry=REGISTRY,
+)
+_OLDEST = Gauge(
+    "outbox_oldest_pending_age_seconds",
+    "Age of the oldest pending delivery (since it was enqueued); 0 when none is pending.",
+    registry=REGISTRY,
+)
+_UP = Gauge(
+    "outbox_dispatcher_up",
+    "1 while this process's dispatcher runs and reaches the database, else 0.",
+    registry=REGISTRY,
+)
+
+# The dispatcher calls an attempt that schedules another one "pending".
+_OUTCOMES = {"succeeded": "succeeded", "pending": "retrying", "failed": "failed"}
+for _outcome in _OUTCOMES.values():
+    _ATTEMPTS.labels(_outcome)
+for _outcome in ("succeeded", "failed"):
+    _DELIVERIES.labels(_outcome)
+
+
+def attempt(outcome: str, seconds: float) -> None:
+    """One attempt ended; ``outcome`` is the delivery's status after it."""
+    label = _OUTCOMES[outcome]
+    _ATTEMPTS.labels(label).inc()
+    _DURATION.observe(seconds)
+    if label != "retrying":
+        _DELIVERIES.labels(label).inc()
+
+
+def claimed(count: int) -> None:
+    """A claim took ``count`` deliveries; having reached the database, we are up."""
+    _UP.set(1)
+    if count:
+        _CLAIM.observe(count)
+
+
+def dispatcher_up(up: bool) -> None:
+    _UP.set(1 if up else 0)
+
+
+def pending(count: int, oldest_seconds: float | None) -> None:
+    """The database's pending deliveries, as read for a scrape."""
+    _PENDING.set(count)
+    _OLDEST.set(oldest_seconds or 0.0)
+
+
+def exposition(accept: str) -> tuple[bytes, str]:
+    """The metrics in the format the scraper asked for, and its content type."""
+    encode, content_type = choose_encoder(accept)
+    return encode(REGISTRY), content_type

@@ -1,0 +1,396 @@
+"""The OpenAPI 3.1 document of the admin API, served at ``GET /api/v1/openapi.json``.
+
+Written by hand, next to nothing else: tests/e2e/test_api_openapi.py runs schemathesis
+against a live server with it, so a response the document does not describe fails the
+suite. Response objects forbid properties the document does not name, for the same
+reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from outbox import __version__
+from outbox.events import EVENTS
+
+__all__ = ["DOCUMENT"]
+
+_BIGINT_MAX = 2**63 - 1
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def _json(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+        **extra,
+    }
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+def _responses(*codes: int, **ok: Any) -> dict[str, Any]:
+    """The success responses given, and the shared error responses by status code."""
+    return {**ok, **{str(code): {"$ref": f"#/components/responses/{code}"} for code in codes}}
+
+
+_TIME = {"type": "string", "format": "date-time"}
+_ID = {"type": "integer", "minimum": 1, "maximum": _BIGINT_MAX}
+_EVENT = {"type": "string", "enum": list(EVENTS)}
+
+
+def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+    }
+
+
+_WEBHOOK_INPUT = {
+    "name": {"type": "string", "minLength": 1, "description": "Not blank."},
+    "url": {
+        "type": "string",
+        "pattern": "^https://",
+        "maxLength": 2048,
+        "description": "An absolute https:// URL with a host.",
+    },
+    "event": {**_EVENT, "description": "The one event this webhook receives."},
+    "secret": {
+        "type": ["string", "null"],
+        "minLength": 16,
+        "writeOnly": True,
+        "description": "Signing secret, at least 16 characters; null for unsigned "
+        "deliveries. Never returned: responses say has_secret.",
+    },
+    "enabled": {"type": "boolean", "description": "Default true."},
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": _object(
+        {
+            "error": _object(
+                {
+                    "code": {
+                        "type": "string",
+                        "description": "bad_request, unauthorized, not_found, "
+                        "method_not_allowed, conflict, limit_reached, too_large, invalid, "
+                        "unavailable or internal.",
+                    },
+                    "message": {"type": "string", "description": "What is wrong, in words."},
+                }
+            )
+        }
+    ),
+    "Event": _object(
+        {"name": _EVENT, "display_name": {"type": "string", "enum": list(EVENTS.values())}}
+    ),
+    "Webhook": _object(
+        {
+            "id": _ID,
+            "name": {"type": "string"},
+            "url": {"type": "string"},
+            "event": _EVENT,
+            "enabled": {"type": "boolean"},
+            "has_secret": {"type": "boolean"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+            "last_delivery_status": {
+                "type": ["string", "null"],
+                "enum": ["succeeded", "failed", None],
+                "description": "Of the last finished delivery; null when none has finished.",
+            },
+            "last_delivery_at": _nullable(_TIME),
+            "last_error": {
+                "type": ["string", "null"],
+                "description": "Why the last finished delivery failed; null after a success.",
+            },
+            "pending": {"type": "integer", "minimum": 0},
+        }
+    ),
+    "WebhookCreate": _object(_WEBHOOK_INPUT, required=["name", "url", "event"]),
+    "WebhookChange": {
+        **_object(_WEBHOOK_INPUT, required=[]),
+        "description": "Only the fields given change; secret null removes the secret.",
+    },
+    "Attempt": _object(
+        {
+            "attempt": {"type": "integer", "minimum": 1},
+            "started_at": _TIME,
+            "duration_ms": {"type": "integer", "minimum": 0},
+            "response_status": {"type": ["integer", "null"]},
+            "error": {"type": ["string", "null"]},
+        }
+    ),
+    "Delivery": _object(
+        {
+            "id": {**_ID, "description": "Sent as X-Webhook-Id, also when replayed."},
+            "event_id": _ID,
+            "event": _EVENT,
+            "occurred_at": _TIME,
+            "status": {"type": "string", "enum": ["pending", "succeeded", "failed", "cancelled"]},
+            "attempts": {"type": "integer", "minimum": 0},
+            "next_attempt_at": _nullable(_TIME),
+            "last_error": {"type": ["string", "null"]},
+            "last_response_status": {"type": ["integer", "null"]},
+            "created_at": _TIME,
+            "finished_at": _nullable(_TIME),
+            "attempt_log": {"type": "array", "items": _ref("Attempt")},
+        }
+    ),
+    "DeliveryPage": _object(
+        {
+            "deliveries": {"type": "array", "items": _ref("Delivery")},
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "Pass as cursor for the next page; null on the last page.",
+            },
+        }
+    ),
+    "TestRequest": _object(
+        {"event": {**_EVENT, "type": ["string", "null"], "enum": [*EVENTS, None]}}, required=[]
+    ),
+    "TestResult": _object(
+        {
+            "ok": {"type": "boolean", "description": "True when the target answered 2xx."},
+            "status": {"type": ["integer", "null"], "description": "null when no response."},
+            "duration_ms": {"type": "integer", "minimum": 0},
+            "error": {"type": ["string", "null"]},
+        }
+    ),
+    "RecoverRequest": _object(
+        {
+            "since": {
+                **_TIME,
+                "description": "Re-queue the deliveries that failed at or after this time.",
+            }
+        }
+    ),
+    "RecoverResult": _object({"requeued": {"type": "integer", "minimum": 0}}),
+}
+
+_COMMON_RESPONSES = {
+    "400": _error("The body is not a JSON object, or a query parameter is malformed."),
+    "401": {
+        **_error("No token, or one that is unknown or revoked."),
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    "404": _error("No such id for this account (also for ids that are not numbers)."),
+    "409": _error("The limit of 10 webhooks, or a replay the delivery's state forbids."),
+    "413": _error("The request body is over 64 KiB."),
+    "422": _error("A rule is broken; the message names it."),
+}
+
+_WEBHOOK_ID = {"name": "id", "in": "path", "required": True, "schema": _ID}
+_DELIVERY_ID = {"name": "id", "in": "path", "required": True, "schema": _ID}
+
+
+def _body(name: str, *, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+_PATHS: dict[str, Any] = {
+    "/healthz": {
+        "get": {
+            "operationId": "healthz",
+            "summary": "Whether the database answers",
+            "security": [],
+            "responses": {
+                "200": _json(_object({"status": {"const": "ok"}}), "The database answers."),
+                "503": _json(
+                    _object({"status": {"const": "unavailable"}, "error": {"type": "string"}}),
+                    "The database does not answer.",
+                ),
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format (OpenMetrics when asked for).",
+                    "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "application/openmetrics-text": {"schema": {"type": "string"}},
+                    },
+                }
+            },
+        }
+    },
+    "/api/v1/openapi.json": {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "responses": _responses(
+                401, **{"200": _json({"type": "object"}, "The OpenAPI 3.1 document.")}
+            ),
+        }
+    },
+    "/api/v1/events": {
+        "get": {
+            "operationId": "listEvents",
+            "summary": "The event catalogue",
+            "responses": _responses(
+                401,
+                **{
+                    "200": _json(
+                        _object({"events": {"type": "array", "items": _ref("Event")}}),
+                        "Every event, with its wire and display name.",
+                    )
+                },
+            ),
+        }
+    },
+    "/api/v1/webhooks": {
+        "get": {
+            "operationId": "listWebhooks",
+            "summary": "The account's webhooks with their status",
+            "responses": _responses(
+                401,
+                **{
+                    "200": _json(
+                        _object({"webhooks": {"type": "array", "items": _ref("Webhook")}}),
+                        "At most 10.",
+                    )
+                },
+            ),
+        },
+        "post": {
+            "operationId": "createWebhook",
+            "summary": "Create a webhook",
+            "requestBody": _body("WebhookCreate"),
+            "responses": _responses(
+                400,
+                401,
+                409,
+                413,
+                422,
+                **{
+                    "201": _json(
+                        _ref("Webhook"),
+                        "Created.",
+                        headers={"Location": {"schema": {"type": "string"}}},
+                    )
+                },
+            ),
+        },
+    },
+    "/api/v1/webhooks/{id}": {
+        "parameters": [_WEBHOOK_ID],
+        "get": {
+            "operationId": "getWebhook",
+            "summary": "One webhook with its status",
+            "responses": _responses(401, 404, **{"200": _json(_ref("Webhook"), "The webhook.")}),
+        },
+        "patch": {
+            "operationId": "updateWebhook",
+            "summary": "Change a webhook",
+            "requestBody": _body("WebhookChange"),
+            "responses": _responses(
+                400, 401, 404, 413, 422, **{"200": _json(_ref("Webhook"), "As changed.")}
+            ),
+        },
+        "delete": {
+            "operationId": "deleteWebhook",
+            "summary": "Delete a webhook; nothing more is sent to it",
+            "responses": _responses(401, 404, **{"204": {"description": "Deleted."}}),
+        },
+    },
+    "/api/v1/webhooks/{id}/test": {
+        "parameters": [_WEBHOOK_ID],
+        "post": {
+            "operationId": "testWebhook",
+            "summary": "Send one sample payload now, signed, without retries",
+            "description": "200 whatever the target answered; ok says whether it was 2xx.",
+            "requestBody": _body("TestRequest", required=False),
+            "responses": _responses(
+                400, 401, 404, 413, 422, **{"200": _json(_ref("TestResult"), "What came of it.")}
+            ),
+        },
+    },
+    "/api/v1/webhooks/{id}/deliveries": {
+        "parameters": [_WEBHOOK_ID],
+        "get": {
+            "operationId": "listDeliveries",
+            "summary": "The webhook's delivery log, newest first, with every attempt",
+            "parameters": [
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                },
+                {
+                    "name": "cursor",
+                    "in": "query",
+                    "description": "next_cursor of the previous page.",
+                    "schema": {"type": "string"},
+                },
+            ],
+            "responses": _responses(
+                400, 401, 404, **{"200": _json(_ref("DeliveryPage"), "One page.")}
+            ),
+        },
+    },
+    "/api/v1/webhooks/{id}/recover": {
+        "parameters": [_WEBHOOK_ID],
+        "post": {
+            "operationId": "recoverWebhook",
+            "summary": "Re-queue the webhook's failed deliveries since a time",
+            "description": "Each is sent again with its X-Webhook-Id and a fresh series of "
+            "retries. 409 when the webhook is disabled.",
+            "requestBody": _body("RecoverRequest"),
+            "responses": _responses(
+                400,
+                401,
+                404,
+                409,
+                413,
+                422,
+                **{"202": _json(_ref("RecoverResult"), "How many were re-queued.")},
+            ),
+        },
+    },
+    "/api/v1/deliveries/{id}/retry": {
+        "parameters": [_DELIVERY_ID],
+        "post": {
+            "operationId": "retryDelivery",
+            "summary": "Re-queue one finished delivery",
+            "description": "Succeeded, failed or cancelled deliveries are sent again with "
+            "their X-Webhook-Id and a fresh series of retries. 409 while the delivery is "
+            "pending, or when its webhook is disabled.",
+            "responses": _responses(
+                401, 404, 409, **{"202": _json(_ref("Delivery"), "Re-queued.")}
+            ),
+        },
+    },
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "outbox admin API",
+        "version": __version__,
+        "description": "Manage an account's webhooks, see their deliveries, replay them. "
+        "Every /api/ call needs Authorization: Bearer <token> (outbox tokens create).",
+    },
+    "security": [{"bearer": []}],
+    "paths": _PATHS,
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": _SCHEMAS,
+        "responses": _COMMON_RESPONSES,
+    },
+}
