@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint format bench clean db-url
+.PHONY: setup run test lint format bench clean db-url chromium screenshot
 
 setup: $(VENV)/.installed
 
@@ -33,8 +33,21 @@ run: setup
 	echo; \
 	exec $(BIN)/outbox run
 
-test: setup
+test: setup chromium
 	$(BIN)/pytest -q
+
+# The settings page's browser tests drive Debian's Chromium, never a browser that
+# Playwright downloads. Installed here when missing and we are root; else say how.
+chromium:
+	@test -x /usr/bin/chromium && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium >/dev/null || { echo "could not install chromium" >&2; exit 1; }; \
+	else \
+		echo "the browser tests need Chromium: sudo apt-get install chromium" >&2; exit 1; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .
@@ -45,9 +58,16 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[bench]' && $(BIN)/python -m bench.run
+
 db-url: setup
 	@$(BIN)/python -m outbox.localpg url
 
 clean:
 	-$(BIN)/python -m outbox.localpg stop
 	rm -rf $(VENV) .pgdata .mypy_cache .ruff_cache
+
+# Retake docs/settings-webhooks.png, the picture README shows.
+screenshot: setup chromium
+	OUTBOX_UPDATE_SCREENSHOT=1 $(BIN)/pytest -q tests/e2e/test_portal_page.py -k readme_screenshot

@@ -7,11 +7,17 @@ what they raise into the error shape ``{"error": {"code", "message"}}``. The rul
 webhooks are the database's (see outbox.webhooks); this module only checks that values
 have the right JSON types before passing them on. ``GET /healthz`` and ``GET /metrics``
 need no token.
+
+The settings page (outbox.portal) calls the same routes with its session cookie
+instead of a token: the cookie's account is the request's account, and every change
+must carry the session's CSRF token in ``X-CSRF-Token``. A request with an
+Authorization header is always judged by its token alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -23,7 +29,7 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, metrics, openapi, tokens, webhooks
+from outbox import db, metrics, openapi, portal, tokens, webhooks
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent, check_event
 
@@ -33,8 +39,15 @@ log = structlog.get_logger("outbox.api")
 
 POOL = web.AppKey("pool", AsyncConnectionPool)
 SENDER = web.AppKey("sender", Sender)
+# The admin server's address as people reach it, for portal links; "" for the
+# address each request came to.
+PUBLIC_URL = web.AppKey("public_url", str)
 # Set by the auth middleware on every /api/ request that got past it.
 _ACCOUNT = "outbox.account"
+# Set as well when that request was signed in by the settings page's session cookie.
+_SESSION = "outbox.session"
+CSRF_HEADER = "X-CSRF-Token"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # Request bodies are a handful of short fields; anything bigger is refused with 413.
 BODY_LIMIT = 64 * 1024
@@ -146,6 +159,8 @@ def _unauthorized(message: str) -> ApiError:
 
 
 async def _authenticate(request: web.Request) -> str:
+    if "Authorization" not in request.headers and portal.SESSION_COOKIE in request.cookies:
+        return await _authenticate_session(request)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -155,6 +170,23 @@ async def _authenticate(request: web.Request) -> str:
     if account is None:
         raise _unauthorized("unknown or revoked token")
     return account
+
+
+async def _authenticate_session(request: web.Request) -> str:
+    """The settings page's calls: the session cookie stands for a token, and a change
+    must also send the session's CSRF token, which only the page itself can read."""
+    async with _connection(request) as conn:
+        current = await portal.session(conn, request.cookies[portal.SESSION_COOKIE])
+    if current is None:
+        raise _unauthorized("the session has ended: open a new link to the settings page")
+    if request.method not in _SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "").encode(errors="replace")
+        if not hmac.compare_digest(sent, current.csrf_token.encode()):
+            raise ApiError(
+                403, "forbidden", f"missing or wrong {CSRF_HEADER}: reload the settings page"
+            )
+    request[_SESSION] = current
+    return current.account_id
 
 
 def _account(request: web.Request) -> str:
@@ -440,12 +472,105 @@ async def recover_webhook(request: web.Request) -> web.Response:
     return _json({"requeued": count}, status=202)
 
 
-def make_app(pool: AsyncConnectionPool[Any], sender: Sender) -> web.Application:
+async def create_portal_link(request: web.Request) -> web.Response:
+    """A one-time link to the settings page of the token's account."""
+    if _SESSION in request:
+        raise ApiError(403, "forbidden", "portal links are made with an API token")
+    account = _account(request)
+    body = await _body(request, required=False)
+    for key in body:
+        if key != "ttl":
+            raise webhooks.Invalid(f"unknown field {key!r}: a portal link takes only ttl")
+    ttl = body.get("ttl", portal.LINK_SECONDS)
+    if type(ttl) is not int or not 1 <= ttl <= portal.LINK_SECONDS_MAX:
+        raise webhooks.Invalid(
+            f"ttl must be a whole number of seconds from 1 to {portal.LINK_SECONDS_MAX}"
+        )
+    base_url = request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
+    async with _connection(request) as conn:
+        link = await portal.mint(conn, account, base_url=base_url, seconds=ttl)
+    log.info("api: portal link made", account_id=account, expires_at=link.expires_at)
+    return _json({"url": link.url, "expires_at": link.expires_at}, status=201)
+
+
+def _page(text: str, status: int = 200) -> web.Response:
+    headers = {**portal.PAGE_HEADERS, "Cache-Control": "no-store"}
+    return web.Response(text=text, status=status, content_type="text/html", headers=headers)
+
+
+def _unavailable_page() -> web.Response:
+    message = "The database is not answering. Try again in a moment."
+    return _page(portal.message_page("Settings are unavailable", message), 503)
+
+
+async def open_portal_link(request: web.Request) -> web.Response:
+    """Use a one-time link: a session cookie for its account, then the settings page."""
+    try:
+        async with _connection(request) as conn:
+            current = await portal.open_link(conn, request.match_info["token"])
+    except portal.LinkRefused as exc:
+        log.info("portal: link refused", reason=exc.reason)
+        return _page(portal.message_page(exc.title, exc.explanation), exc.status)
+    except psycopg.OperationalError:
+        return _unavailable_page()
+    log.info("portal: link opened", account_id=current.account_id)
+    response = _page(portal.signed_in_page())
+    response.set_cookie(
+        portal.SESSION_COOKIE,
+        current.cookie,
+        max_age=portal.SESSION_SECONDS,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure or request.app[PUBLIC_URL].startswith("https://"),
+    )
+    return response
+
+
+async def settings_page(request: web.Request) -> web.Response:
+    """Settings > Webhooks, for a browser signed in by a portal link."""
+    cookie = request.cookies.get(portal.SESSION_COOKIE, "")
+    current = None
+    if cookie:
+        try:
+            async with _connection(request) as conn:
+                current = await portal.session(conn, cookie)
+        except psycopg.OperationalError:
+            return _unavailable_page()
+    if current is None:
+        message = (
+            "This page opens from a one-time link, and stays signed in for "
+            f"{portal.SESSION_SECONDS // 3600} hours. Go back to your account and open "
+            "Settings > Webhooks again to get a new link."
+        )
+        return _page(portal.message_page("You are not signed in", message), 401)
+    return _page(portal.settings_page(current))
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """The settings page's stylesheet and script."""
+    name = request.match_info["name"]
+    path = portal.static_path(name)
+    if path is None:
+        raise webhooks.NotFound(f"file {name} not found")
+    headers = {
+        **portal.PAGE_HEADERS,
+        "Content-Type": portal.STATIC_FILES[name],
+        "Cache-Control": "no-cache",
+    }
+    return web.FileResponse(path, headers=headers)
+
+
+def make_app(
+    pool: AsyncConnectionPool[Any], sender: Sender, public_url: str = ""
+) -> web.Application:
     """The admin server: ``sender`` is the dispatcher's, so test sends get the same SSRF
-    guard, timeout and TLS settings as deliveries."""
+    guard, timeout and TLS settings as deliveries. Portal links start with
+    ``public_url`` (default: the address each request came to)."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_LIMIT)
     app[POOL] = pool
     app[SENDER] = sender
+    app[PUBLIC_URL] = public_url
     add = app.router.add_route
     add("GET", "/healthz", healthz)
     add("GET", "/metrics", prometheus)
@@ -460,4 +585,8 @@ def make_app(pool: AsyncConnectionPool[Any], sender: Sender) -> web.Application:
     add("GET", "/api/v1/webhooks/{id}/deliveries", list_deliveries)
     add("POST", "/api/v1/webhooks/{id}/recover", recover_webhook)
     add("POST", "/api/v1/deliveries/{id}/retry", retry_delivery)
+    add("POST", "/api/v1/portal-links", create_portal_link)
+    add("GET", "/portal/{token}", open_portal_link)
+    add("GET", "/settings/webhooks", settings_page)
+    add("GET", "/static/{name}", static_file)
     return app

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from outbox import __version__, api, db, sidecar, tokens, webhooks
+from outbox import __version__, api, db, portal, sidecar, tokens, webhooks
 from outbox.config import ConfigError, Settings
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent
@@ -235,6 +235,30 @@ async def _recover(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _ttl(raw: str) -> int:
+    try:
+        return portal.parse_ttl(raw)
+    except webhooks.Invalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def _portal_link(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.public_url:
+        raise UsageError(
+            "OUTBOX_API_LISTEN is off, so this process serves no settings page: "
+            "set OUTBOX_PUBLIC_URL to the address of a sidecar's admin server"
+        )
+    async with await db.connect(settings.database_url) as conn:
+        link = await portal.mint(conn, args.account, base_url=settings.public_url, seconds=args.ttl)
+    print(link.url)
+    expires = link.expires_at.isoformat(timespec="seconds").replace("+00:00", "Z")
+    print(
+        f"settings page of account {args.account}: opens once, until {expires}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outbox", description="Postgres-native webhook delivery sidecar.")
     parser.add_argument("--version", action="version", version=f"outbox {__version__}")
@@ -318,6 +342,16 @@ def _parser() -> argparse.ArgumentParser:
     retry = deliveries.add_parser("retry", help="re-queue one finished delivery")
     retry.add_argument("id", type=_id("delivery"))
     retry.set_defaults(func=_retry)
+
+    link = commands.add_parser("portal-link", help="a one-time link to an account's settings page")
+    link.add_argument("--account", required=True)
+    link.add_argument(
+        "--ttl",
+        type=_ttl,
+        default=portal.LINK_SECONDS,
+        help="how long the link may wait to be opened: 15m (default), 1h, 90s; at most 24h",
+    )
+    link.set_defaults(func=_portal_link)
     return parser
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 __all__ = ["ConfigError", "Settings"]
 
@@ -65,6 +66,23 @@ def _listen(env: Mapping[str, str]) -> tuple[str, int] | None:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _public_url(env: Mapping[str, str], listen: tuple[str, int] | None) -> str:
+    """Where people reach the admin server; portal links start with it. Empty when the
+    admin server is off and no OUTBOX_PUBLIC_URL says where another one is."""
+    raw = env.get("OUTBOX_PUBLIC_URL", "").strip()
+    if raw:
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ConfigError(f"OUTBOX_PUBLIC_URL: {raw!r} is not an http:// or https:// base URL")
+        return raw.rstrip("/")
+    if listen is None:
+        return ""
+    host, port = listen
+    # A wildcard address is not one to open; this machine's loopback is.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the sidecar can be told; see README for each variable."""
@@ -76,6 +94,8 @@ class Settings:
     ca_file: str | None = None
     allow_private_targets: bool = False
     api_listen: tuple[str, int] | None = ("127.0.0.1", 8080)
+    # Base URL of the admin server as people reach it, for portal links.
+    public_url: str = "http://127.0.0.1:8080"
     log_format: str = "json"
     # Not in the contract: how often an idle dispatcher looks without being woken.
     poll_interval: float = 1.0
@@ -91,6 +111,7 @@ class Settings:
         ca_file = env.get("OUTBOX_CA_FILE", "").strip() or None
         if ca_file is not None and not (os.path.isfile(ca_file) and os.access(ca_file, os.R_OK)):
             raise ConfigError(f"OUTBOX_CA_FILE: {ca_file!r} is not a readable file")
+        listen = _listen(env)
         return cls(
             database_url=env.get("OUTBOX_DATABASE_URL") or env.get("DATABASE_URL") or "",
             retry_delays=_delays(env),
@@ -98,7 +119,8 @@ class Settings:
             concurrency=int(_number(env, "OUTBOX_CONCURRENCY", 64, 1)),
             ca_file=ca_file,
             allow_private_targets=_flag(env, "OUTBOX_ALLOW_PRIVATE_TARGETS"),
-            api_listen=_listen(env),
+            api_listen=listen,
+            public_url=_public_url(env, listen),
             log_format=log_format,
             poll_interval=_number(env, "OUTBOX_POLL_INTERVAL", 1.0, 0.01),
         )

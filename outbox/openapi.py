@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from outbox import __version__
+from outbox import __version__, portal
 from outbox.events import EVENTS
 
 __all__ = ["DOCUMENT"]
@@ -83,7 +83,7 @@ _SCHEMAS: dict[str, Any] = {
                 {
                     "code": {
                         "type": "string",
-                        "description": "bad_request, unauthorized, not_found, "
+                        "description": "bad_request, unauthorized, forbidden, not_found, "
                         "method_not_allowed, conflict, limit_reached, too_large, invalid, "
                         "unavailable or internal.",
                     },
@@ -177,6 +177,27 @@ _SCHEMAS: dict[str, Any] = {
         }
     ),
     "RecoverResult": _object({"requeued": {"type": "integer", "minimum": 0}}),
+    "PortalLinkRequest": _object(
+        {
+            "ttl": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": portal.LINK_SECONDS_MAX,
+                "default": portal.LINK_SECONDS,
+                "description": "Seconds until the link expires if it has not been opened.",
+            }
+        },
+        required=[],
+    ),
+    "PortalLink": _object(
+        {
+            "url": {
+                "type": "string",
+                "description": "Opens the settings page once, signed in to the account.",
+            },
+            "expires_at": _TIME,
+        }
+    ),
 }
 
 _COMMON_RESPONSES = {
@@ -185,6 +206,7 @@ _COMMON_RESPONSES = {
         **_error("No token, or one that is unknown or revoked."),
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
     },
+    "403": _error("A change made with a settings-page session but without its X-CSRF-Token."),
     "404": _error("No such id for this account (also for ids that are not numbers)."),
     "409": _error("The limit of 10 webhooks, or a replay the delivery's state forbids."),
     "413": _error("The request body is over 64 KiB."),
@@ -192,6 +214,17 @@ _COMMON_RESPONSES = {
 }
 
 _WEBHOOK_ID = {"name": "id", "in": "path", "required": True, "schema": _ID}
+_PAGE_HEADERS = {"Content-Security-Policy": {"schema": {"type": "string"}}}
+
+
+def _html(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"text/html": {"schema": {"type": "string"}}},
+        "headers": _PAGE_HEADERS,
+    }
+
+
 _DELIVERY_ID = {"name": "id", "in": "path", "required": True, "schema": _ID}
 
 
@@ -363,6 +396,107 @@ _PATHS: dict[str, Any] = {
             ),
         },
     },
+    "/api/v1/portal-links": {
+        "post": {
+            "operationId": "createPortalLink",
+            "summary": "A one-time link to the account's settings page",
+            "security": [{"bearer": []}],
+            "description": "Made with an API token only (403 with a session cookie). "
+            "Hand the url to the account's user: opening it signs that browser in to "
+            "Settings > Webhooks for this account; a second opening, or one after "
+            "expires_at, shows an error page.",
+            "requestBody": _body("PortalLinkRequest", required=False),
+            "responses": _responses(
+                400,
+                401,
+                413,
+                422,
+                **{
+                    "201": _json(_ref("PortalLink"), "The link."),
+                    "403": _error("Called with a session cookie instead of a token."),
+                },
+            ),
+        },
+    },
+    "/portal/{token}": {
+        "get": {
+            "operationId": "openPortalLink",
+            "summary": "Open a portal link (a page, for browsers)",
+            "description": "Sets the session cookie and moves on to /settings/webhooks; "
+            "an expired, used or forged link gets an error page and no session.",
+            "security": [],
+            "parameters": [
+                {
+                    "name": "token",
+                    "in": "path",
+                    "required": True,
+                    "schema": {
+                        "type": "string",
+                        "pattern": r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$",
+                        "maxLength": portal.TOKEN_MAX,
+                    },
+                }
+            ],
+            "responses": {
+                "200": {
+                    **_html("Signed in: this page moves on to the settings page."),
+                    "headers": {
+                        **_PAGE_HEADERS,
+                        "Set-Cookie": {"schema": {"type": "string"}},
+                    },
+                },
+                "400": {
+                    "description": "The link is not one this server signed (or, for a "
+                    "request line over 8 KiB, the HTTP server's own plain-text answer).",
+                    "content": {
+                        "text/html": {"schema": {"type": "string"}},
+                        "text/plain": {"schema": {"type": "string"}},
+                    },
+                },
+                "404": _error("No token in the path."),
+                "410": _html("The link has expired or was used already."),
+                "503": _html("The database does not answer."),
+            },
+        }
+    },
+    "/settings/webhooks": {
+        "get": {
+            "operationId": "settingsPage",
+            "summary": "Settings > Webhooks (a page, for browsers)",
+            "security": [{"portalSession": []}],
+            "responses": {
+                "200": _html("The settings page of the session's account."),
+                "401": _html("No session, or one that has ended."),
+                "503": _html("The database does not answer."),
+            },
+        }
+    },
+    "/static/{name}": {
+        "get": {
+            "operationId": "staticFile",
+            "summary": "The settings page's stylesheet and script",
+            "security": [],
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": list(portal.STATIC_FILES)},
+                }
+            ],
+            "responses": {
+                "200": {
+                    "description": "The file.",
+                    "content": {
+                        "text/css": {"schema": {"type": "string"}},
+                        "text/javascript": {"schema": {"type": "string"}},
+                    },
+                },
+                "304": {"description": "Not modified since the copy the browser has."},
+                "404": _error("No such file."),
+            },
+        }
+    },
     "/api/v1/deliveries/{id}/retry": {
         "parameters": [_DELIVERY_ID],
         "post": {
@@ -378,18 +512,40 @@ _PATHS: dict[str, Any] = {
     },
 }
 
+
+def _refuse_changes_without_csrf(paths: dict[str, Any]) -> None:
+    """Every change under /api/ may also answer 403: a session without its CSRF token."""
+    for path, item in paths.items():
+        for method, operation in item.items():
+            if path.startswith("/api/") and method in ("post", "patch", "delete"):
+                operation["responses"].setdefault("403", {"$ref": "#/components/responses/403"})
+
+
+_refuse_changes_without_csrf(_PATHS)
+
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
         "title": "outbox admin API",
         "version": __version__,
         "description": "Manage an account's webhooks, see their deliveries, replay them. "
-        "Every /api/ call needs Authorization: Bearer <token> (outbox tokens create).",
+        "Every /api/ call needs Authorization: Bearer <token> (outbox tokens create). "
+        "The settings page makes the same calls with its session cookie instead, and "
+        "sends the session's CSRF token in X-CSRF-Token with every change (403 "
+        "without it).",
     },
-    "security": [{"bearer": []}],
+    "security": [{"bearer": []}, {"portalSession": []}],
     "paths": _PATHS,
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "portalSession": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": portal.SESSION_COOKIE,
+                "description": "Set by opening a portal link; for the settings page.",
+            },
+        },
         "schemas": _SCHEMAS,
         "responses": _COMMON_RESPONSES,
     },

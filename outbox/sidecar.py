@@ -45,7 +45,9 @@ async def run(settings: Settings) -> None:
     async with pool(settings) as connections, Sender(settings) as sender:
         runner = None
         if settings.api_listen is not None:
-            runner = web.AppRunner(api.make_app(connections, sender), access_log=None)
+            runner = web.AppRunner(
+                api.make_app(connections, sender, settings.public_url), access_log=None
+            )
             await runner.setup()
             host, port = settings.api_listen
             await web.TCPSite(runner, host, port).start()

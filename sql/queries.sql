@@ -16,6 +16,14 @@ WITH due AS MATERIALIZED (
     LIMIT %(window)s
     FOR UPDATE SKIP LOCKED
 ),
+orphaned AS (
+    -- A producer that fanned out to a webhook while it was being deleted left a
+    -- delivery with no webhook (deliveries have no foreign key; see the schema).
+    DELETE FROM outbox.deliveries d
+    USING due
+    WHERE d.id = due.id
+      AND NOT EXISTS (SELECT FROM outbox.webhooks w WHERE w.id = due.webhook_id)
+),
 picked AS (
     SELECT r.id
     FROM (SELECT id, next_attempt_at, webhook_id,
@@ -246,3 +254,39 @@ SELECT pg_notify('outbox_wake', 'replay');
 SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
 FROM outbox.deliveries
 WHERE status = 'pending';
+
+-- portal_secret --
+-- The key that signs portal links, and the time by this database's clock, which is the
+-- one clock that minting and opening links go by (replicas' clocks may differ).
+SELECT secret, extract(epoch FROM now())::float8 FROM outbox.portal_secret;
+
+-- portal_link_use --
+-- Open a link whose signature was checked: whether it is still valid, and whether this
+-- is its first use (recording it if so). Nonces of expired links are swept on the way:
+-- such a link is refused for its expiry alone.
+WITH swept AS (
+    DELETE FROM outbox.portal_links_used WHERE expires_at < now()
+),
+used AS (
+    INSERT INTO outbox.portal_links_used (nonce, account_id, expires_at)
+    SELECT %(nonce)s, %(account_id)s, %(expires_at)s
+    WHERE %(expires_at)s::timestamptz > now()
+    ON CONFLICT (nonce) DO NOTHING
+    RETURNING nonce
+)
+SELECT %(expires_at)s::timestamptz > now(), EXISTS (SELECT FROM used);
+
+-- portal_session_create --
+WITH swept AS (
+    DELETE FROM outbox.portal_sessions WHERE expires_at < now()
+)
+INSERT INTO outbox.portal_sessions (account_id, session_sha256, csrf_token, expires_at)
+VALUES (%(account_id)s, %(session_sha256)s, %(csrf_token)s,
+        now() + make_interval(secs => %(seconds)s))
+RETURNING expires_at;
+
+-- portal_session --
+-- The signed-in account of a session cookie, or no row once it has expired.
+SELECT account_id, csrf_token, expires_at
+FROM outbox.portal_sessions
+WHERE session_sha256 = %(session_sha256)s AND expires_at > now();

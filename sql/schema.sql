@@ -23,12 +23,21 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                  'ai_response.sent', 'meeting.booked', 'enrichment.completed']
 $$;
 
-CREATE FUNCTION outbox.check_event(name text) RETURNS boolean
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT outbox.require(
-        name = ANY (outbox.event_names()),
-        format('unknown event %L: valid events are %s',
-               name, array_to_string(outbox.event_names(), ', ')))
+-- The producer's INSERT is the hot path, so its rules are plain expressions that the
+-- planner folds, and these functions, which only build the message and raise, run only
+-- when a rule is broken: CHECK (rule OR outbox.reject_...(value)). They are VOLATILE so
+-- that the planner never evaluates them ahead of time for a constant message.
+CREATE FUNCTION outbox.reject(message text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RAISE EXCEPTION '%', message USING ERRCODE = 'check_violation';
+END
+$$;
+
+CREATE FUNCTION outbox.reject_event(name text) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT outbox.reject(format('unknown event %L: valid events are %s',
+                                name, array_to_string(outbox.event_names(), ', ')))
 $$;
 
 -- An absolute https:// URL with a host, and a port (if any) that exists.
@@ -44,21 +53,24 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION outbox.check_data(data jsonb) RETURNS boolean
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT outbox.require(jsonb_typeof(data) = 'object',
-                          format('data must be a JSON object, not %s', jsonb_typeof(data)))
-       AND outbox.require(octet_length(data::text) <= 262144,
-                          format('data is %s bytes; the limit is 262144',
-                                 octet_length(data::text)))
+CREATE FUNCTION outbox.reject_data(data jsonb) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT outbox.reject(CASE
+        WHEN jsonb_typeof(data) <> 'object'
+            THEN format('data must be a JSON object, not %s', jsonb_typeof(data))
+        ELSE format('data is %s bytes; the limit is 262144', octet_length(data::text))
+    END)
 $$;
 
 CREATE TABLE outbox.events (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id  text NOT NULL
-                CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
-    event       text NOT NULL CHECK (outbox.check_event(event)),
-    data        jsonb NOT NULL DEFAULT '{}' CHECK (outbox.check_data(data)),
+                CHECK (account_id <> '' OR outbox.reject('account_id must not be empty')),
+    event       text NOT NULL
+                CHECK (event = ANY (outbox.event_names()) OR outbox.reject_event(event)),
+    data        jsonb NOT NULL DEFAULT '{}'
+                CHECK (jsonb_typeof(data) = 'object' AND octet_length(data::text) <= 262144
+                       OR outbox.reject_data(data)),
     occurred_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -70,7 +82,8 @@ CREATE TABLE outbox.webhooks (
                CHECK (outbox.require(name !~ '^[[:space:]]*$', 'name must not be empty')),
     url        text NOT NULL CHECK (outbox.require(
                    outbox.valid_url(url), 'url must be an absolute https:// URL with a host')),
-    event      text NOT NULL CHECK (outbox.check_event(event)),
+    event      text NOT NULL
+               CHECK (event = ANY (outbox.event_names()) OR outbox.reject_event(event)),
     secret     text CHECK (outbox.require(length(secret) >= 16,
                                           'secret must be at least 16 characters')),
     enabled    boolean NOT NULL DEFAULT true,
@@ -83,8 +96,12 @@ CREATE INDEX webhooks_subscribed ON outbox.webhooks (account_id, event) WHERE en
 
 CREATE TABLE outbox.deliveries (
     id                   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    event_id             bigint NOT NULL REFERENCES outbox.events ON DELETE CASCADE,
-    webhook_id           bigint NOT NULL REFERENCES outbox.webhooks ON DELETE CASCADE,
+    -- No foreign keys here: they would put a check, and on webhooks a row lock that
+    -- every concurrent producer shares (a MultiXact each time), into the producer's
+    -- INSERT. Deleting a webhook deletes its deliveries (outbox.webhooks_guard()); a
+    -- delivery a concurrent producer adds for it anyway is dropped by the claim.
+    event_id             bigint NOT NULL,
+    webhook_id           bigint NOT NULL,
     status               text NOT NULL DEFAULT 'pending'
                          CHECK (status IN ('pending', 'succeeded', 'failed', 'cancelled')),
     attempts             integer NOT NULL DEFAULT 0,
@@ -96,8 +113,7 @@ CREATE TABLE outbox.deliveries (
     created_at           timestamptz NOT NULL DEFAULT now(),
     finished_at          timestamptz,
     -- Identifies the claim that holds the row; a result is recorded only by its holder.
-    lease                uuid,
-    UNIQUE (event_id, webhook_id)
+    lease                uuid
 ) WITH (
     -- Every delivery is updated two or three times: vacuum early and often so the hot
     -- pending rows stay on few pages.
@@ -135,14 +151,10 @@ CREATE TABLE outbox.delivery_attempts (
 CREATE FUNCTION outbox.fan_out() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    -- KEY SHARE (which the foreign key takes anyway) makes a concurrent DELETE of the
-    -- webhook either wait for us or, once committed, drop it from this fan-out, instead
-    -- of failing the producer's transaction on the foreign key.
     INSERT INTO outbox.deliveries (event_id, webhook_id)
     SELECT e.id, w.id
     FROM new_events e
-    JOIN outbox.webhooks w ON w.account_id = e.account_id AND w.event = e.event AND w.enabled
-    FOR KEY SHARE OF w;
+    JOIN outbox.webhooks w ON w.account_id = e.account_id AND w.event = e.event AND w.enabled;
     IF FOUND AND NOT pg_try_advisory_xact_lock_shared(1869968482, 1) THEN
         PERFORM pg_notify('outbox_wake', '');
     END IF;
@@ -171,7 +183,7 @@ CREATE TABLE outbox.webhook_quota (
 );
 
 -- Webhook rules that a CHECK cannot express: the per-account limit, a fixed owner,
--- updated_at.
+-- updated_at; and a deleted webhook takes its deliveries with it.
 CREATE FUNCTION outbox.webhooks_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -180,6 +192,7 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         UPDATE outbox.webhook_quota SET webhooks = webhooks - 1
         WHERE account_id = OLD.account_id;
+        DELETE FROM outbox.deliveries WHERE webhook_id = OLD.id;
         RETURN OLD;
     END IF;
     IF TG_OP = 'UPDATE' THEN
@@ -287,3 +300,47 @@ CREATE INDEX api_tokens_by_account ON outbox.api_tokens (account_id, id);
 -- came before the replay. Attempt numbers go on counting, so delivery_attempts keeps
 -- the whole history; the retry schedule counts attempts - retry_base.
 ALTER TABLE outbox.deliveries ADD COLUMN retry_base integer NOT NULL DEFAULT 0;
+
+-- outbox schema, version 3: the settings page's one-time links and sign-in sessions.
+
+-- The key that signs portal links (HMAC-SHA256): one row, 32 bytes from
+-- gen_random_uuid() (pg_strong_random, 244 random bits). It lives here so that every
+-- replica accepts the links any replica mints, also after restarts. To rotate it
+-- (every link not yet opened stops working; sessions stay):
+--   UPDATE outbox.portal_secret SET secret = <32 new random bytes>;
+CREATE TABLE outbox.portal_secret (
+    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
+    secret     bytea NOT NULL CHECK (length(secret) >= 32),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+INSERT INTO outbox.portal_secret (secret)
+SELECT decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex');
+
+-- A link works once: opening it records its nonce here. The link's expiry is signed
+-- into it and checked against this database's clock, so a nonce is kept only until
+-- then; expired rows are swept when the next link is opened.
+CREATE TABLE outbox.portal_links_used (
+    nonce      text PRIMARY KEY,
+    account_id text NOT NULL,
+    used_at    timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL
+);
+
+CREATE INDEX portal_links_used_expiry ON outbox.portal_links_used (expires_at);
+
+-- A browser signed in to one account's settings page. The cookie holds a random
+-- session token; only its SHA-256 is kept, as for API tokens. csrf_token must come
+-- back in X-CSRF-Token with every change the page makes. Deleting an account's rows
+-- signs it out everywhere; expired rows are swept when the next session starts.
+CREATE TABLE outbox.portal_sessions (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account_id     text NOT NULL
+                   CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
+    session_sha256 bytea NOT NULL UNIQUE,
+    csrf_token     text NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    expires_at     timestamptz NOT NULL
+);
+
+CREATE INDEX portal_sessions_expiry ON outbox.portal_sessions (expires_at);

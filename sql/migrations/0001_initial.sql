@@ -29,12 +29,21 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                  'ai_response.sent', 'meeting.booked', 'enrichment.completed']
 $$;
 
-CREATE FUNCTION outbox.check_event(name text) RETURNS boolean
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT outbox.require(
-        name = ANY (outbox.event_names()),
-        format('unknown event %L: valid events are %s',
-               name, array_to_string(outbox.event_names(), ', ')))
+-- The producer's INSERT is the hot path, so its rules are plain expressions that the
+-- planner folds, and these functions, which only build the message and raise, run only
+-- when a rule is broken: CHECK (rule OR outbox.reject_...(value)). They are VOLATILE so
+-- that the planner never evaluates them ahead of time for a constant message.
+CREATE FUNCTION outbox.reject(message text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RAISE EXCEPTION '%', message USING ERRCODE = 'check_violation';
+END
+$$;
+
+CREATE FUNCTION outbox.reject_event(name text) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT outbox.reject(format('unknown event %L: valid events are %s',
+                                name, array_to_string(outbox.event_names(), ', ')))
 $$;
 
 -- An absolute https:// URL with a host, and a port (if any) that exists.
@@ -50,21 +59,24 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION outbox.check_data(data jsonb) RETURNS boolean
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT outbox.require(jsonb_typeof(data) = 'object',
-                          format('data must be a JSON object, not %s', jsonb_typeof(data)))
-       AND outbox.require(octet_length(data::text) <= 262144,
-                          format('data is %s bytes; the limit is 262144',
-                                 octet_length(data::text)))
+CREATE FUNCTION outbox.reject_data(data jsonb) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT outbox.reject(CASE
+        WHEN jsonb_typeof(data) <> 'object'
+            THEN format('data must be a JSON object, not %s', jsonb_typeof(data))
+        ELSE format('data is %s bytes; the limit is 262144', octet_length(data::text))
+    END)
 $$;
 
 CREATE TABLE outbox.events (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id  text NOT NULL
-                CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
-    event       text NOT NULL CHECK (outbox.check_event(event)),
-    data        jsonb NOT NULL DEFAULT '{}' CHECK (outbox.check_data(data)),
+                CHECK (account_id <> '' OR outbox.reject('account_id must not be empty')),
+    event       text NOT NULL
+                CHECK (event = ANY (outbox.event_names()) OR outbox.reject_event(event)),
+    data        jsonb NOT NULL DEFAULT '{}'
+                CHECK (jsonb_typeof(data) = 'object' AND octet_length(data::text) <= 262144
+                       OR outbox.reject_data(data)),
     occurred_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -76,7 +88,8 @@ CREATE TABLE outbox.webhooks (
                CHECK (outbox.require(name !~ '^[[:space:]]*$', 'name must not be empty')),
     url        text NOT NULL CHECK (outbox.require(
                    outbox.valid_url(url), 'url must be an absolute https:// URL with a host')),
-    event      text NOT NULL CHECK (outbox.check_event(event)),
+    event      text NOT NULL
+               CHECK (event = ANY (outbox.event_names()) OR outbox.reject_event(event)),
     secret     text CHECK (outbox.require(length(secret) >= 16,
                                           'secret must be at least 16 characters')),
     enabled    boolean NOT NULL DEFAULT true,
@@ -89,8 +102,12 @@ CREATE INDEX webhooks_subscribed ON outbox.webhooks (account_id, event) WHERE en
 
 CREATE TABLE outbox.deliveries (
     id                   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    event_id             bigint NOT NULL REFERENCES outbox.events ON DELETE CASCADE,
-    webhook_id           bigint NOT NULL REFERENCES outbox.webhooks ON DELETE CASCADE,
+    -- No foreign keys here: they would put a check, and on webhooks a row lock that
+    -- every concurrent producer shares (a MultiXact each time), into the producer's
+    -- INSERT. Deleting a webhook deletes its deliveries (outbox.webhooks_guard()); a
+    -- delivery a concurrent producer adds for it anyway is dropped by the claim.
+    event_id             bigint NOT NULL,
+    webhook_id           bigint NOT NULL,
     status               text NOT NULL DEFAULT 'pending'
                          CHECK (status IN ('pending', 'succeeded', 'failed', 'cancelled')),
     attempts             integer NOT NULL DEFAULT 0,
@@ -102,8 +119,7 @@ CREATE TABLE outbox.deliveries (
     created_at           timestamptz NOT NULL DEFAULT now(),
     finished_at          timestamptz,
     -- Identifies the claim that holds the row; a result is recorded only by its holder.
-    lease                uuid,
-    UNIQUE (event_id, webhook_id)
+    lease                uuid
 ) WITH (
     -- Every delivery is updated two or three times: vacuum early and often so the hot
     -- pending rows stay on few pages.
@@ -141,14 +157,10 @@ CREATE TABLE outbox.delivery_attempts (
 CREATE FUNCTION outbox.fan_out() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    -- KEY SHARE (which the foreign key takes anyway) makes a concurrent DELETE of the
-    -- webhook either wait for us or, once committed, drop it from this fan-out, instead
-    -- of failing the producer's transaction on the foreign key.
     INSERT INTO outbox.deliveries (event_id, webhook_id)
     SELECT e.id, w.id
     FROM new_events e
-    JOIN outbox.webhooks w ON w.account_id = e.account_id AND w.event = e.event AND w.enabled
-    FOR KEY SHARE OF w;
+    JOIN outbox.webhooks w ON w.account_id = e.account_id AND w.event = e.event AND w.enabled;
     IF FOUND AND NOT pg_try_advisory_xact_lock_shared(1869968482, 1) THEN
         PERFORM pg_notify('outbox_wake', '');
     END IF;
@@ -177,7 +189,7 @@ CREATE TABLE outbox.webhook_quota (
 );
 
 -- Webhook rules that a CHECK cannot express: the per-account limit, a fixed owner,
--- updated_at.
+-- updated_at; and a deleted webhook takes its deliveries with it.
 CREATE FUNCTION outbox.webhooks_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -186,6 +198,7 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         UPDATE outbox.webhook_quota SET webhooks = webhooks - 1
         WHERE account_id = OLD.account_id;
+        DELETE FROM outbox.deliveries WHERE webhook_id = OLD.id;
         RETURN OLD;
     END IF;
     IF TG_OP = 'UPDATE' THEN

@@ -1,0 +1,331 @@
+"""The settings page (Settings > Webhooks) and the one-time links that open it.
+
+A host application hands its customer a link (``outbox portal-link``, or
+``POST /api/v1/portal-links`` with its token). Opening it signs that browser in to
+the one account, and shows outbox/static/webhooks.html: plain JavaScript that calls
+the same JSON API as everyone else, with the session cookie instead of a token.
+
+- A link is ``<payload>.<signature>``: the account, an expiry and a random nonce,
+  signed with HMAC-SHA256 under the key in outbox.portal_secret, so every replica
+  accepts what any replica minted, also after restarts. Expiry goes by the database's
+  clock. Opening a link records its nonce in outbox.portal_links_used, so it works once.
+- A session is a row of outbox.portal_sessions. The cookie carries a random token, of
+  which the row keeps the SHA-256, the account, the expiry and a CSRF token. Rows
+  rather than signed cookies, so that sessions can be ended (deleting an account's rows
+  signs it out everywhere at once), at the cost of one lookup per request, the same as
+  an API token's.
+- Every change the page makes carries the CSRF token in ``X-CSRF-Token`` (checked by
+  outbox.api), besides the cookie being HttpOnly and SameSite=Strict.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import html
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from outbox import db
+from outbox.webhooks import Invalid
+
+__all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "LINK_SECONDS",
+    "LINK_SECONDS_MAX",
+    "PAGE_HEADERS",
+    "SESSION_COOKIE",
+    "SESSION_SECONDS",
+    "STATIC_FILES",
+    "TOKEN_MAX",
+    "Claims",
+    "Link",
+    "LinkRefused",
+    "Session",
+    "message_page",
+    "mint",
+    "open_link",
+    "parse_ttl",
+    "session",
+    "settings_page",
+    "sign",
+    "signed_in_page",
+    "static_path",
+    "verify",
+]
+
+SESSION_COOKIE = "outbox_session"
+# A session lasts a working day from the moment the link was opened.
+SESSION_SECONDS = 8 * 3600
+LINK_SECONDS = 15 * 60
+LINK_SECONDS_MAX = 24 * 3600
+
+STATIC_DIR = Path(__file__).with_name("static")
+# What /static/{name} serves; the HTML templates are only ever filled in and served
+# by their own routes.
+STATIC_FILES = {
+    "webhooks.css": "text/css; charset=utf-8",
+    "webhooks.js": "text/javascript; charset=utf-8",
+}
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+# Sent with every page, error page and static file.
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+# Domain separation: this key signs nothing else, but a signature says what it is for.
+_CONTEXT = b"outbox portal link v1\x00"
+# A link must fit comfortably in a URL: an account id of up to 256 characters (at most
+# 1 KiB of UTF-8) makes a token of at most about 1.5 KiB.
+TOKEN_MAX = 2048
+_ACCOUNT_MAX = 256
+_COOKIE_MAX = 128
+_AGAIN = "Go back to your account and open Settings > Webhooks again to get a new link."
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What a link says: whose settings page it opens, until when, and its nonce."""
+
+    account_id: str
+    expires: int  # Unix seconds, by the database's clock
+    nonce: str
+
+
+class LinkRefused(Exception):
+    """A link that does not open the page: forged or mangled, expired, or used."""
+
+    _WHY = {
+        "invalid": (
+            400,
+            "This link is not valid",
+            "It may have been copied incompletely or changed.",
+        ),
+        "expired": (
+            410,
+            "This link has expired",
+            "Links to the settings page work for a short time only.",
+        ),
+        "used": (
+            410,
+            "This link has already been used",
+            "Each link to the settings page works once.",
+        ),
+    }
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.status, self.title, why = self._WHY[reason]
+        self.explanation = f"{why} {_AGAIN}"
+        super().__init__(f"{self.title}: {why}")
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(secret: bytes, payload: str) -> str:
+    return _b64encode(hmac.new(secret, _CONTEXT + payload.encode(), hashlib.sha256).digest())
+
+
+def sign(secret: bytes, claims: Claims) -> str:
+    """The link token for ``claims``: URL-safe, ``<payload>.<signature>``."""
+    body = {"a": claims.account_id, "e": claims.expires, "n": claims.nonce}
+    payload = _b64encode(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
+    return f"{payload}.{_mac(secret, payload)}"
+
+
+def verify(secret: bytes, token: str) -> Claims:
+    """The claims of a token this key signed; LinkRefused("invalid") for anything else.
+    Whether it has expired or was used is for the database to say (see open_link)."""
+    if len(token) > TOKEN_MAX or not token.isascii() or token.count(".") != 1:
+        raise LinkRefused("invalid")
+    payload, signature = token.split(".")
+    if not hmac.compare_digest(signature.encode(), _mac(secret, payload).encode()):
+        raise LinkRefused("invalid")
+    try:
+        body = json.loads(_b64decode(payload))
+    except (ValueError, binascii.Error):
+        raise LinkRefused("invalid") from None
+    if not (
+        isinstance(body, dict)
+        and isinstance(body.get("a"), str)
+        and body["a"]
+        and type(body.get("e")) is int
+        and isinstance(body.get("n"), str)
+        and body["n"]
+    ):
+        raise LinkRefused("invalid")
+    return Claims(body["a"], body["e"], body["n"])
+
+
+_TTL = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_ttl(raw: str) -> int:
+    """Seconds in ``15m``, ``1h``, ``90s`` or ``90``; from 1 s to 24 h."""
+    match = _TTL.fullmatch(raw.strip().lower())
+    seconds = math.ceil(float(match[1]) * _UNIT[match[2]]) if match else 0
+    if not 1 <= seconds <= LINK_SECONDS_MAX:
+        raise Invalid(f"ttl must be a time like 15m, 1h or 90s, from 1s to 24h, not {raw!r}")
+    return seconds
+
+
+def _check_account(account_id: str) -> str:
+    if not account_id or not account_id.strip():
+        raise Invalid("account_id must not be empty")
+    if len(account_id) > _ACCOUNT_MAX or "\x00" in account_id:
+        raise Invalid(f"account_id must be text of at most {_ACCOUNT_MAX} characters for a link")
+    try:
+        account_id.encode()
+    except UnicodeEncodeError:
+        raise Invalid("account_id must be valid Unicode text") from None
+    return account_id
+
+
+async def _secret(conn: psycopg.AsyncConnection[Any]) -> tuple[bytes, float]:
+    """The signing key, and now by the database's clock."""
+    cur = await conn.execute(db.query("portal_secret"))
+    row = await cur.fetchone()
+    if row is None:
+        raise RuntimeError("outbox.portal_secret is empty: run `outbox migrate`")
+    return bytes(row[0]), float(row[1])
+
+
+@dataclass(frozen=True)
+class Link:
+    url: str
+    expires_at: datetime
+
+
+async def mint(
+    conn: psycopg.AsyncConnection[Any],
+    account_id: str,
+    *,
+    base_url: str,
+    seconds: int = LINK_SECONDS,
+) -> Link:
+    """A one-time link to ``account_id``'s settings page, valid for ``seconds``."""
+    _check_account(account_id)
+    if not 1 <= seconds <= LINK_SECONDS_MAX:
+        raise Invalid(f"ttl must be from 1 to {LINK_SECONDS_MAX} seconds")
+    secret, now = await _secret(conn)
+    expires = math.ceil(now + seconds)
+    token = sign(secret, Claims(account_id, expires, secrets.token_urlsafe(16)))
+    return Link(f"{base_url}/portal/{token}", datetime.fromtimestamp(expires, UTC))
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-in browser. ``cookie`` is set only when the session was just made."""
+
+    account_id: str
+    csrf_token: str
+    expires_at: datetime
+    cookie: str = ""
+
+
+def _digest(cookie: str) -> bytes:
+    return hashlib.sha256(cookie.encode()).digest()
+
+
+async def open_link(conn: psycopg.AsyncConnection[Any], token: str) -> Session:
+    """Use a link once: a new session for its account, or LinkRefused saying why not."""
+    async with conn.transaction():
+        secret, _ = await _secret(conn)
+        claims = verify(secret, token)
+        cur = await conn.execute(
+            db.query("portal_link_use"),
+            {
+                "nonce": claims.nonce,
+                "account_id": claims.account_id,
+                "expires_at": datetime.fromtimestamp(claims.expires, UTC),
+            },
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        fresh, first_use = row
+        if not fresh:
+            raise LinkRefused("expired")
+        if not first_use:
+            raise LinkRefused("used")
+        cookie, csrf_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        cur = await conn.execute(
+            db.query("portal_session_create"),
+            {
+                "account_id": claims.account_id,
+                "session_sha256": _digest(cookie),
+                "csrf_token": csrf_token,
+                "seconds": SESSION_SECONDS,
+            },
+        )
+        row = await cur.fetchone()
+        assert row is not None
+    return Session(claims.account_id, csrf_token, row[0], cookie)
+
+
+async def session(conn: psycopg.AsyncConnection[Any], cookie: str) -> Session | None:
+    """The session a cookie belongs to, or None when unknown or expired."""
+    if not cookie or len(cookie) > _COOKIE_MAX or not cookie.isascii():
+        return None
+    cur = await conn.execute(db.query("portal_session"), {"session_sha256": _digest(cookie)})
+    row = await cur.fetchone()
+    return None if row is None else Session(row[0], row[1], row[2])
+
+
+@cache
+def _template(name: str) -> str:
+    return (STATIC_DIR / name).read_text()
+
+
+def _fill(name: str, **values: str) -> str:
+    """The template with each ``{{key}}`` replaced by its value, escaped for HTML."""
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: html.escape(values[m[1]]), _template(name))
+
+
+def settings_page(current: Session) -> str:
+    """The Settings > Webhooks page for a signed-in browser."""
+    return _fill("webhooks.html", account=current.account_id, csrf_token=current.csrf_token)
+
+
+def signed_in_page() -> str:
+    """What opening a link answers: a same-site step to the settings page.
+
+    Not a redirect: a navigation that began on another site (the host application's)
+    does not send a SameSite=Strict cookie, and a redirect continues that navigation.
+    A refresh from this page is a new one, begun here.
+    """
+    return _template("signed-in.html")
+
+
+def message_page(title: str, message: str) -> str:
+    """A page that says why the settings page cannot be shown."""
+    return _fill("message.html", title=title, message=message)
+
+
+def static_path(name: str) -> Path | None:
+    """The file /static/{name} serves, or None."""
+    return STATIC_DIR / name if name in STATIC_FILES else None

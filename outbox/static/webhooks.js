@@ -1,0 +1,747 @@
+// Settings > Webhooks: the page a portal link opens.
+//
+// Plain JavaScript, no framework, no build. It calls the admin JSON API with the
+// session cookie the link set, and sends the session's CSRF token (from the page's
+// <meta>) with every change. Every string that comes from a person or a server is put
+// on the page with textContent or as an attribute value set through the DOM, never
+// parsed as HTML.
+(() => {
+  "use strict";
+
+  const LIMIT = 10;
+  const API = "../api/v1";
+  const LIST_POLL_MS = 5000;
+  const LOG_POLL_MS = 3000;
+  const csrfToken = document.querySelector('meta[name="outbox-csrf-token"]').content;
+
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    events: [], // [{name, display_name}]
+    webhooks: [],
+    listSignature: "",
+    editing: null, // the webhook in the edit dialog; null when adding
+    deleting: null,
+    log: { hook: null, deliveries: [], cursor: null, signature: "" },
+    opener: null,
+    ended: false,
+  };
+
+  // ---------------------------------------------------------------- building DOM
+
+  // el("td", {class: "x", text: "..."}, child, "text", ...): attributes are set with
+  // setAttribute and text with text nodes, so nothing is ever parsed as HTML.
+  function el(tag, attributes, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attributes || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "text") node.textContent = String(value);
+      else if (key === "class") node.className = value;
+      else if (key === "data") Object.assign(node.dataset, value);
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined && child !== false) node.append(child);
+    }
+    return node;
+  }
+
+  function show(node, visible) {
+    node.hidden = !visible;
+  }
+
+  // Rebuild a container's children without losing the keyboard focus: the element
+  // that had it is found again by its data-key.
+  function replaceKeepingFocus(container, children) {
+    const active = document.activeElement;
+    const key = active && container.contains(active) ? active.dataset.key : null;
+    container.replaceChildren(...children);
+    if (key) {
+      const again = container.querySelector(`[data-key="${CSS.escape(key)}"]`);
+      if (again) again.focus();
+    }
+  }
+
+  // ---------------------------------------------------------------- time and words
+
+  const relative = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
+  const absolute = new Intl.DateTimeFormat(undefined, {
+    dateStyle: "medium",
+    timeStyle: "medium",
+  });
+
+  function ago(iso) {
+    const seconds = (Date.parse(iso) - Date.now()) / 1000;
+    const size = Math.abs(seconds);
+    if (size < 45)
+      return seconds > 0 ? relative.format(Math.max(1, Math.round(seconds)), "second") : "just now";
+    if (size < 45 * 60) return relative.format(Math.round(seconds / 60), "minute");
+    if (size < 22 * 3600) return relative.format(Math.round(seconds / 3600), "hour");
+    return relative.format(Math.round(seconds / 86400), "day");
+  }
+
+  function timeEl(iso, prefix) {
+    const when = new Date(iso);
+    return el("time", {
+      datetime: iso,
+      title: absolute.format(when),
+      text: prefix ? `${prefix} ${ago(iso)}` : ago(iso),
+    });
+  }
+
+  // A URL as text that may wrap after each "/" of its path rather than mid-word.
+  function urlText(url) {
+    const node = el("span", { class: "url" });
+    const start = url.indexOf("://") + 3; // 2 when there is no scheme
+    const scheme = start > 2 ? url.slice(0, start) : "";
+    node.append(scheme);
+    for (const part of url.slice(scheme.length).split(/(?<=\/)/)) node.append(part, el("wbr"));
+    return node;
+  }
+
+  function displayName(event) {
+    const found = state.events.find((e) => e.name === event);
+    return found ? found.display_name : event;
+  }
+
+  const STATUS_WORDS = {
+    succeeded: "Succeeded",
+    failed: "Failed",
+    pending: "Pending",
+    cancelled: "Cancelled",
+  };
+
+  // ---------------------------------------------------------------- the API
+
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+  }
+
+  async function call(method, path, body) {
+    const init = {
+      method,
+      headers: { Accept: "application/json" },
+      credentials: "same-origin",
+      cache: "no-store",
+    };
+    if (method !== "GET") init.headers["X-CSRF-Token"] = csrfToken;
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(API + path, init);
+    } catch {
+      throw new ApiError(
+        0,
+        "network",
+        "Cannot reach the server. Check your connection and try again.",
+      );
+    }
+    if (response.status === 204) return null;
+    let data = null;
+    try {
+      data = await response.json();
+    } catch {
+      data = null;
+    }
+    if (!response.ok) {
+      const error = (data && data.error) || {};
+      const message = error.message || `The server answered ${response.status}. Try again.`;
+      if (response.status === 401) sessionEnded();
+      throw new ApiError(response.status, error.code || "http_error", message);
+    }
+    return data;
+  }
+
+  function sessionEnded() {
+    if (state.ended) return;
+    state.ended = true;
+    for (const dialog of document.querySelectorAll("dialog[open]")) dialog.close();
+    banner(
+      "Your session has ended. Go back to your account and open Settings > Webhooks " +
+        "again to get a new link.",
+    );
+    for (const control of document.querySelectorAll("main button, main input")) {
+      control.disabled = true;
+    }
+  }
+
+  function banner(message) {
+    const node = $("banner");
+    node.textContent = message;
+    show(node, Boolean(message));
+  }
+
+  function notice(message) {
+    $("notice").textContent = message;
+  }
+
+  // ---------------------------------------------------------------- the list
+
+  async function loadList() {
+    if (state.ended) return;
+    try {
+      const data = await call("GET", "/webhooks");
+      state.webhooks = data.webhooks;
+      if (!state.ended) banner("");
+    } catch (error) {
+      if (error.status !== 401) banner(`The webhooks could not be loaded: ${error.message}`);
+      return;
+    }
+    renderList();
+  }
+
+  function renderList() {
+    // Relative times change by themselves, so they are part of what is compared.
+    const signature =
+      JSON.stringify(state.webhooks) +
+      state.webhooks.map((h) => h.last_delivery_at && ago(h.last_delivery_at)).join();
+    if (signature === state.listSignature) return;
+    state.listSignature = signature;
+
+    const count = state.webhooks.length;
+    $("usage").textContent = `${count} of ${LIMIT} used`;
+    const full = count >= LIMIT;
+    $("add-webhook").disabled = full || state.ended;
+    show($("limit-note"), full);
+    show($("empty"), count === 0);
+    show($("webhooks"), count > 0);
+    replaceKeepingFocus($("webhook-rows"), state.webhooks.map(row));
+  }
+
+  function statusCell(hook) {
+    if (!hook.last_delivery_status) {
+      return [el("span", { class: "status none", text: "None yet" })];
+    }
+    const parts = [
+      el("span", {
+        class: `status ${hook.last_delivery_status}`,
+        text: STATUS_WORDS[hook.last_delivery_status] || hook.last_delivery_status,
+      }),
+    ];
+    if (hook.last_delivery_status === "failed" && hook.last_error) {
+      parts.push(el("span", { class: "reason", text: hook.last_error }));
+    }
+    if (hook.last_delivery_at) parts.push(timeEl(hook.last_delivery_at));
+    return parts;
+  }
+
+  function row(hook) {
+    const toggle = el("input", {
+      type: "checkbox",
+      role: "switch",
+      class: "switch",
+      "aria-label": `Enabled: ${hook.name}`,
+      data: { key: `enabled-${hook.id}` },
+    });
+    toggle.checked = hook.enabled;
+    toggle.addEventListener("change", () => setEnabled(hook, toggle));
+
+    const name = el(
+      "div",
+      { class: "name" },
+      el("span", { class: "name-text", text: hook.name }),
+      hook.enabled ? null : el("span", { class: "badge off", text: "Disabled" }),
+    );
+    const actions = el(
+      "div",
+      { class: "row-actions" },
+      el("button", {
+        type: "button",
+        class: "small",
+        text: "Edit",
+        "aria-label": `Edit ${hook.name}`,
+        data: { key: `edit-${hook.id}` },
+        onclick: (event) => openForm(hook, event.currentTarget),
+      }),
+      el("button", {
+        type: "button",
+        class: "small",
+        text: "Delivery log",
+        "aria-label": `Delivery log of ${hook.name}`,
+        data: { key: `log-${hook.id}` },
+        onclick: (event) => openLog(hook, event.currentTarget),
+      }),
+      el("button", {
+        type: "button",
+        class: "small link-danger",
+        text: "Delete",
+        "aria-label": `Delete ${hook.name}`,
+        data: { key: `delete-${hook.id}` },
+        onclick: (event) => openDelete(hook, event.currentTarget),
+      }),
+    );
+    return el(
+      "tr",
+      { class: hook.enabled ? "enabled" : "disabled", data: { id: hook.id } },
+      el("td", { class: "who" }, name, urlText(hook.url)),
+      el("td", { class: "event", text: displayName(hook.event) }),
+      el("td", {}, toggle),
+      el("td", { class: "last" }, ...statusCell(hook)),
+      el("td", { class: "num pending", text: String(hook.pending) }),
+      el("td", {}, actions),
+    );
+  }
+
+  async function setEnabled(hook, toggle) {
+    const wanted = toggle.checked;
+    try {
+      const saved = await call("PATCH", `/webhooks/${hook.id}`, { enabled: wanted });
+      notice(`“${saved.name}” is ${saved.enabled ? "enabled" : "disabled"}.`);
+    } catch (error) {
+      toggle.checked = !wanted;
+      if (error.status !== 401) banner(`“${hook.name}” could not be changed: ${error.message}`);
+    }
+    await loadList();
+  }
+
+  // ---------------------------------------------------------------- dialogs
+
+  function openDialog(dialog, opener) {
+    state.opener = opener || document.activeElement;
+    dialog.showModal();
+  }
+
+  function onDialogClosed(dialog, cleanup) {
+    dialog.addEventListener("close", () => {
+      cleanup();
+      const opener = state.opener;
+      state.opener = null;
+      if (opener && document.contains(opener)) opener.focus();
+      else $("main").focus();
+    });
+    for (const button of dialog.querySelectorAll("[data-close]")) {
+      button.addEventListener("click", () => dialog.close());
+    }
+  }
+
+  // ---------------------------------------------------------------- add and edit
+
+  const FIELDS = ["name", "url", "event", "secret", "enabled"];
+
+  // Which field an API message is about: the API's messages start with the field's
+  // name ("url must be an absolute https:// URL with a host"), or say "unknown event".
+  function fieldOf(message) {
+    const text = message.toLowerCase();
+    if (text.startsWith("unknown event")) return "event";
+    return FIELDS.find((field) => text.startsWith(field)) || null;
+  }
+
+  function clearErrors() {
+    for (const field of FIELDS) {
+      const error = $(`f-${field}-error`);
+      error.textContent = "";
+      show(error, false);
+      $(`f-${field}`).removeAttribute("aria-invalid");
+    }
+    $("form-error").textContent = "";
+    show($("form-error"), false);
+  }
+
+  function showError(message) {
+    const field = fieldOf(message);
+    if (field && !$(`f-${field}`).closest("[hidden]")) {
+      const error = $(`f-${field}-error`);
+      error.textContent = message;
+      show(error, true);
+      const input = $(`f-${field}`);
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+    } else {
+      $("form-error").textContent = message;
+      show($("form-error"), true);
+    }
+  }
+
+  function fillEventSelect(select, withPlaceholder) {
+    const options = state.events.map((e) => el("option", { value: e.name, text: e.display_name }));
+    if (withPlaceholder) options.unshift(el("option", { value: "", text: "Select an event" }));
+    select.replaceChildren(...options);
+  }
+
+  // Empty the secret field: a generated secret is shown once, until the dialog closes.
+  function clearSecret() {
+    const secret = $("f-secret");
+    secret.value = "";
+    secret.type = "password";
+    show($("f-secret-once"), false);
+    $("copy-secret").textContent = "Copy secret";
+  }
+
+  function resetSecret() {
+    clearSecret();
+    $("f-remove-secret").checked = false;
+  }
+
+  function openForm(hook, opener) {
+    state.editing = hook || null;
+    const editing = Boolean(hook);
+    clearErrors();
+    resetSecret();
+    $("webhook-dialog-title").textContent = editing ? "Edit Webhook" : "Add Webhook";
+    $("submit-webhook").textContent = editing ? "Save" : "Create";
+    $("f-name").value = editing ? hook.name : "";
+    $("f-url").value = editing ? hook.url : "";
+    fillEventSelect($("f-event"), !editing);
+    $("f-event").value = editing ? hook.event : "";
+    $("f-secret").placeholder =
+      editing && hook.has_secret ? "Leave blank to keep the current secret" : "";
+    $("f-secret-hint").textContent =
+      editing && hook.has_secret
+        ? "A signing secret is set. Enter a new one (at least 16 characters) to replace it."
+        : "At least 16 characters. Every delivery is signed with it (X-Webhook-Signature), " +
+          "so your endpoint can verify where it came from.";
+    show($("remove-secret-label"), editing && hook.has_secret);
+    show($("enabled-field"), editing);
+    $("f-enabled").checked = editing ? hook.enabled : true;
+    show($("test-section"), editing);
+    if (editing) {
+      fillEventSelect($("t-event"), false);
+      $("t-event").value = hook.event;
+      $("test-result").replaceChildren();
+      $("test-result").className = "test-result";
+    }
+    openDialog($("webhook-dialog"), opener);
+    $("f-name").focus();
+  }
+
+  function formFields() {
+    const hook = state.editing;
+    const fields = {};
+    const name = $("f-name").value;
+    const url = $("f-url").value.trim();
+    const event = $("f-event").value;
+    const secret = $("f-secret").value;
+    if (!hook || name !== hook.name) fields.name = name;
+    if (!hook || url !== hook.url) fields.url = url;
+    if (event && (!hook || event !== hook.event)) fields.event = event;
+    if (hook && $("f-remove-secret").checked && !secret) fields.secret = null;
+    else if (secret) fields.secret = secret;
+    if (hook && $("f-enabled").checked !== hook.enabled) fields.enabled = $("f-enabled").checked;
+    return fields;
+  }
+
+  async function submitForm(event) {
+    event.preventDefault();
+    clearErrors();
+    const hook = state.editing;
+    const button = $("submit-webhook");
+    button.disabled = true;
+    try {
+      const saved = hook
+        ? await call("PATCH", `/webhooks/${hook.id}`, formFields())
+        : await call("POST", "/webhooks", formFields());
+      resetSecret();
+      $("webhook-dialog").close();
+      notice(hook ? `Changes to “${saved.name}” were saved.` : `“${saved.name}” was created.`);
+      await loadList();
+    } catch (error) {
+      if (error.status !== 401) showError(error.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function generateSecret() {
+    const bytes = new Uint8Array(32);
+    crypto.getRandomValues(bytes);
+    let binary = "";
+    for (const byte of bytes) binary += String.fromCharCode(byte);
+    const encoded = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    const secret = $("f-secret");
+    secret.value = `whsec_${encoded}`;
+    secret.type = "text";
+    $("f-remove-secret").checked = false;
+    $("copy-secret").textContent = "Copy secret";
+    show($("f-secret-once"), true);
+    secret.focus();
+    secret.select();
+  }
+
+  async function copySecret() {
+    const secret = $("f-secret");
+    try {
+      await navigator.clipboard.writeText(secret.value);
+      $("copy-secret").textContent = "Copied";
+    } catch {
+      secret.focus();
+      secret.select();
+      $("copy-secret").textContent = "Press Ctrl+C (⌘C) to copy";
+    }
+  }
+
+  async function sendTest() {
+    const hook = state.editing;
+    const result = $("test-result");
+    const button = $("send-test");
+    button.disabled = true;
+    result.className = "test-result";
+    result.replaceChildren(el("p", { text: "Sending a test payload…" }));
+    try {
+      const outcome = await call("POST", `/webhooks/${hook.id}/test`, {
+        event: $("t-event").value,
+      });
+      const details = [
+        el("dt", { text: "Status code" }),
+        el("dd", { text: outcome.status === null ? "no response" : String(outcome.status) }),
+        el("dt", { text: "Duration" }),
+        el("dd", { text: `${outcome.duration_ms} ms` }),
+      ];
+      if (!outcome.ok && outcome.error) {
+        details.push(el("dt", { text: "Error" }), el("dd", { text: outcome.error }));
+      }
+      result.className = `test-result ${outcome.ok ? "succeeded" : "failed"}`;
+      result.replaceChildren(
+        el("strong", {
+          class: `status ${outcome.ok ? "succeeded" : "failed"}`,
+          text: outcome.ok ? "Succeeded" : "Failed",
+        }),
+        el("dl", {}, ...details),
+      );
+      result.scrollIntoView({ block: "nearest" });
+    } catch (error) {
+      result.className = "test-result failed";
+      result.replaceChildren(el("p", { text: `The test payload was not sent: ${error.message}` }));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // ---------------------------------------------------------------- delete
+
+  function openDelete(hook, opener) {
+    state.deleting = hook;
+    $("delete-name").textContent = hook.name;
+    $("delete-error").textContent = "";
+    show($("delete-error"), false);
+    openDialog($("delete-dialog"), opener);
+    $("cancel-delete").focus();
+  }
+
+  async function confirmDelete() {
+    const hook = state.deleting;
+    const button = $("confirm-delete");
+    button.disabled = true;
+    try {
+      await call("DELETE", `/webhooks/${hook.id}`);
+      $("delete-dialog").close();
+      notice(`“${hook.name}” was deleted.`);
+      await loadList();
+    } catch (error) {
+      if (error.status === 404) {
+        $("delete-dialog").close();
+        await loadList();
+      } else if (error.status !== 401) {
+        $("delete-error").textContent = error.message;
+        show($("delete-error"), true);
+      }
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // ---------------------------------------------------------------- delivery log
+
+  function openLog(hook, opener) {
+    state.log = { hook, deliveries: [], cursor: null, signature: "" };
+    $("log-name").textContent = hook.name;
+    $("log-url").textContent = hook.url;
+    $("log-notice").textContent = "";
+    show($("log-error"), false);
+    $("log-list").replaceChildren();
+    show($("log-empty"), false);
+    show($("log-more"), false);
+    openDialog($("log-dialog"), opener);
+    loadLog("first");
+  }
+
+  // "first": the newest page; "again": the pages shown so far, fresh; "older": one more.
+  async function loadLog(which) {
+    const log = state.log;
+    const hook = log.hook;
+    if (!hook || state.ended) return;
+    let path = `/webhooks/${hook.id}/deliveries?limit=`;
+    if (which === "older") path += `20&cursor=${encodeURIComponent(log.cursor)}`;
+    else if (which === "again") path += String(Math.min(100, Math.max(20, log.deliveries.length)));
+    else path += "20";
+    let page;
+    try {
+      page = await call("GET", path);
+    } catch (error) {
+      if (error.status !== 401) {
+        $("log-error").textContent = `The delivery log could not be loaded: ${error.message}`;
+        show($("log-error"), true);
+      }
+      return;
+    }
+    if (state.log !== log) return; // another webhook's log was opened meanwhile
+    show($("log-error"), false);
+    log.deliveries = which === "older" ? log.deliveries.concat(page.deliveries) : page.deliveries;
+    if (which !== "again" || log.deliveries.length < 100) log.cursor = page.next_cursor;
+    renderLog();
+  }
+
+  function renderLog() {
+    const log = state.log;
+    const signature =
+      JSON.stringify(log.deliveries) + log.deliveries.map((d) => ago(d.created_at)).join();
+    show($("log-more"), Boolean(log.cursor));
+    show($("log-empty"), log.deliveries.length === 0);
+    if (signature === log.signature) return;
+    log.signature = signature;
+    replaceKeepingFocus($("log-list"), log.deliveries.map(deliveryItem));
+  }
+
+  function deliveryItem(delivery) {
+    const head = el(
+      "div",
+      { class: "delivery-head" },
+      el("span", {
+        class: `status ${delivery.status}`,
+        text: STATUS_WORDS[delivery.status] || delivery.status,
+      }),
+      el("span", { class: "event", text: displayName(delivery.event) }),
+      el("span", { class: "delivery-id", text: `ID ${delivery.id}` }),
+      el("span", { class: "grow" }),
+      timeEl(delivery.created_at, "Created"),
+    );
+    if (delivery.status === "failed") {
+      head.append(
+        el("button", {
+          type: "button",
+          class: "small",
+          text: "Retry",
+          "aria-label": `Retry delivery ${delivery.id}`,
+          data: { key: `retry-${delivery.id}` },
+          onclick: (event) => retry(delivery, event.currentTarget),
+        }),
+      );
+    }
+    const parts = [head];
+    if (delivery.status === "pending" && delivery.next_attempt_at) {
+      parts.push(timeEl(delivery.next_attempt_at, "Next attempt"));
+    }
+    if (delivery.last_error && delivery.status !== "succeeded") {
+      parts.push(el("span", { class: "reason", text: delivery.last_error }));
+    }
+    if (delivery.attempt_log.length) parts.push(attemptsTable(delivery));
+    return el("li", { class: `delivery ${delivery.status}`, data: { id: delivery.id } }, ...parts);
+  }
+
+  function attemptsTable(delivery) {
+    const rows = delivery.attempt_log.map((attempt) =>
+      el(
+        "tr",
+        {},
+        el("td", { text: String(attempt.attempt) }),
+        el("td", {}, timeEl(attempt.started_at)),
+        el("td", {
+          class: "code",
+          text: attempt.response_status === null ? "—" : String(attempt.response_status),
+        }),
+        el("td", { class: "num", text: `${attempt.duration_ms} ms` }),
+        el("td", { class: "error", text: attempt.error || "" }),
+      ),
+    );
+    return el(
+      "table",
+      { class: "attempts", "aria-label": `Attempts of delivery ${delivery.id}` },
+      el(
+        "thead",
+        {},
+        el(
+          "tr",
+          {},
+          el("th", { scope: "col", text: "Attempt" }),
+          el("th", { scope: "col", text: "Sent" }),
+          el("th", { scope: "col", text: "Status code" }),
+          el("th", { scope: "col", class: "num", text: "Duration" }),
+          el("th", { scope: "col", text: "Error" }),
+        ),
+      ),
+      el("tbody", {}, ...rows),
+    );
+  }
+
+  async function retry(delivery, button) {
+    button.disabled = true;
+    try {
+      await call("POST", `/deliveries/${delivery.id}/retry`);
+      $("log-notice").textContent = `Delivery ${delivery.id} was queued to be sent again.`;
+    } catch (error) {
+      button.disabled = false;
+      if (error.status !== 401) {
+        $("log-error").textContent = error.message;
+        show($("log-error"), true);
+      }
+      return;
+    }
+    await loadLog("again");
+    await loadList();
+  }
+
+  // ---------------------------------------------------------------- start
+
+  function poll() {
+    if (state.ended) return;
+    if (!document.hidden) {
+      loadList();
+      if ($("log-dialog").open) loadLog("again");
+    }
+  }
+
+  async function start() {
+    $("add-webhook").addEventListener("click", (event) => openForm(null, event.currentTarget));
+    $("refresh").addEventListener("click", async () => {
+      state.listSignature = "";
+      await loadList();
+    });
+    $("webhook-form").addEventListener("submit", submitForm);
+    $("generate-secret").addEventListener("click", generateSecret);
+    $("copy-secret").addEventListener("click", copySecret);
+    $("f-remove-secret").addEventListener("change", () => {
+      if ($("f-remove-secret").checked) clearSecret();
+    });
+    $("send-test").addEventListener("click", sendTest);
+    $("confirm-delete").addEventListener("click", confirmDelete);
+    $("log-more").addEventListener("click", () => loadLog("older"));
+    $("log-refresh").addEventListener("click", () => loadLog("again"));
+    onDialogClosed($("webhook-dialog"), () => {
+      resetSecret();
+      state.editing = null;
+    });
+    onDialogClosed($("delete-dialog"), () => {
+      state.deleting = null;
+    });
+    onDialogClosed($("log-dialog"), () => {
+      state.log = { hook: null, deliveries: [], cursor: null, signature: "" };
+    });
+
+    try {
+      state.events = (await call("GET", "/events")).events;
+    } catch (error) {
+      if (error.status !== 401) banner(`The page could not be loaded: ${error.message}`);
+      return;
+    }
+    await loadList();
+    setInterval(poll, LIST_POLL_MS);
+    setInterval(() => {
+      if (
+        !document.hidden &&
+        $("log-dialog").open &&
+        state.log.deliveries.some((d) => d.status === "pending")
+      ) {
+        loadLog("again");
+      }
+    }, LOG_POLL_MS);
+  }
+
+  start();
+})();
