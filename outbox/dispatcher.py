@@ -31,6 +31,8 @@ log = structlog.get_logger("outbox.dispatcher")
 
 # While another dispatcher holds rows we could take, look again this soon.
 CONTENDED_RETRY = 0.02
+# How soon to try the doorbell again when producers (or a peer) hold it; doubling.
+ARM_RETRY = 0.05
 BACKOFF_MAX = 5.0
 
 
@@ -72,6 +74,7 @@ class Doorbell:
         self._on_armed = on_armed
         self._want = False
         self._held = False
+        self._misses = 0
         self._changed = asyncio.Event()
 
     def want(self, armed: bool) -> None:
@@ -88,19 +91,22 @@ class Doorbell:
                 if conn is None or conn.closed:
                     self._held = False
                     conn = await db.connect(self._url)
-                    await conn.execute("SET lock_timeout = '1s'")
                 if self._want and not self._held:
-                    await conn.execute(db.query("arm_doorbell"))
-                    self._held = True
-                    self._on_armed.set()
+                    cur = await conn.execute(db.query("arm_doorbell"))
+                    row = await cur.fetchone()
+                    if row is not None and row[0]:
+                        self._held = True
+                        self._misses = 0
+                        self._on_armed.set()
+                    else:
+                        # Producers are mid-commit (try again at once), or another
+                        # dispatcher sleeps on it, and producers ring for us too (no hurry).
+                        await asyncio.sleep(min(self._retry_in, ARM_RETRY * 2**self._misses))
+                        self._misses += 1
+                        self._changed.set()
                 elif not self._want and self._held:
                     await conn.execute(db.query("disarm_doorbell"))
                     self._held = False
-            except psycopg.errors.LockNotAvailable:
-                # Another dispatcher sleeps on the doorbell already, or a long producer
-                # transaction is open: polling covers us; try again a little later.
-                await asyncio.sleep(self._retry_in)
-                self._changed.set()
             except psycopg.OperationalError as exc:
                 log.warning("doorbell connection lost", error=str(exc))
                 conn = None

@@ -90,10 +90,12 @@ FROM outbox.deliveries
 WHERE status = 'pending';
 
 -- arm_doorbell --
--- Held while the dispatcher sleeps: producers that see it NOTIFY. Taking it waits for
--- producers that saw it free (they hold it shared until commit), so the poll that
--- follows sees their rows.
-SELECT pg_advisory_lock(1869968482, 1);
+-- Held while the dispatcher sleeps: producers that see it NOTIFY. It is only tried,
+-- never waited for: a waiting request would make every producer's shared try fail, so
+-- all of them would NOTIFY. Taking it succeeds only once no producer holds it shared,
+-- i.e. every producer that did not ring has committed, so the poll that follows sees
+-- their rows.
+SELECT pg_try_advisory_lock(1869968482, 1);
 
 -- disarm_doorbell --
 SELECT pg_advisory_unlock(1869968482, 1);
