@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,24 @@ def template_db(pg_server: localpg.Server) -> Iterator[str]:
     janitor.drop()
 
 
+@contextmanager
+def cloned_database(
+    server: localpg.Server, template: str, prefix: str = "outbox_t"
+) -> Iterator[str]:
+    """A fresh copy of the migrated template (milliseconds), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    janitor = _janitor(server, name, template_dbname=template)
+    janitor.init()
+    try:
+        yield server.url(name)
+    finally:
+        janitor.drop()
+
+
 @pytest.fixture
 def database_url(pg_server: localpg.Server, template_db: str) -> Iterator[str]:
-    name = f"outbox_t_{uuid.uuid4().hex[:12]}"
-    janitor = _janitor(pg_server, name, template_dbname=template_db)
-    janitor.init()
-    yield pg_server.url(name)
-    janitor.drop()
+    with cloned_database(pg_server, template_db) as url:
+        yield url
 
 
 @pytest.fixture
@@ -214,8 +226,8 @@ class Sidecar:
         return self.wait()
 
 
-@pytest.fixture
-def sidecar_env(database_url: str, ca_file: str) -> dict[str, str]:
+def sidecar_environment(database_url: str, ca_file: str, **settings: str) -> dict[str, str]:
+    """This process's environment without any OUTBOX_ setting, plus test settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     env.update(
         OUTBOX_DATABASE_URL=database_url,
@@ -225,7 +237,13 @@ def sidecar_env(database_url: str, ca_file: str) -> dict[str, str]:
         OUTBOX_HTTP_TIMEOUT="2",
         OUTBOX_LOG_FORMAT="json",
     )
+    env.update(settings)
     return env
+
+
+@pytest.fixture
+def sidecar_env(database_url: str, ca_file: str) -> dict[str, str]:
+    return sidecar_environment(database_url, ca_file)
 
 
 @pytest.fixture

@@ -8,29 +8,19 @@ own (migrations) use `empty_database_url` or create one.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from pytest_postgresql.janitor import DatabaseJanitor
 
 from outbox import localpg
+from tests.conftest import cloned_database
 
 
 @pytest.fixture(scope="module")
 def module_database_url(pg_server: localpg.Server, template_db: str) -> Iterator[str]:
-    name = f"outbox_m_{uuid.uuid4().hex[:12]}"
-    janitor = DatabaseJanitor(
-        user=pg_server.user,
-        host=pg_server.host,
-        port=pg_server.port,
-        dbname=name,
-        template_dbname=template_db,
-    )
-    janitor.init()
-    yield pg_server.url(name)
-    janitor.drop()
+    with cloned_database(pg_server, template_db, "outbox_m") as url:
+        yield url
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import http.client
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,11 +24,18 @@ from typing import Any
 
 import psycopg
 import pytest
-from pytest_postgresql.janitor import DatabaseJanitor
 
 from outbox import localpg, tokens
 from outbox.events import EVENTS
-from tests.conftest import ROOT, SQL, Sidecar, free_port, wait_until
+from tests.conftest import (
+    ROOT,
+    SQL,
+    Sidecar,
+    cloned_database,
+    free_port,
+    sidecar_environment,
+    wait_until,
+)
 from tests.receiver import Receiver, Reply
 
 SECRET = "whsec_api_secret_0123456789"
@@ -119,17 +125,12 @@ def new_api(sidecar: Sidecar, sql: SQL) -> Api:
 
 
 def sidecar_env(database_url: str, ca_file: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    env.update(
-        OUTBOX_DATABASE_URL=database_url,
-        OUTBOX_CA_FILE=ca_file,
-        OUTBOX_ALLOW_PRIVATE_TARGETS="true",
+    return sidecar_environment(
+        database_url,
+        ca_file,
         OUTBOX_RETRY_DELAYS=RETRY_DELAYS,
-        OUTBOX_HTTP_TIMEOUT="2",
-        OUTBOX_LOG_FORMAT="json",
         OUTBOX_API_LISTEN=f"127.0.0.1:{free_port()}",
     )
-    return env
 
 
 @dataclass(frozen=True)
@@ -146,25 +147,15 @@ def server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Server]:
     """One database and one `outbox run` for a whole module."""
-    name = f"outbox_api_{uuid.uuid4().hex[:12]}"
-    janitor = DatabaseJanitor(
-        user=pg_server.user,
-        host=pg_server.host,
-        port=pg_server.port,
-        dbname=name,
-        template_dbname=template_db,
-    )
-    janitor.init()
-    url = pg_server.url(name)
-    log_path = Path(tmp_path_factory.mktemp("api")) / "sidecar.log"
-    sidecar = Sidecar(sidecar_env(url, ca_file), log_path).start()
-    sql = SQL(url)
-    try:
-        yield Server(sidecar, sql)
-    finally:
-        sidecar.stop()
-        sql.conn.close()
-        janitor.drop()
+    with cloned_database(pg_server, template_db, "outbox_api") as url:
+        log_path = Path(tmp_path_factory.mktemp("api")) / "sidecar.log"
+        sidecar = Sidecar(sidecar_env(url, ca_file), log_path).start()
+        sql = SQL(url)
+        try:
+            yield Server(sidecar, sql)
+        finally:
+            sidecar.stop()
+            sql.conn.close()
 
 
 @pytest.fixture

@@ -26,10 +26,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import trustme
-from pytest_postgresql.janitor import DatabaseJanitor
 
 from outbox import localpg, portal, tokens
-from tests.conftest import ROOT, SQL, Sidecar, wait_until
+from tests.conftest import ROOT, SQL, Sidecar, cloned_database, wait_until
 from tests.e2e.test_api import outbox, sidecar_env
 from tests.e2e.test_portal import CSP
 from tests.receiver import Receiver, Reply
@@ -137,29 +136,19 @@ def site(
     ca_file: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Site]:
-    name = f"outbox_page_{uuid.uuid4().hex[:12]}"
-    janitor = DatabaseJanitor(
-        user=pg_server.user,
-        host=pg_server.host,
-        port=pg_server.port,
-        dbname=name,
-        template_dbname=template_db,
-    )
-    janitor.init()
-    url = pg_server.url(name)
-    log_path = Path(tmp_path_factory.mktemp("page")) / "sidecar.log"
-    sidecar = Sidecar(sidecar_env(url, ca_file), log_path).start()
-    receiver = Receiver(ca).start()
-    sql = SQL(url)
-    site = Site(sidecar, sql, receiver)
-    receiver.respond = lambda got: Reply(status=site.replies.get(got.path, 200))
-    try:
-        yield site
-    finally:
-        receiver.stop()
-        sidecar.stop()
-        sql.conn.close()
-        janitor.drop()
+    with cloned_database(pg_server, template_db, "outbox_page") as url:
+        log_path = Path(tmp_path_factory.mktemp("page")) / "sidecar.log"
+        sidecar = Sidecar(sidecar_env(url, ca_file), log_path).start()
+        receiver = Receiver(ca).start()
+        sql = SQL(url)
+        site = Site(sidecar, sql, receiver)
+        receiver.respond = lambda got: Reply(status=site.replies.get(got.path, 200))
+        try:
+            yield site
+        finally:
+            receiver.stop()
+            sidecar.stop()
+            sql.conn.close()
 
 
 Opener = Callable[..., Page]
