@@ -65,21 +65,20 @@ _UP = Gauge(
     registry=REGISTRY,
 )
 
-# The dispatcher calls an attempt that schedules another one "pending".
+# The dispatcher calls an attempt that schedules another one "pending". The labelled
+# children are looked up once here, not (under a lock) on every attempt.
 _OUTCOMES = {"succeeded": "succeeded", "pending": "retrying", "failed": "failed"}
-for _outcome in _OUTCOMES.values():
-    _ATTEMPTS.labels(_outcome)
-for _outcome in ("succeeded", "failed"):
-    _DELIVERIES.labels(_outcome)
+_ATTEMPTS_BY = {outcome: _ATTEMPTS.labels(label) for outcome, label in _OUTCOMES.items()}
+_DELIVERIES_BY = {outcome: _DELIVERIES.labels(outcome) for outcome in ("succeeded", "failed")}
 
 
 def attempt(outcome: str, seconds: float) -> None:
     """One attempt ended; ``outcome`` is the delivery's status after it."""
-    label = _OUTCOMES[outcome]
-    _ATTEMPTS.labels(label).inc()
+    _ATTEMPTS_BY[outcome].inc()
     _DURATION.observe(seconds)
-    if label != "retrying":
-        _DELIVERIES.labels(label).inc()
+    finished = _DELIVERIES_BY.get(outcome)
+    if finished is not None:
+        finished.inc()
 
 
 def claimed(count: int) -> None:

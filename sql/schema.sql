@@ -4,28 +4,17 @@
 
 CREATE SCHEMA IF NOT EXISTS outbox;
 
--- Raise a check_violation with a message a person can act on, instead of the bare
--- "violates check constraint" that a plain CHECK gives. NULL passes: NOT NULL
--- constraints speak for missing values.
-CREATE FUNCTION outbox.require(ok boolean, message text) RETURNS boolean
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    IF ok IS NOT FALSE THEN
-        RETURN true;
-    END IF;
-    RAISE EXCEPTION '%', message USING ERRCODE = 'check_violation';
-END
-$$;
-
 CREATE FUNCTION outbox.event_names() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT ARRAY['lead.created', 'lead.scored', 'reply.received', 'message.sent',
                  'ai_response.sent', 'meeting.booked', 'enrichment.completed']
 $$;
 
--- The producer's INSERT is the hot path, so its rules are plain expressions that the
--- planner folds, and these functions, which only build the message and raise, run only
--- when a rule is broken: CHECK (rule OR outbox.reject_...(value)). They are VOLATILE so
+-- Every rule is CHECK (rule OR outbox.reject...(...)): a broken rule raises a
+-- check_violation with a message a person can act on, instead of the bare "violates
+-- check constraint". The producer's INSERT is the hot path, so rules are plain
+-- expressions that the planner folds, and these functions, which only build the message
+-- and raise, run only when a rule is broken. They are VOLATILE so
 -- that the planner never evaluates them ahead of time for a constant message, and
 -- plpgsql so that it never inlines them: a CHECK is planned for every INSERT statement,
 -- and inlining costs the producer even when the rule holds.
@@ -87,15 +76,16 @@ CREATE TABLE outbox.events (
 CREATE TABLE outbox.webhooks (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id text NOT NULL
-               CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
+               CHECK (account_id <> '' OR outbox.reject('account_id must not be empty')),
     name       text NOT NULL
-               CHECK (outbox.require(name !~ '^[[:space:]]*$', 'name must not be empty')),
-    url        text NOT NULL CHECK (outbox.require(
-                   outbox.valid_url(url), 'url must be an absolute https:// URL with a host')),
+               CHECK (name !~ '^[[:space:]]*$' OR outbox.reject('name must not be empty')),
+    url        text NOT NULL
+               CHECK (outbox.valid_url(url)
+                      OR outbox.reject('url must be an absolute https:// URL with a host')),
     event      text NOT NULL
                CHECK (event = ANY (outbox.event_names()) OR outbox.reject_event(event)),
-    secret     text CHECK (outbox.require(length(secret) >= 16,
-                                          'secret must be at least 16 characters')),
+    secret     text CHECK (secret IS NULL OR length(secret) >= 16
+                           OR outbox.reject('secret must be at least 16 characters')),
     enabled    boolean NOT NULL DEFAULT true,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
@@ -304,7 +294,7 @@ $$;
 CREATE TABLE outbox.api_tokens (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id   text NOT NULL
-                 CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
+                 CHECK (account_id <> '' OR outbox.reject('account_id must not be empty')),
     token_sha256 bytea NOT NULL UNIQUE,
     created_at   timestamptz NOT NULL DEFAULT now(),
     last_used_at timestamptz
@@ -353,7 +343,7 @@ CREATE INDEX portal_links_used_expiry ON outbox.portal_links_used (expires_at);
 CREATE TABLE outbox.portal_sessions (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id     text NOT NULL
-                   CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
+                   CHECK (account_id <> '' OR outbox.reject('account_id must not be empty')),
     session_sha256 bytea NOT NULL UNIQUE,
     csrf_token     text NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),

@@ -6,7 +6,7 @@
 CREATE TABLE outbox.api_tokens (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id   text NOT NULL
-                 CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
+                 CHECK (account_id <> '' OR outbox.reject('account_id must not be empty')),
     token_sha256 bytea NOT NULL UNIQUE,
     created_at   timestamptz NOT NULL DEFAULT now(),
     last_used_at timestamptz

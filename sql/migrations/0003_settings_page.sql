@@ -33,7 +33,7 @@ CREATE INDEX portal_links_used_expiry ON outbox.portal_links_used (expires_at);
 CREATE TABLE outbox.portal_sessions (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id     text NOT NULL
-                   CHECK (outbox.require(account_id <> '', 'account_id must not be empty')),
+                   CHECK (account_id <> '' OR outbox.reject('account_id must not be empty')),
     session_sha256 bytea NOT NULL UNIQUE,
     csrf_token     text NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),

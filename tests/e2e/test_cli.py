@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,19 +10,13 @@ import pytest
 import standardwebhooks
 
 from outbox.events import EVENTS
-from tests.conftest import ROOT, SQL
+from tests.conftest import ROOT, SQL, sidecar_environment
 from tests.receiver import Receiver, Reply
 
 
 @pytest.fixture
 def outbox(database_url: str, ca_file: str):  # type: ignore[no-untyped-def]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    env.update(
-        OUTBOX_DATABASE_URL=database_url,
-        OUTBOX_CA_FILE=ca_file,
-        OUTBOX_ALLOW_PRIVATE_TARGETS="true",
-        OUTBOX_LOG_FORMAT="json",
-    )
+    env = sidecar_environment(database_url, ca_file)
 
     def run(*args: str, stdin: str = "", **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
