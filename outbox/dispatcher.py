@@ -1,14 +1,18 @@
-"""The delivery loop: wait (NOTIFY | due time | free slot | stop) → claim → deliver → record.
+"""The delivery loop: wait (NOTIFY | due time | free slots | stop) → claim → deliver → record.
 
 One asyncio process. Claims are short transactions that lease rows; HTTP runs outside
 any transaction; results are written back in batches by a separate task, so the loop
-itself only ever waits on the database for a claim.
+itself only ever waits on the database for a claim. Everything that should make the loop
+look again sets one event, ``_wake``; a finished attempt sets it only when the loop is
+waiting for that many free slots, so a busy dispatcher wakes once per batch, not once
+per delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 import uuid
 from collections import Counter
@@ -17,7 +21,6 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from outbox import db, metrics, wire
@@ -48,7 +51,7 @@ class Job:
     data: str
     url: str
     secret: str | None
-    lease: uuid.UUID
+    lease: str
     retry_base: int
 
 
@@ -125,9 +128,11 @@ class Dispatcher:
         self._in_flight: Counter[int] = Counter()
         self._results: list[Result] = []
         self._results_ready = asyncio.Event()
-        self._notified = asyncio.Event()
-        self._slot_freed = asyncio.Event()
-        self._doorbell = Doorbell(settings.database_url, self._notified, settings.poll_interval)
+        self._wake = asyncio.Event()
+        # How many free slots a finished attempt waits for before it wakes the loop
+        # (0: the loop is not waiting for slots).
+        self._wake_at_free = 0
+        self._doorbell = Doorbell(settings.database_url, self._wake, settings.poll_interval)
         self._last_help = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -136,10 +141,12 @@ class Dispatcher:
             asyncio.create_task(self._doorbell.run(), name="doorbell"),
         ]
         recorder = asyncio.create_task(self._record(stop), name="record")
+        stopper = asyncio.create_task(self._wake_on(stop), name="stop")
         log.info("dispatcher started", concurrency=self._settings.concurrency)
         try:
             await self._loop(stop)
         finally:
+            stopper.cancel()
             log.info("stopping: finishing attempts in flight", in_flight=len(self._tasks))
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -156,18 +163,34 @@ class Dispatcher:
             await asyncio.gather(*background, return_exceptions=True)
             log.info("dispatcher stopped")
 
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
+    async def _sleep(self, within: float | None, *, free: int = 0) -> None:
+        """Until something sets ``_wake`` (with ``free`` slots free, if given), or ``within``."""
+        self._wake_at_free = free
+        try:
+            async with asyncio.timeout(within):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._wake_at_free = 0
+
     async def _loop(self, stop: asyncio.Event) -> None:
         concurrency = self._settings.concurrency
-        # Under a backlog, wait for a quarter of the slots rather than claim one by one.
-        batch_min = max(1, concurrency // 4)
+        # Under a backlog, wait for half the slots rather than claim a few at a time: each
+        # claim is a round trip and a query plan, whatever its size.
+        batch_min = max(1, concurrency // 2)
         backoff = 0.0
         while not stop.is_set():
+            # Cleared before looking, so whatever happens from here on wakes the sleep below.
+            self._wake.clear()
             free = concurrency - len(self._tasks)
             if free < batch_min and self._tasks:
-                self._slot_freed.clear()
-                await _wait_any(stop, self._slot_freed)
+                await self._sleep(None, free=batch_min)
                 continue
-            self._notified.clear()
             try:
                 jobs, claimed = await self._claim(free)
                 if claimed == free:
@@ -189,27 +212,24 @@ class Dispatcher:
                     pool=self._pool.get_stats(),
                 )
                 metrics.dispatcher_up(False)
-                await _wait_any(stop, within=backoff)
+                await self._sleep(backoff)
                 continue
             if due_in is not None and due_in <= 0:
                 # Due rows we could not take: held by a peer's claim, or for webhooks at
                 # their share. A finished attempt or a moment's wait changes that.
-                self._slot_freed.clear()
-                await _wait_any(stop, self._slot_freed, self._notified, within=CONTENDED_RETRY)
+                await self._sleep(CONTENDED_RETRY, free=1)
                 continue
             self._doorbell.want(True)
             # NOTIFY only speeds things up: a notification sent while the listener was
             # reconnecting is lost, so look again now and then anyway.
             poll = self._settings.poll_interval
-            await _wait_any(
-                stop, self._notified, within=poll if due_in is None else min(poll, due_in)
-            )
+            await self._sleep(poll if due_in is None else min(poll, due_in))
 
     async def _claim(self, limit: int) -> tuple[list[Job], int]:
         share = self._settings.per_webhook_limit
         full = [w for w, n in self._in_flight.items() if n >= share]
         busy = [(w, n) for w, n in self._in_flight.items() if 0 < n < share]
-        lease = uuid.uuid4()
+        lease = str(uuid.uuid4())
         params = {
             "limit": limit,
             "window": limit * 2,
@@ -220,27 +240,17 @@ class Dispatcher:
             "lease_seconds": self._settings.lease_seconds,
             "lease": lease,
         }
-        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(db.query("claim"), params)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(db.query("claim"), params)
             rows = await cur.fetchall()
         metrics.claimed(len(rows))
-        jobs = [
-            Job(
-                id=row["id"],
-                webhook_id=row["webhook_id"],
-                attempt=row["attempt"],
-                event=row["event"],
-                timestamp=row["timestamp"],
-                data=row["data"],
-                url=row["url"],
-                secret=row["secret"],
-                lease=lease,
-                retry_base=row["retry_base"],
-            )
-            for row in rows
-            # The claim cancelled these: their webhook was disabled.
-            if row["enabled"]
-        ]
+        jobs = []
+        for id_, webhook_id, attempt, enabled, event, stamp, data, url, secret, base in rows:
+            # The claim cancelled the others: their webhook was disabled.
+            if enabled:
+                jobs.append(
+                    Job(id_, webhook_id, attempt, event, stamp, data, url, secret, lease, base)
+                )
         return jobs, len(rows)
 
     async def _next_due(self) -> float | None:
@@ -268,7 +278,10 @@ class Dispatcher:
         self._in_flight[job.webhook_id] -= 1
         if not self._in_flight[job.webhook_id]:
             del self._in_flight[job.webhook_id]
-        self._slot_freed.set()
+        if self._wake_at_free and (
+            self._settings.concurrency - len(self._tasks) >= self._wake_at_free
+        ):
+            self._wake.set()
 
     async def _deliver(self, job: Job) -> None:
         payload = wire.body(job.event, job.timestamp, job.data)
@@ -321,7 +334,7 @@ class Dispatcher:
                 backoff = 0.0
                 if any(r.outcome == "pending" for r in batch):
                     # A retry may now fall due before the loop's next look: let it look.
-                    self._notified.set()
+                    self._wake.set()
             except psycopg.OperationalError as exc:
                 # Keep the results: the leases outlast a short outage.
                 self._results[:0] = batch
@@ -331,19 +344,22 @@ class Dispatcher:
             self._results_ready.set()
 
     async def _write(self, batch: list[Result]) -> None:
-        params = {
-            "ids": [r.job.id for r in batch],
-            "leases": [r.job.lease for r in batch],
-            "attempts": [r.job.attempt for r in batch],
-            "started": [r.attempt.started_at for r in batch],
-            "durations": [r.attempt.duration_ms for r in batch],
-            "statuses": [r.attempt.status for r in batch],
-            "errors": [r.attempt.error for r in batch],
-            "outcomes": [r.outcome for r in batch],
-            "retry_in": [r.retry_in for r in batch],
-        }
+        results = [
+            {
+                "id": r.job.id,
+                "lease": r.job.lease,
+                "attempt": r.job.attempt,
+                "started_at": r.attempt.started_at.isoformat(),
+                "duration_ms": r.attempt.duration_ms,
+                "response_status": r.attempt.status,
+                "error": r.attempt.error,
+                "outcome": r.outcome,
+                "retry_in": r.retry_in,
+            }
+            for r in batch
+        ]
         async with self._pool.connection() as conn:
-            await conn.execute(db.query("record"), params)
+            await conn.execute(db.query("record"), {"results": json.dumps(results)})
 
     async def _listen(self) -> None:
         """Turn NOTIFYs into wake-ups, on a connection of its own (LESSONS #5)."""
@@ -354,23 +370,13 @@ class Dispatcher:
                     await conn.execute("LISTEN outbox_wake")
                     backoff = 0.0
                     # Anything committed while we were not listening is found by this poll.
-                    self._notified.set()
+                    self._wake.set()
                     while True:
                         async for _ in conn.notifies(timeout=30.0):
-                            self._notified.set()
+                            self._wake.set()
                         # Quiet for a while: make sure the connection is still alive.
                         await conn.execute(db.query("ping"))
             except psycopg.OperationalError as exc:
                 backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
                 log.warning("listener connection lost", error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
-
-
-async def _wait_any(*events: asyncio.Event, within: float | None = None) -> None:
-    """Return when any event is set or ``within`` seconds pass."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

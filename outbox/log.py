@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 __all__ = ["configure"]
+
+
+class _LineWriter:
+    """Writes rendered lines to a stream, those of one event-loop pass in one write.
+
+    A busy dispatcher logs a line per attempt, and a write with a flush per line costs a
+    system call per delivery. Lines logged inside a running event loop are written
+    together as soon as the loop gets round to it (the same pass, or the next); lines
+    logged anywhere else are written at once.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        atexit.register(self.flush)
+
+    def msg(self, message: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write([message])
+            return
+        if not self._lines:
+            loop.call_soon(self.flush)
+        self._lines.append(message)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+    def flush(self) -> None:
+        if self._lines:
+            lines, self._lines = self._lines, []
+            self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        self._stream.write("\n".join(lines) + "\n")
+        self._stream.flush()
 
 
 def configure(fmt: str) -> None:
@@ -27,9 +66,10 @@ def configure(fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    writer = _LineWriter(sys.stderr)
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=lambda *args: writer,
         cache_logger_on_first_use=True,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -77,15 +78,19 @@ def record(
     Each result: id, lease, attempt, started (datetime), duration_ms, status, error,
     outcome, retry_in.
     """
-    params = {
-        "ids": [r["id"] for r in results],
-        "leases": [r["lease"] for r in results],
-        "attempts": [r["attempt"] for r in results],
-        "started": [r.get("started") or datetime.now().astimezone() for r in results],
-        "durations": [r.get("duration_ms", 12) for r in results],
-        "statuses": [r.get("status") for r in results],
-        "errors": [r.get("error") for r in results],
-        "outcomes": [r["outcome"] for r in results],
-        "retry_in": [r.get("retry_in") for r in results],
-    }
+    rows = [
+        {
+            "id": r["id"],
+            "lease": str(r["lease"]),
+            "attempt": r["attempt"],
+            "started_at": (r.get("started") or datetime.now().astimezone()).isoformat(),
+            "duration_ms": r.get("duration_ms", 12),
+            "response_status": r.get("status"),
+            "error": r.get("error"),
+            "outcome": r["outcome"],
+            "retry_in": r.get("retry_in"),
+        }
+        for r in results
+    ]
+    params = {"results": json.dumps(rows)}
     conn.execute(db.query("record"), params)
