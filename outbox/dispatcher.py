@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg_pool import AsyncConnectionPool
+from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
 from outbox import db, metrics, wire
 from outbox.config import Settings
@@ -117,12 +117,39 @@ class Doorbell:
                 self._changed.set()
 
 
+class Connection:
+    """A connection of the dispatcher's own, opened again after a failure.
+
+    The loop and the recorder each have one rather than share a pool: they run the same
+    few queries thousands of times, so each connection is set up for them once
+    (``dispatcher_session`` in sql/queries.sql).
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def get(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            conn = await db.connect(self._url)
+            # Every Python int goes as a bigint: psycopg would otherwise pick int2, int4
+            # or int8 by value, each a different prepared statement of the same query.
+            conn.adapters.register_dumper(int, Int8Dumper)
+            conn.adapters.register_dumper(int, Int8BinaryDumper)
+            await conn.execute(db.query("dispatcher_session"))
+            self._conn = conn
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
 class Dispatcher:
     """Delivers due deliveries until ``stop`` is set, then finishes what is in flight."""
 
-    def __init__(self, settings: Settings, pool: AsyncConnectionPool[Any], sender: Sender):
+    def __init__(self, settings: Settings, sender: Sender):
         self._settings = settings
-        self._pool = pool
         self._sender = sender
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: Counter[int] = Counter()
@@ -134,6 +161,8 @@ class Dispatcher:
         self._wake_at_free = 0
         self._doorbell = Doorbell(settings.database_url, self._wake, settings.poll_interval)
         self._last_help = 0.0
+        self._claims = Connection(settings.database_url)
+        self._records = Connection(settings.database_url)
 
     async def run(self, stop: asyncio.Event) -> None:
         background = [
@@ -161,6 +190,8 @@ class Dispatcher:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self._claims.close()
+            await self._records.close()
             log.info("dispatcher stopped")
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
@@ -204,13 +235,9 @@ class Dispatcher:
                 due_in = await self._next_due()
                 backoff = 0.0
             except psycopg.OperationalError as exc:
+                await self._claims.close()
                 backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
-                log.warning(
-                    "database unavailable, retrying",
-                    error=str(exc),
-                    retry_in=backoff,
-                    pool=self._pool.get_stats(),
-                )
+                log.warning("database unavailable, retrying", error=str(exc), retry_in=backoff)
                 metrics.dispatcher_up(False)
                 await self._sleep(backoff)
                 continue
@@ -240,9 +267,9 @@ class Dispatcher:
             "lease_seconds": self._settings.lease_seconds,
             "lease": lease,
         }
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(db.query("claim"), params)
-            rows = await cur.fetchall()
+        conn = await self._claims.get()
+        cur = await conn.execute(db.query("claim"), params, prepare=True)
+        rows = await cur.fetchall()
         metrics.claimed(len(rows))
         jobs = []
         for id_, webhook_id, attempt, enabled, event, stamp, data, url, secret, base in rows:
@@ -254,17 +281,17 @@ class Dispatcher:
         return jobs, len(rows)
 
     async def _next_due(self) -> float | None:
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(db.query("next_due"))
-            row = await cur.fetchone()
+        conn = await self._claims.get()
+        cur = await conn.execute(db.query("next_due"), prepare=True)
+        row = await cur.fetchone()
         return None if row is None else row[0]
 
     async def _ask_for_help(self) -> None:
         now = time.monotonic()
         if now - self._last_help >= self._settings.poll_interval:
             self._last_help = now
-            async with self._pool.connection() as conn:
-                await conn.execute(db.query("help"))
+            conn = await self._claims.get()
+            await conn.execute(db.query("help"))
 
     def _start(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -336,6 +363,7 @@ class Dispatcher:
                     # A retry may now fall due before the loop's next look: let it look.
                     self._wake.set()
             except psycopg.OperationalError as exc:
+                await self._records.close()
                 # Keep the results: the leases outlast a short outage.
                 self._results[:0] = batch
                 backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
@@ -358,8 +386,8 @@ class Dispatcher:
             }
             for r in batch
         ]
-        async with self._pool.connection() as conn:
-            await conn.execute(db.query("record"), {"results": json.dumps(results)})
+        conn = await self._records.get()
+        await conn.execute(db.query("record"), {"results": json.dumps(results)}, prepare=True)
 
     async def _listen(self) -> None:
         """Turn NOTIFYs into wake-ups, on a connection of its own (LESSONS #5)."""

@@ -58,7 +58,7 @@ async def run(settings: Settings) -> None:
             await web.TCPSite(runner, host, port).start()
             log.info("admin API listening", url=f"http://{host}:{port}")
         try:
-            await Dispatcher(settings, connections, sender).run(stop)
+            await Dispatcher(settings, sender).run(stop)
         finally:
             metrics.dispatcher_up(False)
             if runner is not None:

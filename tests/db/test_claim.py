@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from outbox import db
+from outbox.dispatcher import Connection
 from tests.conftest import SQL
 from tests.db.helpers import HTTPS, claim, record
 
@@ -503,3 +504,22 @@ class TestNextDue:
         sql("UPDATE outbox.deliveries SET next_attempt_at = now() + interval '100 s' WHERE id = 2")
         due = self.next_due(conn)
         assert due is not None and 28 < due <= 30
+
+
+class TestDispatcherConnection:
+    async def test_queries_are_planned_for_the_tables_as_they_are(self, database_url: str) -> None:
+        """A dispatcher's connection never settles on a generic plan. Postgres would after
+        five runs of a prepared statement, and a plan made while deliveries was empty
+        goes on scanning the whole table for every row once it has grown."""
+        connection = Connection(database_url)
+        try:
+            conn = await connection.get()
+            for _ in range(8):
+                await conn.execute(db.query("record"), {"results": "[]"}, prepare=True)
+            cur = await conn.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE '%%json_to_recordset%%'"
+            )
+            assert await cur.fetchall() == [(0, 8)]
+        finally:
+            await connection.close()
