@@ -34,9 +34,16 @@ log = structlog.get_logger("outbox.dispatcher")
 
 # While another dispatcher holds rows we could take, look again this soon.
 CONTENDED_RETRY = 0.02
-# How soon to try the doorbell again when producers (or a peer) hold it; doubling.
-ARM_RETRY = 0.05
+# How soon to try the doorbell again when producers (or a peer) hold it; doubling, up
+# to ARM_RETRY_MAX.
+ARM_RETRY = 0.002
+ARM_RETRY_MAX = 0.1
 BACKOFF_MAX = 5.0
+# How the loop's and the recorder's connections are set up (queries in sql/queries.sql).
+CLAIMS_SETUP = ("dispatcher_session", "claim_session")
+RECORDS_SETUP = ("dispatcher_session",)
+# How often those connections make their query plans again.
+REPLAN_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,15 +73,16 @@ class Result:
 class Doorbell:
     """Holds the advisory lock that tells producers to NOTIFY, while we sleep.
 
-    Runs in the background on a connection of its own: taking the lock can wait for
-    producers that are mid-transaction, and the loop must not wait with it. Once held,
-    it calls ``on_armed`` so the loop polls one more time (see outbox.fan_out()).
+    Runs in the background on a connection of its own, and only ever tries the lock.
+    Once held, it sets ``look`` so the loop polls one more time (see outbox.fan_out()).
+    A try that fails also sets ``look``: producers hold the lock shared while they
+    commit events, so there is about to be something to claim.
     """
 
-    def __init__(self, url: str, on_armed: asyncio.Event, retry_in: float) -> None:
+    def __init__(self, url: str, look: asyncio.Event, retry_in: float) -> None:
         self._url = url
         self._retry_in = retry_in
-        self._on_armed = on_armed
+        self._look = look
         self._want = False
         self._held = False
         self._misses = 0
@@ -100,11 +108,14 @@ class Doorbell:
                     if row is not None and row[0]:
                         self._held = True
                         self._misses = 0
-                        self._on_armed.set()
+                        self._look.set()
                     else:
-                        # Producers are mid-commit (try again at once), or another
-                        # dispatcher sleeps on it, and producers ring for us too (no hurry).
-                        await asyncio.sleep(min(self._retry_in, ARM_RETRY * 2**self._misses))
+                        # Producers are committing (look now, try again soon), or another
+                        # dispatcher sleeps on it, and producers ring for us too (no hurry:
+                        # hence the doubling).
+                        self._look.set()
+                        delay = ARM_RETRY * 2**self._misses
+                        await asyncio.sleep(min(self._retry_in, ARM_RETRY_MAX, delay))
                         self._misses += 1
                         self._changed.set()
                 elif not self._want and self._held:
@@ -121,13 +132,17 @@ class Connection:
     """A connection of the dispatcher's own, opened again after a failure.
 
     The loop and the recorder each have one rather than share a pool: they run the same
-    few queries thousands of times, so each connection is set up for them once
-    (``dispatcher_session`` in sql/queries.sql).
+    few queries thousands of times, so each connection is set up for them once (the
+    ``setup`` queries, from sql/queries.sql) and plans them once. A plan is only as good
+    as the table sizes it was made for, and a plan made while a table was empty scans
+    all of it once it has grown, so the plans are made again every REPLAN_SECONDS.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *setup: str) -> None:
         self._url = url
+        self._setup = setup
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._planned_at = 0.0
 
     async def get(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
@@ -136,8 +151,13 @@ class Connection:
             # or int8 by value, each a different prepared statement of the same query.
             conn.adapters.register_dumper(int, Int8Dumper)
             conn.adapters.register_dumper(int, Int8BinaryDumper)
-            await conn.execute(db.query("dispatcher_session"))
+            for name in self._setup:
+                await conn.execute(db.query(name))
             self._conn = conn
+            self._planned_at = time.monotonic()
+        elif time.monotonic() - self._planned_at >= REPLAN_SECONDS:
+            await self._conn.execute("DISCARD PLANS")
+            self._planned_at = time.monotonic()
         return self._conn
 
     async def close(self) -> None:
@@ -161,8 +181,8 @@ class Dispatcher:
         self._wake_at_free = 0
         self._doorbell = Doorbell(settings.database_url, self._wake, settings.poll_interval)
         self._last_help = 0.0
-        self._claims = Connection(settings.database_url)
-        self._records = Connection(settings.database_url)
+        self._claims = Connection(settings.database_url, *CLAIMS_SETUP)
+        self._records = Connection(settings.database_url, *RECORDS_SETUP)
 
     async def run(self, stop: asyncio.Event) -> None:
         background = [

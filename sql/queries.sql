@@ -83,14 +83,23 @@ FROM result r JOIN recorded USING (id)
 ON CONFLICT DO NOTHING;
 
 -- dispatcher_session --
--- Set on each of a dispatcher's own connections. Its queries are planned at every run,
--- for the tables as they are then. Left to choose, Postgres switches a prepared
--- statement to one generic plan after five runs and keeps it; a plan made while
--- deliveries or events was small (a new install) scans the whole table for every row
--- it touches, and goes on doing so as the table grows (measured: the record query took
--- 7.8 s of a 10 s producer run on a new install, 1.1 ms per result). Planning costs
--- about 3 ms per claim and less per record: once per batch.
-SET plan_cache_mode = force_custom_plan;
+-- Set on each of a dispatcher's own connections, which run the claim and record
+-- queries thousands of times: plan them once, not at every run (planning the claim
+-- costs about 3 ms, more than running it for 64 rows, and it sits between a commit and
+-- its delivery). Left to choose, Postgres would plan the claim at every run, and switch
+-- other queries to the plan it made at their sixth run and keep it; a plan made while
+-- deliveries or events was empty scans the whole table for every row once it has grown
+-- (measured on a new install: the record query took 7.8 s of a 10 s producer run). So
+-- the dispatcher has the plans made again every few seconds (dispatcher.Connection).
+SET plan_cache_mode = force_generic_plan;
+
+-- claim_session --
+-- The loop's connection does not wait for its claims to reach the disk: that wait would
+-- sit between every commit and its delivery. A claim lost in a crash of Postgres (not in
+-- a restart, which writes everything first) leaves its rows due again, so they may be
+-- sent twice, which at-least-once delivery allows; results are written with the usual
+-- durability, and writing one makes every claim before it durable too.
+SET synchronous_commit = off;
 
 -- next_due --
 -- Seconds until the earliest pending delivery falls due (a retry, or a lease running

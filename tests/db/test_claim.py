@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
 from collections import Counter
@@ -14,8 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox import db
-from outbox.dispatcher import Connection
+from outbox import db, dispatcher
+from outbox.dispatcher import RECORDS_SETUP, Connection
 from tests.conftest import SQL
 from tests.db.helpers import HTTPS, claim, record
 
@@ -507,19 +508,35 @@ class TestNextDue:
 
 
 class TestDispatcherConnection:
-    async def test_queries_are_planned_for_the_tables_as_they_are(self, database_url: str) -> None:
-        """A dispatcher's connection never settles on a generic plan. Postgres would after
-        five runs of a prepared statement, and a plan made while deliveries was empty
-        goes on scanning the whole table for every row once it has grown."""
-        connection = Connection(database_url)
-        try:
+    async def test_plans_follow_the_table_as_it_grows(
+        self, database_url: str, sql: SQL, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A dispatcher connection plans its queries once, for the tables as they are then,
+        and plans them again every REPLAN_SECONDS: a plan made while deliveries was empty
+        would go on treating it as empty."""
+        sql("VACUUM ANALYZE outbox.deliveries")
+        connection = Connection(database_url, *RECORDS_SETUP)
+
+        async def record_plan_rows() -> int:
             conn = await connection.get()
-            for _ in range(8):
-                await conn.execute(db.query("record"), {"results": "[]"}, prepare=True)
+            await conn.execute(db.query("record"), {"results": "[]"}, prepare=True)
             cur = await conn.execute(
-                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                "SELECT name FROM pg_prepared_statements"
                 " WHERE statement LIKE '%%json_to_recordset%%'"
             )
-            assert await cur.fetchall() == [(0, 8)]
+            ((name,),) = await cur.fetchall()
+            cur = await conn.execute(f"EXPLAIN EXECUTE {name}('[]')")
+            plan = [line for (line,) in await cur.fetchall() if "on deliveries d " in line]
+            return max(int(re.search(r"rows=(\d+)", line)[1]) for line in plan)  # type: ignore[index]
+
+        try:
+            assert await record_plan_rows() <= 1
+            sql(
+                "INSERT INTO outbox.deliveries (event_id, webhook_id)"
+                " SELECT g, 1 FROM generate_series(1, 5000) g"
+            )
+            assert await record_plan_rows() <= 1  # the plan made for the empty table
+            monkeypatch.setattr(dispatcher, "REPLAN_SECONDS", 0.0)
+            assert await record_plan_rows() > 1000
         finally:
             await connection.close()
