@@ -1,0 +1,69 @@
+"""A/B: the throughput drain with `outbox run` from two source trees, interleaved.
+
+    git worktree add /tmp/before HEAD~1
+    .venv/bin/python -m bench.ab /tmp/before . --reps 6
+
+This machine's run-to-run noise is as large as most single changes (5-10%), so two
+`make bench` runs cannot tell a change from the noise. This runs both trees in one
+setting: the same private cluster, receiver, backlog and template, alternating A B B A
+..., and prints each drain's rate and CPU per delivery (sidecar and Postgres) and the
+medians. The sidecar of each tree is started with PYTHONPATH set to that tree, so it
+imports that tree's `outbox` package and reads that tree's sql/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.run import PROCS, Bench, Cluster, Receiver, Sizes, database, say
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
+    parser.add_argument("a", type=Path, help="source tree A (holds outbox/ and sql/)")
+    parser.add_argument("b", type=Path, help="source tree B")
+    parser.add_argument("--reps", type=int, default=4, help="drains per tree (default 4)")
+    parser.add_argument("--deliveries", type=int, default=20_000)
+    args = parser.parse_args()
+    trees = {"A": args.a.resolve(), "B": args.b.resolve()}
+    for tree in trees.values():
+        if not (tree / "outbox" / "dispatcher.py").is_file():
+            parser.error(f"{tree} holds no outbox/ package")
+    n = args.deliveries
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-ab-"))
+    cluster = Cluster(workdir / "pgdata")
+    cluster.start()
+    receiver = Receiver(workdir)
+    results: dict[str, list[tuple[float, float, float]]] = {"A": [], "B": []}
+    try:
+        bench = Bench(workdir, cluster, receiver, 1, Sizes())
+        bench.build_template()
+        for rep in range(args.reps):
+            for name in ("A", "B") if rep % 2 == 0 else ("B", "A"):
+                os.environ["PYTHONPATH"] = str(trees[name])
+                with database(cluster, f"ab_{rep}_{name}") as url:
+                    bench.load_outbox(url, n)
+                    r = bench.drain(url, n)
+                row = (r["rate"], r["cpu_s"][0] / n * 1e6, r["db_cpu_s"] / n * 1e6)
+                results[name].append(row)
+                say(f"{name}: {row[0]:7,.0f}/s, sidecar {row[1]:.0f} us, Postgres {row[2]:.0f} us")
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+        receiver.stop()
+        cluster.stop()
+        PROCS.cleanup()
+    for name, rows in results.items():
+        rate, cpu, db_cpu = (statistics.median(r[i] for r in rows) for i in range(3))
+        say(
+            f"{name} {trees[name]}: median {rate:,.0f}/s, sidecar {cpu:.0f} us"
+            f" and Postgres {db_cpu:.0f} us of CPU per delivery"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
