@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 from typing import Any
@@ -47,9 +48,12 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with pool(settings) as connections, Sender(settings) as sender:
+    async with contextlib.AsyncExitStack() as stack:
+        sender = await stack.enter_async_context(Sender(settings))
         runner = None
         if settings.api_listen is not None:
+            # Only the admin API uses the pool; the dispatcher has connections of its own.
+            connections = await stack.enter_async_context(pool(settings))
             runner = web.AppRunner(
                 api.make_app(connections, sender, settings.public_url), access_log=None
             )

@@ -102,7 +102,7 @@ class TestCrashes:
         for _ in range(4):
             emit_many(sql, 20)
             time.sleep(0.1)
-            # Every connection comes back (pool, listener, doorbell) before the next blow.
+            # Every connection (claims, results, listener, doorbell) comes back first.
             wait_until(lambda: sql.one(f"SELECT count(*) {backends}") >= 3, what="reconnect")
             sql(f"SELECT pg_terminate_backend(pid) {backends}")
         all_succeeded(sql, 400)
