@@ -7,14 +7,14 @@ This machine's run-to-run noise is as large as most single changes (5-10%), so t
 `make bench` runs cannot tell a change from the noise. This runs both trees in one
 setting: the same private cluster, receiver, backlog and template, alternating A B B A
 ..., and prints each drain's rate and CPU per delivery (sidecar and Postgres) and the
-medians. The sidecar of each tree is started with PYTHONPATH set to that tree, so it
-imports that tree's `outbox` package and reads that tree's sql/.
+medians. The sidecar of each tree is started in that tree (`python -m` puts its working
+directory first on sys.path), so it imports that tree's `outbox` package and reads that
+tree's sql/; the template is built with this tree's schema.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -44,7 +44,7 @@ def main() -> int:
         bench.build_template()
         for rep in range(args.reps):
             for name in ("A", "B") if rep % 2 == 0 else ("B", "A"):
-                os.environ["PYTHONPATH"] = str(trees[name])
+                bench.sidecar_tree = trees[name]
                 with database(cluster, f"ab_{rep}_{name}") as url:
                     bench.load_outbox(url, n)
                     r = bench.drain(url, n)
@@ -52,7 +52,6 @@ def main() -> int:
                 results[name].append(row)
                 say(f"{name}: {row[0]:7,.0f}/s, sidecar {row[1]:.0f} us, Postgres {row[2]:.0f} us")
     finally:
-        os.environ.pop("PYTHONPATH", None)
         receiver.stop()
         cluster.stop()
         PROCS.cleanup()

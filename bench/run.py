@@ -537,6 +537,9 @@ class Bench:
         self.details: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
         self._sidecars = 0
+        # The source tree `outbox run` runs from (bench.ab switches it). `python -m` puts
+        # its working directory first on sys.path, so the tree is its cwd.
+        self.sidecar_tree = ROOT
 
     # -- setup
 
@@ -617,6 +620,7 @@ class Bench:
         proc = PROCS.start(
             [PY, "-m", "outbox", "run"],
             cpus=cpus,
+            cwd=self.sidecar_tree,
             env=self.sidecar_env(url),
             stdout=log_file,
             stderr=subprocess.STDOUT,
