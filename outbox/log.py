@@ -52,30 +52,37 @@ class _LineWriter:
 
 
 # A busy dispatcher logs a line per attempt, so the two steps every line takes are done
-# here at a third of structlog's cost, with the same output.
+# here at a third of structlog's cost, in the same format.
 
 
 class _Stamp:
-    """Adds ``timestamp`` as TimeStamper(fmt="iso", utc=True) does, formatting the date
-    and time once a second rather than building a datetime per line."""
+    """Adds ``timestamp`` in the format of TimeStamper(fmt="iso", utc=True), formatting
+    the date and time once a second rather than building a datetime per line."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._cached = (-1, "")
 
     def __call__(self, logger: Any, name: str, event_dict: Any) -> Any:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        second, ns = divmod(time.time_ns(), 1_000_000_000)
+        cached_second, prefix = self._cached
+        if second != cached_second:
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._cached = (second, prefix)
+        micro = ns // 1000
+        # As datetime.isoformat(): no fraction at all on a whole second.
+        event_dict["timestamp"] = f"{prefix}.{micro:06d}Z" if micro else f"{prefix}Z"
         return event_dict
+
+
+def _fallback(obj: Any) -> Any:
+    """What JSON cannot hold, as structlog's JSONRenderer writes it."""
+    structlog_repr = getattr(obj, "__structlog__", None)
+    return structlog_repr() if callable(structlog_repr) else repr(obj)
 
 
 # json.dumps with any keyword argument builds a new encoder per call, as structlog's
 # JSONRenderer does (default=...); one encoder, made once, renders the same text.
-_ENCODER = json.JSONEncoder(default=repr)
+_ENCODER = json.JSONEncoder(default=_fallback)
 
 
 def _dumps(event_dict: Any, **_: Any) -> str:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import structlog
 
+from outbox import log
 from outbox.log import configure
 
 
@@ -36,12 +37,19 @@ class Unusual:
         return "<unusual>"
 
 
+class Described:
+    def __structlog__(self) -> str:
+        return "described"
+
+
 def test_a_line_is_a_json_object_with_level_and_a_utc_timestamp(
     json_log: pytest.CaptureFixture[str],
 ) -> None:
     configure("json")  # here, where capsys holds stderr (not in the fixture's setup)
     before = datetime.now(UTC)
-    structlog.get_logger("t").info("attempt", delivery_id=7, error=None, odd=Unusual())
+    structlog.get_logger("t").info(
+        "attempt", delivery_id=7, error=None, odd=Unusual(), own=Described()
+    )
     after = datetime.now(UTC)
     (line,) = lines(json_log)
     stamp = line.pop("timestamp")
@@ -50,9 +58,10 @@ def test_a_line_is_a_json_object_with_level_and_a_utc_timestamp(
         "delivery_id": 7,
         "error": None,
         "odd": "<unusual>",
+        "own": "described",
         "level": "info",
     }
-    # As structlog's TimeStamper(fmt="iso", utc=True) writes it, to the microsecond.
+    # The format of structlog's TimeStamper(fmt="iso", utc=True), to the microsecond.
     assert isinstance(stamp, str)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
     at = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
@@ -66,3 +75,23 @@ def test_library_lines_are_json_too(json_log: pytest.CaptureFixture[str]) -> Non
     assert line["event"] == "something odd"
     assert line["level"] == "warning"
     assert isinstance(line["timestamp"], str) and line["timestamp"].endswith("Z")
+
+
+def test_the_stamp_is_right_across_second_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The date and time are formatted once a second and reused: each line must still
+    carry its own second, as datetime.isoformat() would write it (TimeStamper's way)."""
+    base = int(datetime(2026, 12, 31, 23, 59, 58, tzinfo=UTC).timestamp())
+    instants = [
+        (base, 999_999_999),  # the last microsecond of a second
+        (base + 1, 0),  # a whole second: isoformat() writes no fraction
+        (base + 1, 1_000),
+        (base + 1, 123_456_789),  # nanoseconds are cut, not rounded
+        (base + 2, 500_000_000),  # into the next year
+        (base + 1, 7_000),  # the clock stepped back
+    ]
+    stamp = log._Stamp()
+    for second, ns in instants:
+        monkeypatch.setattr(log.time, "time_ns", lambda s=second, n=ns: s * 10**9 + n)
+        expected = datetime.fromtimestamp(second, UTC).replace(microsecond=ns // 1000)
+        got = stamp(None, "info", {})["timestamp"]
+        assert got == expected.isoformat().replace("+00:00", "Z")
