@@ -1419,7 +1419,7 @@ def table(details: dict[str, Any], summary: dict[str, Any]) -> str:
                         _spread(settled, 2),
                         f"HTTP alone {_num(floor.get('p99'), 2)}",
                         "",
-                        "(diagnostic: without the producers' new connections)",
+                        "(diagnostic: start-up left out)",
                         "",
                     )
                 )
