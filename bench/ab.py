@@ -15,6 +15,7 @@ tree's sql/; the template is built with this tree's schema.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -55,6 +56,8 @@ def main() -> int:
         receiver.stop()
         cluster.stop()
         PROCS.cleanup()
+        # The cluster and logs are 50-130 MB a run; bench.run removes its own too.
+        shutil.rmtree(workdir, ignore_errors=True)
     for name, rows in results.items():
         rate, cpu, db_cpu = (statistics.median(r[i] for r in rows) for i in range(3))
         say(
