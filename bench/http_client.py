@@ -23,7 +23,6 @@ from array import array
 import aiohttp
 
 from bench import payloads
-from outbox import wire
 
 
 async def post_all(base: str, ca: str, count: int, concurrency: int, webhooks: int) -> float:
@@ -43,15 +42,8 @@ async def post_all(base: str, ca: str, count: int, concurrency: int, webhooks: i
         async def worker() -> None:
             nonlocal failures
             for seq in next_seq:
-                body = wire.body(payloads.EVENT, payloads.TIMESTAMP, payloads.data_json(seq))
-                headers = wire.headers(
-                    message_id=str(seq),
-                    event=payloads.EVENT,
-                    attempt=1,
-                    payload=body,
-                    secret=payloads.SECRET,
-                    now=int(time.time()),
-                )
+                body = payloads.body(seq)
+                headers = payloads.headers(seq, body)
                 url = f"{base}/hook/{seq % webhooks}"
                 async with session.post(
                     url, data=body, headers=headers, allow_redirects=False
@@ -81,15 +73,8 @@ async def post_sequential(base: str, ca: str, count: int, interval: float, out: 
         for seq in range(0, count + 1):
             # seq 0 only opens the connection; it is not counted.
             start = time.time()
-            body = wire.body(payloads.EVENT, payloads.TIMESTAMP, payloads.data_json(seq))
-            headers = wire.headers(
-                message_id=str(seq),
-                event=payloads.EVENT,
-                attempt=1,
-                payload=body,
-                secret=payloads.SECRET,
-                now=int(start),
-            )
+            body = payloads.body(seq)
+            headers = payloads.headers(seq, body, now=start)
             async with session.post(f"{base}/hook/0", data=body, headers=headers) as response:
                 await response.content.read(64 * 1024)
             if seq:

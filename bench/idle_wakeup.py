@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import psycopg
 import trustme
 
+from bench.run import sidecar_env
 from outbox import db, localpg
 from tests.receiver import Receiver
 
@@ -45,14 +45,7 @@ def main() -> None:
             " VALUES ('idle', 'idle', %s, 'lead.scored')",
             (receiver.url(),),
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-        env.update(
-            OUTBOX_DATABASE_URL=url,
-            OUTBOX_CA_FILE=ca_file,
-            OUTBOX_ALLOW_PRIVATE_TARGETS="true",
-            OUTBOX_API_LISTEN="off",
-            OUTBOX_POLL_INTERVAL=args.poll,
-        )
+        env = sidecar_env(url, ca_file, OUTBOX_POLL_INTERVAL=args.poll)
         sidecar = subprocess.Popen(
             [sys.executable, "-m", "outbox", "run"], env=env, stderr=subprocess.DEVNULL
         )

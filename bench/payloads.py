@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from functools import cache
+
+from outbox import wire
 
 POOL = 1000
 EVENT = "lead.scored"
@@ -85,6 +88,25 @@ def data_json(seq: int) -> str:
     lead = dict(base["lead"])  # type: ignore[call-overload]
     lead["id"] = seq
     return json.dumps({"lead": lead, "notes": base["notes"], "score": base["score"]})
+
+
+def body(seq: int) -> bytes:
+    """The request body for event ``seq``, as `outbox run` builds it (outbox.wire)."""
+    return wire.body(EVENT, TIMESTAMP, data_json(seq))
+
+
+def headers(
+    message_id: int, body: bytes, *, attempt: int = 1, now: float | None = None
+) -> dict[str, str]:
+    """Signed headers for one request, as `outbox run` builds them (outbox.wire)."""
+    return wire.headers(
+        message_id=str(message_id),
+        event=EVENT,
+        attempt=attempt,
+        payload=body,
+        secret=SECRET,
+        now=int(time.time() if now is None else now),
+    )
 
 
 def pool_rows() -> list[tuple[int, str]]:

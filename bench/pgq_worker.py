@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import logging
 import ssl
-import time
 from datetime import timedelta
 
 import aiohttp
@@ -26,7 +25,6 @@ from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 from pgqueuer.domain.types import QueueExecutionMode
 
 from bench import payloads
-from outbox import wire
 
 ENTRYPOINT = "webhook"
 
@@ -47,10 +45,7 @@ async def load(dsn: str, count: int, webhooks: int, chunk: int = 5000) -> None:
             seqs = range(first, min(first + chunk, count + 1))
             await queries.enqueue(
                 [ENTRYPOINT] * len(seqs),
-                [
-                    wire.body(payloads.EVENT, payloads.TIMESTAMP, payloads.data_json(s))
-                    for s in seqs
-                ],
+                [payloads.body(s) for s in seqs],
                 [0] * len(seqs),
                 headers=[{"webhook": str(s % webhooks)} for s in seqs],
             )
@@ -76,14 +71,7 @@ async def work(dsn: str, base: str, ca: str, batch: int, concurrency: int) -> No
             nonlocal failures
             assert job.payload is not None and job.headers is not None
             body = job.payload
-            headers = wire.headers(
-                message_id=str(job.id),
-                event=payloads.EVENT,
-                attempt=job.attempts + 1,
-                payload=body,
-                secret=payloads.SECRET,
-                now=int(time.time()),
-            )
+            headers = payloads.headers(job.id, body, attempt=job.attempts + 1)
             url = f"{base}/hook/{job.headers['webhook']}"
             async with session.post(
                 url, data=body, headers=headers, allow_redirects=False

@@ -205,6 +205,20 @@ class Processes:
 PROCS = Processes()
 
 
+def sidecar_env(url: str, ca_file: str, **settings: str) -> dict[str, str]:
+    """`outbox run`'s environment: none of ours, the bench's database and receiver (a
+    private address, its CA), no admin API; then ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env.update(
+        OUTBOX_DATABASE_URL=url,
+        OUTBOX_CA_FILE=ca_file,
+        OUTBOX_ALLOW_PRIVATE_TARGETS="true",
+        OUTBOX_API_LISTEN="off",
+    )
+    env.update(settings)
+    return env
+
+
 def run(
     cmd: Sequence[str],
     *,
@@ -576,16 +590,12 @@ class Bench:
             conn.execute("VACUUM ANALYZE")
 
     def sidecar_env(self, url: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-        env.update(
-            OUTBOX_DATABASE_URL=url,
-            OUTBOX_CA_FILE=self.receiver.ca,
-            OUTBOX_ALLOW_PRIVATE_TARGETS="true",
-            OUTBOX_API_LISTEN="off",
+        return sidecar_env(
+            url,
+            self.receiver.ca,
             OUTBOX_LOG_FORMAT="json",
             OUTBOX_CONCURRENCY=str(CONCURRENCY),
         )
-        return env
 
     def load_outbox(
         self, url: str, events: int, *, fan: bool = False, chunk: int = 20_000, settle: bool = True
