@@ -153,6 +153,17 @@ JOIN outbox.webhooks w USING (id)
 WHERE %(account_id)s::text IS NULL OR s.account_id = %(account_id)s
 ORDER BY s.account_id, s.id;
 
+-- schema_version_grant --
+-- Run by migrate after the migrations: outbox_sidecar (when it exists) reads the
+-- schema version, in the table migrate itself creates.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
+        GRANT SELECT ON outbox.schema_migrations TO outbox_sidecar;
+    END IF;
+END
+$$;
+
 -- ping --
 SELECT 1;
 

@@ -27,8 +27,9 @@ $$;
 CREATE FUNCTION outbox.reject_event(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    RETURN outbox.reject(format('unknown event %L: valid events are %s',
-                                name, array_to_string(outbox.event_names(), ', ')));
+    RETURN outbox.reject(pg_catalog.format(
+        'unknown event %L: valid events are %s',
+        name, pg_catalog.array_to_string(outbox.event_names(), ', ')));
 END
 $$;
 
@@ -45,13 +46,27 @@ BEGIN
 END
 $$;
 
+-- A webhook's message format: the plain JSON body, or a Slack or Discord message.
+-- Created without one, a webhook takes the format its URL calls for.
+CREATE FUNCTION outbox.format_for_url(url text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN url ~* '^https://([^/?#@]*@)?hooks\.slack\.com(:[0-9]+)?([/?#]|$)' THEN 'slack'
+        WHEN url ~* ('^https://([^/?#@]*@)?((ptb|canary)\.)?(discord|discordapp)\.com'
+                     '(:[0-9]+)?/api/(v[0-9]+/)?webhooks/') THEN 'discord'
+        ELSE 'json'
+    END
+$$;
+
 CREATE FUNCTION outbox.reject_data(data jsonb) RETURNS boolean
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     RETURN outbox.reject(CASE
-        WHEN jsonb_typeof(data) <> 'object'
-            THEN format('data must be a JSON object, not %s', jsonb_typeof(data))
-        ELSE format('data is %s bytes; the limit is 262144', octet_length(data::text))
+        WHEN pg_catalog.jsonb_typeof(data) OPERATOR(pg_catalog.<>) 'object'
+            THEN pg_catalog.format('data must be a JSON object, not %s',
+                                   pg_catalog.jsonb_typeof(data))
+        ELSE pg_catalog.format('data is %s bytes; the limit is 262144',
+                               pg_catalog.octet_length(data::pg_catalog.text))
     END);
 END
 $$;
@@ -60,16 +75,18 @@ $$;
 -- table for each INSERT statement, so a CHECK costs in proportion to its size: events
 -- has one small CHECK that calls a plpgsql function (whose plans are kept per session)
 -- doing all the checks, instead of three CHECKs with a list of names.
-CREATE FUNCTION outbox.valid_event(account_id text, event text, data jsonb) RETURNS boolean
-LANGUAGE plpgsql IMMUTABLE AS $$
+CREATE FUNCTION outbox.valid_event(account_id text, event text, data jsonb)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    IF account_id = '' THEN
+    IF account_id OPERATOR(pg_catalog.=) '' THEN
         RETURN outbox.reject('account_id must not be empty');
     END IF;
-    IF NOT event = ANY (outbox.event_names()) THEN
+    IF NOT event OPERATOR(pg_catalog.=) ANY (outbox.event_names()) THEN
         RETURN outbox.reject_event(event);
     END IF;
-    IF jsonb_typeof(data) <> 'object' OR octet_length(data::text) > 262144 THEN
+    IF pg_catalog.jsonb_typeof(data) OPERATOR(pg_catalog.<>) 'object'
+       OR pg_catalog.octet_length(data::pg_catalog.text) OPERATOR(pg_catalog.>) 262144 THEN
         RETURN outbox.reject_data(data);
     END IF;
     RETURN true;
@@ -100,7 +117,17 @@ CREATE TABLE outbox.webhooks (
                            OR outbox.reject('secret must be at least 16 characters')),
     enabled    boolean NOT NULL DEFAULT true,
     created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    -- json, slack or discord: the shape of the body. Left out, the URL's format.
+    format     text NOT NULL
+               CHECK (format IN ('json', 'slack', 'discord')
+                      OR outbox.reject(pg_catalog.format(
+                          'format must be json, slack or discord, not %L', format))),
+    -- Why the product disabled the webhook itself (it kept failing); enabling clears it.
+    disabled_reason text,
+    -- A changed secret keeps signing beside the new one until previous_secret_expires_at.
+    previous_secret text,
+    previous_secret_expires_at timestamptz
 );
 
 -- The fan-out looks webhooks up by (account, event) on every producer INSERT.
@@ -149,15 +176,18 @@ CREATE TABLE outbox.delivery_attempts (
     duration_ms     integer NOT NULL,
     response_status integer,
     error           text,
-    PRIMARY KEY (delivery_id, attempt)
+    PRIMARY KEY (delivery_id, attempt),
+    -- The first 1024 bytes of what the receiver answered, as text.
+    response_body   text
 );
 
 -- The producer's INSERT fans out here, inside the producer's transaction: enqueueing
 -- is exactly once because it commits or rolls back with the business change.
 --
--- SECURITY DEFINER so producers need no rights on deliveries or webhooks; every name
--- and operator is schema-qualified instead of SET search_path, which would cost the
--- producer a configuration save and restore on every INSERT.
+-- SECURITY DEFINER so producers need no rights on deliveries or webhooks. Its
+-- search_path is fixed, and every name and operator in it schema-qualified, so that a
+-- producer's own search_path can never make it run the producer's functions with the
+-- owner's rights (the same holds for outbox.emit() and what it calls).
 --
 -- The wake-up: a NOTIFY in the producer's transaction serializes every notifying
 -- commit in the cluster. So the producer notifies only when a dispatcher is asleep and
@@ -165,7 +195,7 @@ CREATE TABLE outbox.delivery_attempts (
 -- that finds the lock free holds it shared until it commits, so a dispatcher that goes
 -- to sleep (takes the lock, then polls) always sees that producer's rows.
 CREATE FUNCTION outbox.fan_out() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     INSERT INTO outbox.deliveries (event_id, webhook_id)
     SELECT e.id, w.id
@@ -186,8 +216,8 @@ CREATE TRIGGER events_fan_out AFTER INSERT ON outbox.events
     FOR EACH STATEMENT EXECUTE FUNCTION outbox.fan_out();
 
 CREATE FUNCTION outbox.emit(account_id text, event text, data jsonb DEFAULT '{}',
-                            occurred_at timestamptz DEFAULT NULL) RETURNS bigint
-LANGUAGE sql SECURITY DEFINER AS $$
+                                       occurred_at timestamptz DEFAULT NULL) RETURNS bigint
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     INSERT INTO outbox.events (account_id, event, data, occurred_at)
     VALUES ($1, $2, coalesce($3, '{}'), coalesce($4, pg_catalog.now()))
     RETURNING id
@@ -212,12 +242,28 @@ BEGIN
         UPDATE outbox.webhook_quota SET webhooks = webhooks - 1
         WHERE account_id = OLD.account_id;
         DELETE FROM outbox.deliveries WHERE webhook_id = OLD.id;
+        DELETE FROM outbox.webhook_health WHERE webhook_id = OLD.id;
         RETURN OLD;
     END IF;
+    -- A format left out (or NULL) is the one the URL calls for.
+    NEW.format := coalesce(NEW.format, outbox.format_for_url(NEW.url));
     IF TG_OP = 'UPDATE' THEN
         IF NEW.account_id IS DISTINCT FROM OLD.account_id THEN
             RAISE EXCEPTION 'account_id of a webhook cannot change'
                 USING ERRCODE = 'check_violation';
+        END IF;
+        IF NEW.enabled AND NOT OLD.enabled THEN
+            NEW.disabled_reason := NULL;
+        END IF;
+        IF NEW.secret IS NULL THEN
+            -- No secret, no signature: the old one stops at once too.
+            NEW.previous_secret := NULL;
+            NEW.previous_secret_expires_at := NULL;
+        ELSIF OLD.secret IS NOT NULL AND NEW.secret IS DISTINCT FROM OLD.secret THEN
+            NEW.previous_secret := OLD.secret;
+            NEW.previous_secret_expires_at := now() + interval '24 hours';
+        ELSIF NEW.previous_secret_expires_at IS NULL THEN
+            NEW.previous_secret := NULL;
         END IF;
         NEW.updated_at := now();
         RETURN NEW;
@@ -252,13 +298,35 @@ CREATE TRIGGER webhooks_disabled AFTER UPDATE OF enabled ON outbox.webhooks
     FOR EACH ROW WHEN (OLD.enabled AND NOT NEW.enabled)
     EXECUTE FUNCTION outbox.webhooks_disabled();
 
+-- The newest attempt of each webhook, and its newest success, kept up to date by the
+-- dispatcher with one row per webhook. The status view reads the newest attempt here
+-- rather than search attempts of every delivery, and the auto-disable rule reads the
+-- last success. No foreign key: a delete of the webhook removes its row
+-- (outbox.webhooks_guard()), and a row a late result writes back for a deleted webhook
+-- is never read.
+CREATE TABLE outbox.webhook_health (
+    webhook_id          bigint PRIMARY KEY,
+    last_attempt_at     timestamptz NOT NULL,
+    last_attempt_status text NOT NULL
+                        CHECK (last_attempt_status IN ('succeeded', 'failed')),
+    last_attempt_error  text,
+    last_success_at     timestamptz
+);
+
 CREATE VIEW outbox.webhook_status AS
 SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled,
        last.status AS last_delivery_status,
        last.finished_at AS last_delivery_at,
        CASE WHEN last.status = 'failed' THEN last.last_error END AS last_error,
-       (SELECT count(*) FROM outbox.deliveries p
-        WHERE p.webhook_id = w.id AND p.status = 'pending') AS pending
+       pending.pending,
+       pending.retrying,
+       h.last_attempt_at,
+       h.last_attempt_status,
+       CASE WHEN h.last_attempt_status = 'failed' THEN h.last_attempt_error
+       END AS last_attempt_error,
+       pending.next_retry_at,
+       w.format,
+       w.disabled_reason
 FROM outbox.webhooks w
 LEFT JOIN LATERAL (
     SELECT d.status, d.finished_at, d.last_error
@@ -266,7 +334,16 @@ LEFT JOIN LATERAL (
     WHERE d.webhook_id = w.id AND d.status IN ('succeeded', 'failed')
     ORDER BY d.finished_at DESC, d.id DESC
     LIMIT 1
-) last ON true;
+) last ON true
+CROSS JOIN LATERAL (
+    -- A pending delivery with an attempt behind it has failed at least once.
+    SELECT count(*) AS pending,
+           count(*) FILTER (WHERE p.attempts > 0) AS retrying,
+           min(p.next_attempt_at) FILTER (WHERE p.attempts > 0) AS next_retry_at
+    FROM outbox.deliveries p
+    WHERE p.webhook_id = w.id AND p.status = 'pending'
+) pending
+LEFT JOIN outbox.webhook_health h ON h.webhook_id = w.id;
 
 -- Producers get exactly what they need and nothing more. The role is cluster-wide,
 -- so another database (or a concurrent migrate) may have created it already.
@@ -291,7 +368,10 @@ DO $$
 BEGIN
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_producer') THEN
         GRANT USAGE ON SCHEMA outbox TO outbox_producer;
-        GRANT INSERT ON outbox.events TO outbox_producer;
+        -- Producers set the columns of an event and nothing else: an id of their own
+        -- (OVERRIDING SYSTEM VALUE) could make other producers' transactions fail.
+        GRANT INSERT (account_id, event, data, occurred_at) ON outbox.events
+            TO outbox_producer;
         GRANT EXECUTE ON FUNCTION outbox.emit(text, text, jsonb, timestamptz)
             TO outbox_producer;
     END IF;
@@ -363,3 +443,45 @@ CREATE TABLE outbox.portal_sessions (
 );
 
 CREATE INDEX portal_sessions_expiry ON outbox.portal_sessions (expires_at);
+
+-- outbox schema, version 5: the sidecar's role.
+
+-- `outbox run` needs no ownership: outbox_sidecar has the rights it uses and no more.
+-- Cluster-wide, like outbox_producer.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
+        BEGIN
+            CREATE ROLE outbox_sidecar NOLOGIN;
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN NULL;
+            WHEN insufficient_privilege THEN
+                RAISE WARNING 'outbox: cannot create role outbox_sidecar (%); create it '
+                              'as a superuser and rerun migrate to grant it', SQLERRM;
+        END;
+    END IF;
+END
+$$;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
+        GRANT USAGE ON SCHEMA outbox TO outbox_sidecar;
+        -- The delivery log and retention read and delete events; producers write them.
+        GRANT SELECT, DELETE ON outbox.events TO outbox_sidecar;
+        -- The admin API and the settings page manage webhooks; the dispatcher disables
+        -- one that keeps failing. The quota is kept by a trigger that runs as the caller.
+        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.webhooks TO outbox_sidecar;
+        GRANT SELECT, INSERT, UPDATE ON outbox.webhook_quota TO outbox_sidecar;
+        GRANT SELECT, UPDATE, DELETE ON outbox.deliveries TO outbox_sidecar;
+        GRANT SELECT, INSERT, DELETE ON outbox.delivery_attempts TO outbox_sidecar;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.webhook_health TO outbox_sidecar;
+        GRANT SELECT ON outbox.webhook_status TO outbox_sidecar;
+        -- Tokens are created and revoked by `outbox tokens`; the API only checks them.
+        GRANT SELECT, UPDATE (last_used_at) ON outbox.api_tokens TO outbox_sidecar;
+        GRANT SELECT ON outbox.portal_secret TO outbox_sidecar;
+        GRANT SELECT, INSERT, DELETE ON outbox.portal_links_used TO outbox_sidecar;
+        GRANT SELECT, INSERT, DELETE ON outbox.portal_sessions TO outbox_sidecar;
+    END IF;
+END
+$$;

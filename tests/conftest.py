@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -172,8 +173,35 @@ def wait_until(check: Callable[[], Any], timeout: float = 15, what: str = "condi
         time.sleep(0.02)
 
 
+# Sidecars in tests log in as this role, which has outbox_sidecar and nothing else, as
+# a production sidecar may. Cluster-wide and owning nothing, it is created once and kept.
+SIDECAR_LOGIN = "outbox_sidecar_test"
+
+
+def login_url(url: str, user: str) -> str:
+    """``url`` with its user replaced by ``user``."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}@{host}"))
+
+
+def as_sidecar_role(url: str) -> str:
+    """The same database, logged in as SIDECAR_LOGIN; unchanged where migrate could not
+    create outbox_sidecar (a migrating user who may not create roles)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'outbox_sidecar'").fetchone():
+            return url
+        conn.execute(
+            "DO $$ BEGIN"
+            f" CREATE ROLE {SIDECAR_LOGIN} LOGIN IN ROLE outbox_sidecar;"
+            " EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;"
+            " END $$"
+        )
+    return login_url(url, SIDECAR_LOGIN)
+
+
 class Sidecar:
-    """A real `outbox run` process."""
+    """A real `outbox run` process, logged in as a role with outbox_sidecar's rights only."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env = env
@@ -183,9 +211,10 @@ class Sidecar:
 
     def start(self) -> Sidecar:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        env = self.env | {"OUTBOX_DATABASE_URL": as_sidecar_role(self.env["OUTBOX_DATABASE_URL"])}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "outbox", "run"],
-            env=self.env,
+            env=env,
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -15,7 +15,7 @@ import pytest
 import standardwebhooks
 
 from outbox import __version__
-from tests.conftest import SQL, Sidecar, wait_until
+from tests.conftest import SIDECAR_LOGIN, SQL, Sidecar, wait_until
 from tests.receiver import Receiver, Reply
 
 SECRET = "whsec_test_secret_0123"
@@ -357,3 +357,30 @@ class TestProducerRole:
             sql("SELECT * FROM outbox.deliveries")
         sql("RESET ROLE")
         assert receiver.wait_for(1)
+
+
+class TestSidecarRole:
+    def test_delivers_logged_in_with_outbox_sidecar_rights_only(
+        self, sql: SQL, receiver: Receiver, sidecars: Start
+    ) -> None:
+        """`outbox run` delivers and records as a role that owns nothing in the database."""
+        sql.webhook(receiver.url(), secret=SECRET)
+        sidecars()
+        sql.emit()
+        receiver.wait_for(1)
+        assert finished(sql)["status"] == "succeeded"
+        users = {
+            row[0]
+            for row in sql(
+                "SELECT usename FROM pg_stat_activity"
+                " WHERE application_name = 'outbox' AND datname = current_database()"
+            )
+        }
+        assert users == {SIDECAR_LOGIN}
+        assert (
+            sql.one(
+                "SELECT rolsuper OR rolcreaterole OR rolcreatedb FROM pg_roles WHERE rolname = %s",
+                (SIDECAR_LOGIN,),
+            )
+            is False
+        )
