@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint format bench clean db-url chromium screenshot
+.PHONY: setup run test lint format bench clean db-url chromium screenshot verifiers
 
 setup: $(VENV)/.installed
 
@@ -33,8 +33,18 @@ run: setup
 	echo; \
 	exec $(BIN)/outbox run
 
-test: setup chromium
+test: setup chromium verifiers
 	$(BIN)/pytest -q
+
+# A second, independent Standard Webhooks verifier: the npm package, run by Node.js.
+verifiers: tests/node/node_modules/.installed
+
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix tests/node --no-audit --no-fund --silent && touch $@; \
+	else \
+		echo "Node.js is not installed: the npm verifier's tests will be skipped" >&2; \
+	fi
 
 # The settings page's browser tests drive Debian's Chromium, never a browser that
 # Playwright downloads. Installed here when missing and we are root; else say how.

@@ -64,6 +64,7 @@ _WEBHOOK_FIELDS = (
     "event",
     "enabled",
     "has_secret",
+    "previous_secret_expires_at",
     "created_at",
     "updated_at",
     "last_delivery_status",
@@ -72,6 +73,8 @@ _WEBHOOK_FIELDS = (
     "pending",
 )
 _WRITABLE = ("name", "url", "event", "secret", "enabled")
+# A change may also end a rotated-out secret's overlap early, by setting this to null.
+_END_OVERLAP = "previous_secret_expires_at"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -253,6 +256,8 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
     database, which enforces them for every path; this only turns JSON into values.
     """
     for key in body:
+        if key == _END_OVERLAP and partial:
+            continue
         if key not in _WRITABLE:
             raise webhooks.Invalid(
                 f"unknown field {key!r}: a webhook has name, url, event, secret and enabled"
@@ -263,7 +268,14 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
                 raise webhooks.Invalid(f"{key} is required")
     fields: dict[str, Any] = {}
     for key, value in body.items():
-        if key == "enabled":
+        if key == _END_OVERLAP:
+            if value is not None:
+                raise webhooks.Invalid(
+                    f"{_END_OVERLAP} can only be set to null, which ends the old secret's "
+                    "overlap now"
+                )
+            fields["end_secret_overlap"] = True
+        elif key == "enabled":
             if not isinstance(value, bool):
                 raise webhooks.Invalid("enabled must be true or false")
         elif value is None:

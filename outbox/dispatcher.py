@@ -60,6 +60,7 @@ class Job:
     secret: str | None
     lease: str
     retry_base: int
+    previous_secret: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,11 +293,11 @@ class Dispatcher:
         rows = await cur.fetchall()
         metrics.claimed(len(rows))
         jobs = []
-        for id_, webhook_id, attempt, enabled, event, stamp, data, url, secret, base in rows:
+        for id_, webhook_id, attempt, enabled, event, stamp, data, url, secret, base, old in rows:
             # The claim cancelled the others: their webhook was disabled.
             if enabled:
                 jobs.append(
-                    Job(id_, webhook_id, attempt, event, stamp, data, url, secret, lease, base)
+                    Job(id_, webhook_id, attempt, event, stamp, data, url, secret, lease, base, old)
                 )
         return jobs, len(rows)
 
@@ -339,6 +340,7 @@ class Dispatcher:
             payload=payload,
             secret=job.secret,
             now=int(time.time()),
+            previous_secret=job.previous_secret,
         )
         attempt = await self._sender.post(job.url, payload, headers)
         retry_in = None

@@ -103,6 +103,11 @@ _SCHEMAS: dict[str, Any] = {
             "event": _EVENT,
             "enabled": {"type": "boolean"},
             "has_secret": {"type": "boolean"},
+            "previous_secret_expires_at": {
+                **_nullable(_TIME),
+                "description": "Until when the secret replaced last keeps signing beside "
+                "the current one in webhook-signature; null when there is none.",
+            },
             "created_at": _TIME,
             "updated_at": _TIME,
             "last_delivery_status": {
@@ -120,8 +125,18 @@ _SCHEMAS: dict[str, Any] = {
     ),
     "WebhookCreate": _object(_WEBHOOK_INPUT, required=["name", "url", "event"]),
     "WebhookChange": {
-        **_object(_WEBHOOK_INPUT, required=[]),
-        "description": "Only the fields given change; secret null removes the secret.",
+        **_object(
+            {
+                **_WEBHOOK_INPUT,
+                "previous_secret_expires_at": {
+                    "type": "null",
+                    "description": "null ends the old secret's overlap at once.",
+                },
+            },
+            required=[],
+        ),
+        "description": "Only the fields given change; secret null removes the secret. A "
+        "changed secret keeps the old one signing beside it for 24 hours.",
     },
     "Attempt": _object(
         {

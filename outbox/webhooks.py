@@ -96,8 +96,13 @@ async def add(conn: psycopg.AsyncConnection[Any], **fields: Any) -> int:
 
 
 async def update(conn: psycopg.AsyncConnection[Any], webhook_id: int, **fields: Any) -> None:
-    """Change the given fields; ``secret=None`` removes the secret, absent leaves it."""
+    """Change the given fields; ``secret=None`` removes the secret, absent leaves it.
+
+    ``end_secret_overlap=True`` stops a rotated-out secret from signing now rather than
+    24 hours after the change.
+    """
     params = {"id": webhook_id, "name": None, "url": None, "event": None, "enabled": None}
+    params["end_secret_overlap"] = False
     params |= {k: v for k, v in fields.items() if k != "secret"}
     params["set_secret"] = "secret" in fields
     params["secret"] = fields.get("secret")
@@ -132,7 +137,7 @@ async def status(
 
 
 async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = None) -> Attempt:
-    """Send one sample payload now, signed with the current secret; no retries, no record."""
+    """Send one sample payload now, signed as a delivery would be; no retries, no record."""
     event = check_event(event or webhook["event"])
     timestamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
     payload = wire.body(event, timestamp, json.dumps(sample(event)))
@@ -144,6 +149,7 @@ async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = N
         secret=webhook["secret"],
         now=int(time.time()),
         test=True,
+        previous_secret=webhook.get("previous_secret"),
     )
     return await sender.post(webhook["url"], payload, headers)
 

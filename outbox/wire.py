@@ -34,8 +34,13 @@ def headers(
     secret: str | None,
     now: int,
     test: bool = False,
+    previous_secret: str | None = None,
 ) -> dict[str, str]:
-    """Headers for one attempt; ``now`` (unix seconds) is the attempt's send time."""
+    """Headers for one attempt; ``now`` (unix seconds) is the attempt's send time.
+
+    ``previous_secret``, a secret being rotated out, signs beside ``secret`` in
+    ``webhook-signature`` only: ``X-Webhook-Signature`` has room for one.
+    """
     result = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
@@ -49,5 +54,6 @@ def headers(
         result["X-Webhook-Signature"] = signature(secret, payload)
         result["webhook-id"] = message_id
         result["webhook-timestamp"] = str(now)
-        result["webhook-signature"] = standard_signature(secret, message_id, now, payload)
+        older = () if previous_secret is None else (previous_secret,)
+        result["webhook-signature"] = standard_signature(secret, message_id, now, payload, *older)
     return result

@@ -47,7 +47,10 @@ FROM picked p, outbox.events e, outbox.webhooks w
 WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.webhook_id
 RETURNING d.id, d.webhook_id, d.attempts + 1 AS attempt, w.enabled, e.event,
           to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS timestamp,
-          e.data::text AS data, w.url, w.secret, d.retry_base;
+          e.data::text AS data, w.url, w.secret, d.retry_base,
+          -- A secret being rotated out signs beside the new one until it expires.
+          CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret
+          END AS previous_secret;
 
 -- record --
 -- Store a batch of attempt results in one round trip. The batch is one JSON array (one
@@ -137,6 +140,8 @@ RETURNING id;
 
 -- webhook_get --
 SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled, w.secret,
+       CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret
+       END AS previous_secret,
        w.created_at, w.updated_at
 FROM outbox.webhooks w
 WHERE w.id = %(id)s;
@@ -147,7 +152,7 @@ DELETE FROM outbox.webhooks WHERE id = %(id)s RETURNING id;
 -- webhook_status --
 SELECT s.id, s.account_id, s.name, s.url, s.event, s.enabled, s.last_delivery_status,
        s.last_delivery_at, s.last_error, s.pending, w.secret IS NOT NULL AS has_secret,
-       w.created_at, w.updated_at
+       w.previous_secret_expires_at, w.created_at, w.updated_at
 FROM outbox.webhook_status s
 JOIN outbox.webhooks w USING (id)
 WHERE %(account_id)s::text IS NULL OR s.account_id = %(account_id)s
@@ -174,7 +179,10 @@ SET name = coalesce(%(name)s, name),
     url = coalesce(%(url)s, url),
     event = coalesce(%(event)s, event),
     enabled = coalesce(%(enabled)s, enabled),
-    secret = CASE WHEN %(set_secret)s THEN %(secret)s ELSE secret END
+    secret = CASE WHEN %(set_secret)s THEN %(secret)s ELSE secret END,
+    -- NULL ends a rotated-out secret's overlap (outbox.webhooks_guard() forgets it).
+    previous_secret_expires_at = CASE WHEN %(end_secret_overlap)s THEN NULL
+                                      ELSE previous_secret_expires_at END
 WHERE id = %(id)s
 RETURNING id;
 

@@ -372,6 +372,7 @@
     secret.value = "";
     secret.type = "password";
     show($("f-secret-once"), false);
+    show($("f-secret-rotation"), false);
     $("copy-secret").textContent = "Copy secret";
   }
 
@@ -449,18 +450,26 @@
     }
   }
 
+  // Replacing a secret keeps the old one signing for a while: say so as it is typed.
+  function showRotation() {
+    const hook = state.editing;
+    show($("f-secret-rotation"), Boolean(hook && hook.has_secret && $("f-secret").value));
+  }
+
   function generateSecret() {
     const bytes = new Uint8Array(32);
     crypto.getRandomValues(bytes);
     let binary = "";
     for (const byte of bytes) binary += String.fromCharCode(byte);
-    const encoded = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    // Standard base64 with padding, as Standard Webhooks libraries decode it.
+    const encoded = btoa(binary);
     const secret = $("f-secret");
     secret.value = `whsec_${encoded}`;
     secret.type = "text";
     $("f-remove-secret").checked = false;
     $("copy-secret").textContent = "Copy secret";
     show($("f-secret-once"), true);
+    showRotation();
     secret.focus();
     secret.select();
   }
@@ -705,6 +714,7 @@
     });
     $("webhook-form").addEventListener("submit", submitForm);
     $("generate-secret").addEventListener("click", generateSecret);
+    $("f-secret").addEventListener("input", showRotation);
     $("copy-secret").addEventListener("click", copySecret);
     $("f-remove-secret").addEventListener("change", () => {
       if ($("f-remove-secret").checked) clearSecret();

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -426,6 +427,7 @@ class TestWebhooks:
             "event": "lead.scored",
             "enabled": True,
             "has_secret": True,
+            "previous_secret_expires_at": None,
             "created_at": "",
             "updated_at": "",
             "last_delivery_status": None,
@@ -454,6 +456,7 @@ class TestWebhooks:
         assert db.one("SELECT secret FROM outbox.webhooks WHERE id = %s", (hook["id"],)) is None
         resigned = api("PATCH", path, {"secret": OTHER_SECRET})
         assert resigned.json["has_secret"] is True
+        assert resigned.json["previous_secret_expires_at"] is None
         assert api("PATCH", path, {}).json == resigned.json
 
         deleted = api("DELETE", path)
@@ -461,6 +464,30 @@ class TestWebhooks:
         assert api("GET", path).status == 404
         assert api("DELETE", path).status == 404
         assert [kind for kind, _ in owned_rows(db, api.main)] == ["token"]
+
+    def test_a_rotated_secret_overlaps_until_patched_to_null(self, api: Api, db: SQL) -> None:
+        """A new secret leaves the old one signing for 24 hours; null ends that at once."""
+        hook = api("POST", "/api/v1/webhooks", hook_body()).json
+        path = f"/api/v1/webhooks/{hook['id']}"
+        rotated = api("PATCH", path, {"secret": OTHER_SECRET}).json
+        expires = datetime.fromisoformat(rotated["previous_secret_expires_at"])
+        assert timedelta(hours=23, minutes=59) < expires - datetime.now(UTC) <= timedelta(hours=24)
+        assert db.one(
+            "SELECT previous_secret FROM outbox.webhooks WHERE id = %s", (hook["id"],)
+        ) == (SECRET)
+        ended = api("PATCH", path, {"previous_secret_expires_at": None})
+        assert ended.status == 200, ended
+        assert ended.json["previous_secret_expires_at"] is None
+        assert (
+            db.one("SELECT previous_secret FROM outbox.webhooks WHERE id = %s", (hook["id"],))
+            is None
+        )
+        refused = api("PATCH", path, {"previous_secret_expires_at": "2030-01-01T00:00:00Z"})
+        assert refused.status == 422 and "only be set to null" in refused.error[1]
+        created = api(
+            "POST", "/api/v1/webhooks", hook_body() | {"previous_secret_expires_at": None}
+        )
+        assert created.status == 422 and "unknown field" in created.error[1]
 
     def test_the_event_catalogue(self, api: Api) -> None:
         """Every wire name with its display name, in catalogue order."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -383,4 +384,39 @@ class TestSidecarRole:
                 (SIDECAR_LOGIN,),
             )
             is False
+        )
+
+
+class TestSecretRotation:
+    def test_old_and_new_secret_sign_during_the_overlap(
+        self, sql: SQL, receiver: Receiver, sidecars: Start
+    ) -> None:
+        """For 24 hours webhook-signature carries "v1,<new> v1,<old>"; then the new alone."""
+        old, new = SECRET, "whsec_" + base64.b64encode(bytes(range(32))).decode()
+        hook = sql.webhook(receiver.url(), secret=old)
+        sql("UPDATE outbox.webhooks SET secret = %s WHERE id = %s", (new, hook))
+        sidecars()
+        sql.emit()
+        (got,) = receiver.wait_for(1)
+        signatures = got.headers["webhook-signature"].split(" ")
+        assert len(signatures) == 2
+        headers = {k: got.headers[k] for k in ("webhook-id", "webhook-timestamp")}
+        # A receiver with either secret verifies: the new one with `Webhook(secret)`.
+        standardwebhooks.Webhook(new).verify(
+            got.body, headers | {"webhook-signature": signatures[0]}
+        )
+        standardwebhooks.Webhook(old.encode()).verify(
+            got.body, headers | {"webhook-signature": signatures[1]}
+        )
+        expected = "sha256=" + hmac.new(new.encode(), got.body, hashlib.sha256).hexdigest()
+        assert got.headers["X-Webhook-Signature"] == expected
+
+        sql("UPDATE outbox.webhooks SET previous_secret_expires_at = now() WHERE id = %s", (hook,))
+        sql.emit()
+        second = receiver.wait_for(2)[1]
+        assert " " not in second.headers["webhook-signature"]
+        standardwebhooks.Webhook(new).verify(
+            second.body,
+            {k: second.headers[k] for k in headers}
+            | {"webhook-signature": second.headers["webhook-signature"]},
         )

@@ -11,6 +11,7 @@ installs it (as root), and without it these tests fail saying how to get it.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -327,7 +328,9 @@ class TestAdding:
 
         page.get_by_role("button", name="Generate").click()
         generated = page.locator("#f-secret").input_value()
-        assert re.fullmatch(r"whsec_[A-Za-z0-9_-]{43}", generated)
+        # Standard base64 of 32 bytes, padded: Standard Webhooks libraries decode it.
+        assert re.fullmatch(r"whsec_[A-Za-z0-9+/]{43}=", generated)
+        assert len(base64.b64decode(generated[6:], validate=True)) == 32
         expect(page.locator("#f-secret")).to_have_attribute("type", "text")
         expect(page.locator("#f-secret-once")).to_contain_text("it will not be shown again")
         page.get_by_role("button", name="Create").click()
@@ -353,6 +356,11 @@ class TestAdding:
         expect(page.locator("#f-secret")).to_have_value("")
         expect(page.locator("#f-secret-hint")).to_contain_text("A signing secret is set")
         assert generated not in page.content()
+        expect(page.locator("#f-secret-rotation")).to_be_hidden()
+        page.locator("#f-secret").fill("a-brand-new-secret-0123")
+        expect(page.locator("#f-secret-rotation")).to_contain_text(
+            "keeps signing beside the new one for 24 hours"
+        )
 
     def test_the_limit_of_ten(self, open_page: Opener, site: Site) -> None:
         """The tenth webhook fills the account: "10 of 10 used", Add Webhook disabled

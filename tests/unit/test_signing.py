@@ -5,12 +5,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import standardwebhooks
 
-from outbox.signing import signature, standard_signature, verify
+from outbox.signing import (
+    generate_secret,
+    signature,
+    standard_key,
+    standard_signature,
+    verify,
+)
 
 SECRET = "whsec_test_secret_0123"
 BODY = b'{"a":1}'
@@ -170,3 +179,91 @@ class TestVerify:
         """A correct header for one body is rejected for a different body."""
         header = signature(SECRET, BODY)
         assert verify(SECRET, b'{"a":2}', header) is False
+
+
+NODE_VERIFIER = Path(__file__).parent.parent / "node" / "verify.mjs"
+
+
+def node_verify(secret: str, body: bytes, headers: dict[str, str]) -> str:
+    """What the npm `standardwebhooks` package says of a request (``make test`` installs it)."""
+    if not (NODE_VERIFIER.parent / "node_modules" / "standardwebhooks").is_dir():
+        pytest.skip("the npm verifier is not installed: run `make test` (needs Node.js)")
+    done = subprocess.run(
+        ["node", str(NODE_VERIFIER)],
+        input=json.dumps({"secret": secret, "body": body.decode(), "headers": headers}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done.stdout.strip() or done.stderr.strip()
+
+
+class TestStandardKey:
+    """Secrets the product generates verify with `new Webhook(secret)` in every library."""
+
+    def test_generated_secrets_are_whsec_standard_base64_of_32_bytes(self) -> None:
+        """``whsec_`` + padded standard base64 decoding to 32 random bytes, new each time."""
+        made = {generate_secret() for _ in range(50)}
+        assert len(made) == 50
+        for secret in made:
+            assert secret.startswith("whsec_")
+            assert len(base64.b64decode(secret[6:], validate=True)) == 32
+            assert len(secret) == 6 + 44 and secret.endswith("=")
+
+    def test_whsec_key_is_the_decoded_bytes(self) -> None:
+        """The key of a whsec_ secret is its decoded bytes; others are their UTF-8 bytes."""
+        raw = bytes(range(32))
+        assert standard_key("whsec_" + base64.b64encode(raw).decode()) == raw
+        assert standard_key(SECRET) == SECRET.encode()  # "_" is not standard base64
+        assert (
+            standard_key("whsec_" + base64.b64encode(b"short").decode())
+            == ("whsec_" + base64.b64encode(b"short").decode()).encode()
+        )
+        assert standard_key(UNICODE_SECRET) == UNICODE_SECRET.encode()
+
+    def test_x_webhook_signature_stays_keyed_with_the_secret_as_typed(self) -> None:
+        """The product's own signature uses the whsec_ secret's UTF-8 bytes."""
+        secret = generate_secret()
+        assert signature(secret, BODY) == "sha256=" + _hex(secret.encode(), BODY)
+
+    def test_python_library_verifies_with_the_secret_itself(self) -> None:
+        """standardwebhooks.Webhook(secret), given the whsec_ string, accepts the request."""
+        secret = generate_secret()
+        now = int(time.time())
+        headers = {
+            "webhook-id": "msg_7",
+            "webhook-timestamp": str(now),
+            "webhook-signature": standard_signature(secret, "msg_7", now, BODY),
+        }
+        standardwebhooks.Webhook(secret).verify(BODY, headers)
+
+    def test_npm_library_verifies_with_the_secret_itself(self) -> None:
+        """The npm standardwebhooks package's `new Webhook(secret)` accepts the request."""
+        secret = generate_secret()
+        now = int(time.time())
+        headers = {
+            "webhook-id": "msg_8",
+            "webhook-timestamp": str(now),
+            "webhook-signature": standard_signature(secret, "msg_8", now, BODY),
+        }
+        assert node_verify(secret, BODY, headers) == "ok"
+        tampered = headers | {"webhook-id": "msg_9"}
+        assert node_verify(secret, BODY, tampered) != "ok"
+
+
+class TestRotation:
+    """While a secret is rotated out, both sign webhook-signature, the new one first."""
+
+    def test_both_keys_sign_new_first(self) -> None:
+        """The header is "v1,<new> v1,<old>"; each verifies alone."""
+        new, old = generate_secret(), "an-old-typed-secret-0123"
+        now = int(time.time())
+        value = standard_signature(new, "m", now, BODY, old)
+        first, second = value.split(" ")
+        assert first == standard_signature(new, "m", now, BODY)
+        assert second == standard_signature(old, "m", now, BODY)
+        headers = {"webhook-id": "m", "webhook-timestamp": str(now), "webhook-signature": value}
+        standardwebhooks.Webhook(new).verify(BODY, headers)
+        standardwebhooks.Webhook(old.encode()).verify(BODY, headers)
+        assert node_verify(new, BODY, headers) == "ok"
