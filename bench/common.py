@@ -20,8 +20,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+# Committed: a full run's JSON, and the table appended to RESULTS.md.
 RESULTS_DIR = BENCH / "results"
 RESULTS_MD = BENCH / "RESULTS.md"
+# Ignored by git (.gitignore): profiles, and the JSON of --quick and --only runs.
+PROFILES_DIR = BENCH / "profiles"
 PY = sys.executable
 
 CPUS = sorted(os.sched_getaffinity(0))

@@ -1,11 +1,11 @@
-"""The profile (`--only profile`; skipped by `--no-profile`): where `outbox run` spends
-its CPU, not a figure.
+"""The profile (`--only profile`; skipped by `--no-profile`): where `outbox run` spends its
+CPU, not a figure.
 
 An extra drain of the throughput backlog (loaded while the sidecar runs) under py-spy,
 250 Hz, non-blocking: a flame graph (`profile-<stamp>.svg`) and collapsed stacks
-(`profile-<stamp>.raw.txt`), and in the JSON the rate under the profiler and the
-functions with the largest self and inclusive shares of the samples. It does not
-count in any figure, and its failure does not fail the run.
+(`profile-<stamp>.raw.txt`) in bench/profiles/, which git ignores, and in the JSON the
+rate under the profiler and the functions with the largest self and inclusive shares of
+the samples. It does not count in any figure, and its failure does not fail the run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import PROCS, PY, RESULTS_DIR, ROOT, rate_of, say
+from bench.common import PROCS, PROFILES_DIR, PY, ROOT, rate_of, say
 from bench.harness import Bench
 from bench.services import database
 
@@ -39,8 +39,9 @@ def measure(bench: Bench, stamp: str) -> dict[str, Any]:
         return {"skipped": "py-spy is not installed"}
     n = bench.sizes.throughput
     say(f"profile: py-spy on `outbox run` draining {n:,} (not counted in the figures)")
-    raw = RESULTS_DIR / f"profile-{stamp}.raw.txt"
-    svg = RESULTS_DIR / f"profile-{stamp}.svg"
+    PROFILES_DIR.mkdir(parents=True, exist_ok=True)
+    raw = PROFILES_DIR / f"profile-{stamp}.raw.txt"
+    svg = PROFILES_DIR / f"profile-{stamp}.svg"
     with database(bench.cluster, "profile") as url:
         bench.receiver.reset()
         sidecar = bench.start_sidecar(url)

@@ -1,8 +1,8 @@
-"""The table writer: a run's summary (each section's figures, in section order), its
-JSON file under bench/results/, and the Markdown table appended to bench/RESULTS.md,
-every figure next to its same-run reference and the ratio, with the target and whether
-it is met. Sections build their own rows with the helpers here (`spread`, `num`,
-`met`) and say what they expose in `Section`.
+"""The table writer: a run's summary (each section's figures, in section order), its JSON
+file (bench/results/ for a full run, bench/profiles/ otherwise), and the Markdown table
+appended to bench/RESULTS.md, every figure next to its same-run reference and the ratio,
+with the target and whether it is met. Sections build their own rows with the helpers
+here (`spread`, `num`, `met`) and say what they expose in `Section`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bench.common import RESULTS_DIR, RESULTS_MD, ROOT
+from bench.common import PROFILES_DIR, RESULTS_DIR, RESULTS_MD, ROOT
 
 if TYPE_CHECKING:
     from bench.harness import Bench
@@ -119,11 +119,14 @@ def write_results(
     errors: dict[str, str],
     suffix: str,
 ) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    """The run's JSON: a full run's in bench/results/ (committed), that of a --quick or
+    --only run (`suffix`) in bench/profiles/ (ignored)."""
+    directory = PROFILES_DIR if suffix else RESULTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
     name = f"{stamp[:10]}{suffix}"
-    path = RESULTS_DIR / f"{name}.json"
+    path = directory / f"{name}.json"
     if path.exists():
-        path = RESULTS_DIR / f"{name}-{stamp[11:].replace(':', '')}.json"
+        path = directory / f"{name}-{stamp[11:].replace(':', '')}.json"
     document = {"summary": summary, "meta": meta, "details": details, "errors": errors}
     path.write_text(json.dumps(document, indent=2, default=_jsonable) + "\n")
     return path
