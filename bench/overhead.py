@@ -137,29 +137,31 @@ def summary(details: dict[str, Any]) -> dict[str, float | int | None]:
 def rows(details: dict[str, Any], summary: dict[str, Any]) -> list[Row]:
     po = details[KEY]
     plain = f"plain INSERT (a) {spread(po['tps_a_plain'])}"
-    return [
+    # Each case against (a): what it is, its tx/s and its ratio in the details, target, met.
+    cases = (
         (
-            "2 producer tx/s, outbox INSERT + sidecar (b)",
-            spread(po["tps_b_outbox"]),
-            plain,
-            spread(po["producer_overhead_ratio"], 3),
+            "outbox INSERT + sidecar (b)",
+            "tps_b_outbox",
+            "producer_overhead_ratio",
             "≥ 0.85",
             met(summary["producer_overhead_ratio"], 0.85, True),
         ),
         (
-            "2 producer tx/s, naive NOTIFY trigger (c)",
-            spread(po["tps_c_naive_notify"]),
-            plain,
-            spread(po["naive_notify_ratio"], 3),
+            "naive NOTIFY trigger (c)",
+            "tps_c_naive_notify",
+            "naive_notify_ratio",
             "(what the doorbell avoids)",
             "",
         ),
         (
-            "2 producer tx/s, outbox INSERT, no sidecar (d)",
-            spread(po["tps_d_outbox_no_sidecar"]),
-            plain,
-            spread(po["no_sidecar_ratio"], 3),
+            "outbox INSERT, no sidecar (d)",
+            "tps_d_outbox_no_sidecar",
+            "no_sidecar_ratio",
             "(diagnostic: trigger + checks)",
             "",
         ),
+    )
+    return [
+        (f"2 producer tx/s, {label}", spread(po[tps]), plain, spread(po[ratio], 3), target, ok)
+        for label, tps, ratio, target, ok in cases
     ]
