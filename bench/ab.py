@@ -20,7 +20,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.run import PROCS, Bench, Cluster, Receiver, Sizes, database, say
+from bench.common import PROCS, say
+from bench.harness import Bench, Sizes
+from bench.services import Cluster, Receiver, database
 
 
 def main() -> int:

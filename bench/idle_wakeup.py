@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import trustme
 
-from bench.run import sidecar_env
+from bench.common import sidecar_env
 from outbox import db, localpg
 from tests.receiver import Receiver
 
