@@ -122,10 +122,6 @@ SELECT pg_try_advisory_lock(1869968482, 1);
 -- disarm_doorbell --
 SELECT pg_advisory_unlock(1869968482, 1);
 
--- try_lead --
--- One dispatcher at a time owns the doorbell; the others listen and poll.
-SELECT pg_try_advisory_lock(1869968482, 2);
-
 -- help --
 -- A dispatcher with a backlog wakes its idle peers; this costs producers nothing.
 SELECT pg_notify('outbox_wake', 'backlog');

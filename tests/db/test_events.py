@@ -53,6 +53,10 @@ class TestEventName:
             insert_event(sql, "acct_1", "lead.deleted")
         assert sql.one("SELECT count(*) FROM outbox.events") == 0
 
+    def test_the_database_enforces_the_python_catalogue(self, sql: SQL) -> None:
+        """outbox.event_names() is outbox.events.EVENTS, in the same order."""
+        assert sql.one("SELECT outbox.event_names()") == list(EVENTS)
+
     def test_event_names_are_case_sensitive(self, sql: SQL) -> None:
         """A display-name spelling such as 'Lead.Scored' is not a wire name."""
         with raises(
