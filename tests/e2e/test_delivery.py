@@ -397,6 +397,44 @@ class TestAccountFairness:
                 assert int(answer.headers["Retry-After"]) >= 1
                 assert answer.error[0] == "rate_limited"
 
+    def test_one_accounts_backlog_leaves_slots_for_another_account(
+        self, sql: SQL, receiver: Receiver, black_hole: BlackHole, sidecars: Start
+    ) -> None:
+        """An account whose webhooks (each within its own share) never answer takes at
+        most its share of the slots: another account's newer event is delivered while
+        the first account's older deliveries are still waiting for a slot."""
+        hooks = [
+            sql.webhook(black_hole.url(f"/{n}"), account="acct_a", event="lead.created")
+            for n in range(2)
+        ]
+        mine = sql.webhook(receiver.url(), account="acct_b")
+        for _ in range(4):
+            sql.emit(account="acct_a", event="lead.created")
+        # Concurrency 4: a share of 2 per webhook, and of 2 per account.
+        sidecars(OUTBOX_CONCURRENCY="4", OUTBOX_RETRY_DELAYS="")
+        wait_until(lambda: black_hole.connections() >= 2, what="the first account's attempts")
+        sql.emit(account="acct_b")
+        theirs = wait_until(
+            lambda: sql(
+                "SELECT status, attempts, finished_at FROM outbox.deliveries"
+                " WHERE webhook_id = %s AND status <> 'pending'",
+                (mine,),
+            ),
+            what="the second account's delivery",
+        )
+        assert [row[:2] for row in theirs] == [("succeeded", 1)]
+        # Attempts are recorded when they end, so this waits for a later round of the
+        # first account's: it starts after the other account's delivery was done.
+        wait_until(
+            lambda: sql.one(
+                "SELECT count(*) FROM outbox.delivery_attempts a"
+                " JOIN outbox.deliveries d ON d.id = a.delivery_id"
+                " WHERE d.webhook_id = ANY (%s) AND a.started_at > %s",
+                (hooks, theirs[0][2]),
+            ),
+            what="an attempt of the first account after the second account's delivery",
+        )
+
 
 class TestWakeUp:
     def test_idle_dispatcher_wakes_on_commit_not_on_poll(
