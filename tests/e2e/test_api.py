@@ -721,7 +721,18 @@ class TestSendTestPayload:
             assert result["ok"] is False and result["status"] is None
             assert result["error"] == "blocked: not a public address"
         assert receiver.received() == []
-        logged = [line["error"] for line in sidecar.log_lines() if line.get("webhook_id")]
+
+        def sent(line: dict[str, Any]) -> bool:
+            return line.get("event") == "api: test payload sent"
+
+        # Log lines are written once the event loop has a moment, maybe after the answer.
+        logged = wait_until(
+            lambda: (
+                len(errors := [line["error"] for line in sidecar.log_lines() if sent(line)]) == 2
+                and errors
+            ),
+            what="the two test sends' log lines",
+        )
         assert logged[0] == "blocked: 127.0.0.1 is not a public address"
         assert logged[1] in (
             "blocked: 127.0.0.1 is not a public address",
