@@ -100,11 +100,11 @@ def _public_v6(ip: ipaddress.IPv6Address) -> bool:
         if ip in net:
             return _public_v4(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     if ip in _SIXTOFOUR:
-        # 6to4 carries the IPv4 address of the site's relay in bits 16-47.
+        # 6to4 carries the IPv4 address of the site's 6to4 router in bits 16-47.
         return _public_v4(ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF))
     if ip in _TEREDO:
-        # Teredo carries the Teredo server's address and the client's (obfuscated):
-        # packets go to both, so both must be public.
+        # Teredo carries the client's address (obfuscated), where packets end up, and
+        # its Teredo server's, which is contacted on the way: both must be public.
         assert ip.teredo is not None
         server, client = ip.teredo
         return _public_v4(server) and _public_v4(client)
