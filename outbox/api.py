@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
@@ -30,15 +31,19 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from outbox import db, metrics, openapi, portal, tokens, webhooks
-from outbox.delivery import Sender
+from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender
 from outbox.events import EVENTS, UnknownEvent, check_event
+from outbox.throttle import Refused, Throttle
 
 __all__ = ["BODY_LIMIT", "make_app"]
 
 log = structlog.get_logger("outbox.api")
 
 POOL = web.AppKey("pool", AsyncConnectionPool)
-SENDER = web.AppKey("sender", Sender)
+# Test sends have a Sender of their own, so that they never take the connections
+# deliveries need, and a Throttle.
+TEST_SENDER = web.AppKey("test_sender", Sender)
+THROTTLE = web.AppKey("throttle", Throttle)
 # The admin server's address as people reach it, for portal links; "" for the
 # address each request came to.
 PUBLIC_URL = web.AppKey("public_url", str)
@@ -417,7 +422,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
 
 
 async def test_webhook(request: web.Request) -> web.Response:
-    """Send one sample payload now, signed, through the dispatcher's own Sender."""
+    """Send one sample payload now, signed, on the test sends' own connections."""
     account, webhook_id = _account(request), _id(request, "webhook")
     body = await _body(request, required=False)
     for key in body:
@@ -429,7 +434,23 @@ async def test_webhook(request: web.Request) -> web.Response:
     async with _connection(request) as conn:
         await _owned(conn, account, webhook_id)
         webhook = await webhooks.get(conn, webhook_id)
-    attempt = await webhooks.test(request.app[SENDER], webhook, event)
+    throttle = request.app[THROTTLE]
+    try:
+        throttle.admit(account, webhook_id, time.monotonic())
+    except Refused as exc:
+        log.info(
+            "api: test send refused", account_id=account, webhook_id=webhook_id, reason=str(exc)
+        )
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"{exc}; try again in {exc.retry_after} s",
+            {"Retry-After": str(exc.retry_after)},
+        ) from None
+    try:
+        attempt = await webhooks.test(request.app[TEST_SENDER], webhook, event)
+    finally:
+        throttle.done(webhook_id)
     log.info(
         "api: test payload sent",
         account_id=account,
@@ -442,7 +463,9 @@ async def test_webhook(request: web.Request) -> web.Response:
         "ok": attempt.ok,
         "status": attempt.status,
         "duration_ms": attempt.duration_ms,
-        "error": attempt.error,
+        # The log line above names the refused address for operators; the tenant who
+        # chose the URL is not told what its host resolves to inside the network.
+        "error": BLOCKED_WITHOUT_ADDRESS if attempt.blocked else attempt.error,
     }
     return _json(result)
 
@@ -574,14 +597,16 @@ async def static_file(request: web.Request) -> web.FileResponse:
 
 
 def make_app(
-    pool: AsyncConnectionPool[Any], sender: Sender, public_url: str = ""
+    pool: AsyncConnectionPool[Any], test_sender: Sender, public_url: str = ""
 ) -> web.Application:
-    """The admin server: ``sender`` is the dispatcher's, so test sends get the same SSRF
-    guard, timeout and TLS settings as deliveries. Portal links start with
-    ``public_url`` (default: the address each request came to)."""
+    """The admin server. ``test_sender`` makes the test sends: a Sender made with the
+    dispatcher's settings (the same SSRF guard, timeout and TLS settings as deliveries)
+    but not the dispatcher's own. Portal links start with ``public_url`` (default: the
+    address each request came to)."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_LIMIT)
     app[POOL] = pool
-    app[SENDER] = sender
+    app[TEST_SENDER] = test_sender
+    app[THROTTLE] = Throttle(test_sender.timeout)
     app[PUBLIC_URL] = public_url
     add = app.router.add_route
     add("GET", "/healthz", healthz)

@@ -138,3 +138,10 @@ class Settings:
     def per_webhook_limit(self) -> int:
         """Attempts one webhook may have in flight, so a slow endpoint cannot take all."""
         return max(2, self.concurrency // 8)
+
+    @property
+    def per_account_limit(self) -> int:
+        """Attempts one account may have in flight, so that its webhooks together (up to
+        10, each with its own share) cannot take all: half, which still leaves a lone
+        busy account four webhooks' worth (at least one webhook's)."""
+        return max(self.per_webhook_limit, self.concurrency // 2)

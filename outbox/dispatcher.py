@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -52,6 +52,7 @@ class Job:
 
     id: int
     webhook_id: int
+    account_id: str
     attempt: int
     event: str
     timestamp: str
@@ -69,6 +70,17 @@ class Result:
     attempt: Attempt
     outcome: str
     retry_in: float | None
+
+
+_K = TypeVar("_K", int, str)
+
+
+def _split(in_flight: Counter[_K], share: int) -> tuple[list[_K], dict[_K, int]]:
+    """Those at their share (the claim skips them), and the others with attempts in
+    flight, with how many (the claim gives them only what is left)."""
+    full = [k for k, n in in_flight.items() if n >= share]
+    busy = {k: n for k, n in in_flight.items() if 0 < n < share}
+    return full, busy
 
 
 class Doorbell:
@@ -173,7 +185,9 @@ class Dispatcher:
         self._settings = settings
         self._sender = sender
         self._tasks: set[asyncio.Task[None]] = set()
+        # Attempts in flight by webhook, and by account: each has a share of the slots.
         self._in_flight: Counter[int] = Counter()
+        self._in_flight_accounts: Counter[str] = Counter()
         self._results: list[Result] = []
         self._results_ready = asyncio.Event()
         self._wake = asyncio.Event()
@@ -275,16 +289,21 @@ class Dispatcher:
 
     async def _claim(self, limit: int) -> tuple[list[Job], int]:
         share = self._settings.per_webhook_limit
-        full = [w for w, n in self._in_flight.items() if n >= share]
-        busy = [(w, n) for w, n in self._in_flight.items() if 0 < n < share]
+        account_share = self._settings.per_account_limit
+        full, busy = _split(self._in_flight, share)
+        full_accounts, busy_accounts = _split(self._in_flight_accounts, account_share)
         lease = str(uuid.uuid4())
         params = {
             "limit": limit,
             "window": limit * 2,
             "per_webhook": share,
             "full_webhooks": full,
-            "busy_webhooks": [w for w, _ in busy],
-            "busy_counts": [n for _, n in busy],
+            "busy_webhooks": list(busy),
+            "busy_counts": list(busy.values()),
+            "per_account": account_share,
+            "full_accounts": full_accounts,
+            "busy_accounts": list(busy_accounts),
+            "busy_account_counts": list(busy_accounts.values()),
             "lease_seconds": self._settings.lease_seconds,
             "lease": lease,
         }
@@ -293,11 +312,25 @@ class Dispatcher:
         rows = await cur.fetchall()
         metrics.claimed(len(rows))
         jobs = []
-        for id_, webhook_id, attempt, enabled, event, stamp, data, url, secret, base, old in rows:
+        for id_, webhook, account, attempt, enabled, *job in rows:
             # The claim cancelled the others: their webhook was disabled.
             if enabled:
+                event, stamp, data, url, secret, base, old = job
                 jobs.append(
-                    Job(id_, webhook_id, attempt, event, stamp, data, url, secret, lease, base, old)
+                    Job(
+                        id_,
+                        webhook,
+                        account,
+                        attempt,
+                        event,
+                        stamp,
+                        data,
+                        url,
+                        secret,
+                        lease,
+                        base,
+                        old,
+                    )
                 )
         return jobs, len(rows)
 
@@ -317,6 +350,7 @@ class Dispatcher:
     def _start(self, jobs: list[Job]) -> None:
         for job in jobs:
             self._in_flight[job.webhook_id] += 1
+            self._in_flight_accounts[job.account_id] += 1
             task = asyncio.create_task(self._deliver(job))
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._finished, job))
@@ -326,6 +360,9 @@ class Dispatcher:
         self._in_flight[job.webhook_id] -= 1
         if not self._in_flight[job.webhook_id]:
             del self._in_flight[job.webhook_id]
+        self._in_flight_accounts[job.account_id] -= 1
+        if not self._in_flight_accounts[job.account_id]:
+            del self._in_flight_accounts[job.account_id]
         if self._wake_at_free and (
             self._settings.concurrency - len(self._tasks) >= self._wake_at_free
         ):

@@ -180,7 +180,14 @@ _SCHEMAS: dict[str, Any] = {
             "ok": {"type": "boolean", "description": "True when the target answered 2xx."},
             "status": {"type": ["integer", "null"], "description": "null when no response."},
             "duration_ms": {"type": "integer", "minimum": 0},
-            "error": {"type": ["string", "null"]},
+            "error": {
+                "type": ["string", "null"],
+                "description": (
+                    "Why it failed, as in the delivery log, except that a target the SSRF"
+                    " guard refuses reads blocked: not a public address, without the"
+                    " address."
+                ),
+            },
         }
     ),
     "RecoverRequest": _object(
@@ -226,6 +233,18 @@ _COMMON_RESPONSES = {
     "409": _error("The limit of 10 webhooks, or a replay the delivery's state forbids."),
     "413": _error("The request body is over 64 KiB."),
     "422": _error("A rule is broken; the message names it."),
+    "429": {
+        **_error(
+            "A test send to this webhook is still in flight, or the account has made 10"
+            " in the last minute."
+        ),
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds until a test send would be let through.",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    },
 }
 
 _WEBHOOK_ID = {"name": "id", "in": "path", "required": True, "schema": _ID}
@@ -362,10 +381,19 @@ _PATHS: dict[str, Any] = {
         "post": {
             "operationId": "testWebhook",
             "summary": "Send one sample payload now, signed, without retries",
-            "description": "200 whatever the target answered; ok says whether it was 2xx.",
+            "description": (
+                "200 whatever the target answered; ok says whether it was 2xx. One test send"
+                " at a time per webhook, and 10 a minute per account; past that, 429."
+            ),
             "requestBody": _body("TestRequest", required=False),
             "responses": _responses(
-                400, 401, 404, 413, 422, **{"200": _json(_ref("TestResult"), "What came of it.")}
+                400,
+                401,
+                404,
+                413,
+                422,
+                429,
+                **{"200": _json(_ref("TestResult"), "What came of it.")},
             ),
         },
     },

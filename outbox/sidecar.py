@@ -21,6 +21,11 @@ __all__ = ["run"]
 
 log = structlog.get_logger("outbox")
 
+# Connections open at once for the admin API's test sends, apart from the dispatcher's
+# OUTBOX_CONCURRENCY: each account has at most one per webhook in flight (outbox.throttle),
+# so this bounds only what many accounts testing at the same moment hold.
+TEST_SEND_CONNECTIONS = 32
+
 
 def pool(settings: Settings, max_size: int = 4) -> AsyncConnectionPool[Any]:
     """Autocommit connections that come back by themselves after the database does."""
@@ -54,8 +59,11 @@ async def run(settings: Settings) -> None:
         if settings.api_listen is not None:
             # Only the admin API uses the pool; the dispatcher has connections of its own.
             connections = await stack.enter_async_context(pool(settings))
+            test_sender = await stack.enter_async_context(
+                Sender(settings, limit=TEST_SEND_CONNECTIONS)
+            )
             runner = web.AppRunner(
-                api.make_app(connections, sender, settings.public_url), access_log=None
+                api.make_app(connections, test_sender, settings.public_url), access_log=None
             )
             await runner.setup()
             host, port = settings.api_listen

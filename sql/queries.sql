@@ -3,18 +3,23 @@
 
 -- claim --
 -- Take up to %(limit)s due deliveries under a lease. Rows another dispatcher holds
--- are skipped, not waited for. Webhooks already at their in-flight share are left out,
--- and no webhook gets more than its remaining share, so one slow endpoint cannot fill
--- every slot. Locked rows that are not picked are released when this commits.
+-- are skipped, not waited for. Each webhook and each account has a share of this
+-- dispatcher's attempts in flight: webhooks and accounts already at theirs are left
+-- out, and none gets more than what is left of its share, so neither one slow endpoint
+-- nor one account's many webhooks can fill every slot. Locked rows that are not picked
+-- are released when this commits.
 WITH due AS MATERIALIZED (
-    SELECT d.id, d.webhook_id, d.next_attempt_at
+    SELECT d.id, d.webhook_id, w.account_id, d.next_attempt_at
     FROM outbox.deliveries d
+    -- Outer: a delivery whose webhook is gone (account_id NULL) is deleted below.
+    LEFT JOIN outbox.webhooks w ON w.id = d.webhook_id
     WHERE d.status = 'pending'
       AND d.next_attempt_at <= now()
       AND d.webhook_id <> ALL (%(full_webhooks)s::bigint[])
+      AND (w.account_id IS NULL OR w.account_id <> ALL (%(full_accounts)s::text[]))
     ORDER BY d.next_attempt_at
     LIMIT %(window)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF d SKIP LOCKED
 ),
 orphaned AS (
     -- A producer that fanned out to a webhook while it was being deleted left a
@@ -22,16 +27,26 @@ orphaned AS (
     DELETE FROM outbox.deliveries d
     USING due
     WHERE d.id = due.id
-      AND NOT EXISTS (SELECT FROM outbox.webhooks w WHERE w.id = due.webhook_id)
+      AND due.account_id IS NULL
 ),
-picked AS (
-    SELECT r.id
-    FROM (SELECT id, next_attempt_at, webhook_id,
+within_webhook AS (
+    SELECT r.id, r.account_id, r.next_attempt_at,
+           row_number() OVER (PARTITION BY r.account_id ORDER BY r.next_attempt_at, r.id)
+               AS account_rank
+    FROM (SELECT id, next_attempt_at, webhook_id, account_id,
                  row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rank
-          FROM due) r
+          FROM due
+          WHERE account_id IS NOT NULL) r
     LEFT JOIN unnest(%(busy_webhooks)s::bigint[], %(busy_counts)s::bigint[])
         AS busy (webhook_id, in_flight) USING (webhook_id)
     WHERE r.rank <= %(per_webhook)s - coalesce(busy.in_flight, 0)
+),
+picked AS (
+    SELECT r.id
+    FROM within_webhook r
+    LEFT JOIN unnest(%(busy_accounts)s::text[], %(busy_account_counts)s::bigint[])
+        AS busy (account_id, in_flight) USING (account_id)
+    WHERE r.account_rank <= %(per_account)s - coalesce(busy.in_flight, 0)
     ORDER BY r.next_attempt_at
     LIMIT %(limit)s
 )
@@ -45,7 +60,7 @@ SET next_attempt_at = now() + make_interval(secs => %(lease_seconds)s),
     last_error = CASE WHEN w.enabled THEN d.last_error ELSE 'webhook disabled' END
 FROM picked p, outbox.events e, outbox.webhooks w
 WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.webhook_id
-RETURNING d.id, d.webhook_id, d.attempts + 1 AS attempt, w.enabled, e.event,
+RETURNING d.id, d.webhook_id, w.account_id, d.attempts + 1 AS attempt, w.enabled, e.event,
           to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS timestamp,
           e.data::text AS data, w.url, w.secret, d.retry_base,
           -- A secret being rotated out signs beside the new one until it expires.

@@ -24,7 +24,7 @@ import trustme
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from outbox import db, localpg
-from tests.receiver import Receiver
+from tests.receiver import BlackHole, Receiver
 
 ROOT = Path(__file__).parent.parent
 
@@ -154,6 +154,13 @@ def receiver(ca: trustme.CA) -> Iterator[Receiver]:
     r = Receiver(ca).start()
     yield r
     r.stop()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[BlackHole]:
+    hole = BlackHole().start()
+    yield hole
+    hole.stop()
 
 
 def free_port() -> int:

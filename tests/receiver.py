@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -89,3 +90,45 @@ class Receiver:
                 return got
             time.sleep(0.01)
         raise AssertionError(f"expected {count} requests to {path}, got {len(self.received(path))}")
+
+
+class BlackHole:
+    """A TCP server that accepts connections and never answers: every request to it
+    runs into the client's timeout. Counts the connections it holds."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self._server.settimeout(0.1)
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.port = int(self._server.getsockname()[1])
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def start(self) -> BlackHole:
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            with self._lock:
+                self._held.append(conn)
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def url(self, path: str = "/hook") -> str:
+        return f"https://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._server.close()
+        with self._lock:
+            for conn in self._held:
+                conn.close()

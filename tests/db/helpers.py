@@ -44,11 +44,15 @@ def claim(
     per_webhook: int = 1000,
     full: Sequence[int] = (),
     busy: dict[int, int] | None = None,
+    per_account: int = 1000,
+    full_accounts: Sequence[str] = (),
+    busy_accounts: dict[str, int] | None = None,
     lease_seconds: float = 60,
     lease: uuid.UUID | None = None,
 ) -> list[dict[str, Any]]:
     """Run the dispatcher's claim query with parameters built as Dispatcher._claim does."""
     busy = busy or {}
+    busy_accounts = busy_accounts or {}
     params = {
         "limit": limit,
         "window": limit * 2,
@@ -56,6 +60,10 @@ def claim(
         "full_webhooks": list(full),
         "busy_webhooks": list(busy),
         "busy_counts": list(busy.values()),
+        "per_account": per_account,
+        "full_accounts": list(full_accounts),
+        "busy_accounts": list(busy_accounts),
+        "busy_account_counts": list(busy_accounts.values()),
         "lease_seconds": lease_seconds,
         "lease": lease or uuid.uuid4(),
     }

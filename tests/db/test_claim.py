@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from outbox import db, dispatcher
+from outbox.config import Settings
 from outbox.dispatcher import RECORDS_SETUP, Connection
 from tests.conftest import SQL
 from tests.db.helpers import HTTPS, claim, record
@@ -239,6 +240,62 @@ class TestShare:
             )
             == 5
         )
+
+    def test_one_accounts_webhooks_together_get_only_the_accounts_share(
+        self, sql: SQL, conn: psycopg.Connection[Any]
+    ) -> None:
+        """Ten webhooks of one account, with 80 deliveries due, get 32 of 64 slots
+        between them (the account's share at OUTBOX_CONCURRENCY=64); another
+        account's deliveries, due later, get the rest."""
+        settings = Settings(concurrency=64)
+        hooks = [sql.webhook(HTTPS, account="acct_a") for _ in range(10)]
+        other = sql.webhook(HTTPS, account="acct_b")
+        emit_many(sql, 8, account="acct_a")  # 80 deliveries, 8 per webhook
+        emit_many(sql, 5, account="acct_b")
+        rows = claim(
+            conn,
+            limit=64,
+            per_webhook=settings.per_webhook_limit,
+            per_account=settings.per_account_limit,
+        )
+        by_account = Counter(r["account_id"] for r in rows)
+        assert by_account == {"acct_a": 32, "acct_b": 5}
+        by_webhook = Counter(r["webhook_id"] for r in rows)
+        assert by_webhook[other] == 5
+        assert all(by_webhook[hook] <= settings.per_webhook_limit for hook in hooks)
+
+    def test_busy_account_gets_only_what_is_left_of_its_share(
+        self, sql: SQL, conn: psycopg.Connection[Any]
+    ) -> None:
+        """An account with 3 attempts in flight and a share of 4 gets 1 more, even on a
+        webhook of its that has none in flight."""
+        a = sql.webhook(HTTPS, account="acct_a")
+        emit_many(sql, 10, account="acct_a")
+        rows = claim(conn, limit=20, per_webhook=8, per_account=4, busy_accounts={"acct_a": 3})
+        assert [r["webhook_id"] for r in rows] == [a]
+
+    def test_full_accounts_are_skipped(self, sql: SQL, conn: psycopg.Connection[Any]) -> None:
+        """An account listed as full gets nothing, and its rows stay unleased; other
+        accounts are served."""
+        sql.webhook(HTTPS, account="acct_a")
+        b = sql.webhook(HTTPS, account="acct_b")
+        emit_many(sql, 5, account="acct_a")
+        emit_many(sql, 5, account="acct_b")
+        rows = claim(conn, limit=20, per_webhook=8, per_account=4, full_accounts=["acct_a"])
+        assert Counter(r["webhook_id"] for r in rows) == {b: 4}
+        assert sql.one("SELECT count(*) FROM outbox.deliveries WHERE lease IS NULL") == 6
+
+    def test_the_accounts_share_counts_only_rows_within_their_webhooks_share(
+        self, sql: SQL, conn: psycopg.Connection[Any]
+    ) -> None:
+        """A backlog on one webhook beyond its share does not use up the account's share:
+        the account's other webhook, due later, still gets its rows."""
+        a = sql.webhook(HTTPS, account="acct_a", event="lead.created")
+        b = sql.webhook(HTTPS, account="acct_a", event="lead.scored")
+        emit_many(sql, 10, account="acct_a", event="lead.created")
+        emit_many(sql, 10, account="acct_a", event="lead.scored")
+        rows = claim(conn, limit=20, per_webhook=2, per_account=4)
+        assert Counter(r["webhook_id"] for r in rows) == {a: 2, b: 2}
 
     def test_concurrent_claimers_never_share_a_row(self, sql: SQL, database_url: str) -> None:
         """Four claimers looping over 2,000 due deliveries claim each exactly once."""

@@ -15,6 +15,7 @@ import http.client
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ from tests.conftest import (
     sidecar_environment,
     wait_until,
 )
-from tests.receiver import Receiver, Reply
+from tests.receiver import BlackHole, Receiver, Reply
 
 SECRET = "whsec_api_secret_0123456789"
 OTHER_SECRET = "whsec_rotated_secret_987654321"
@@ -705,17 +706,88 @@ class TestSendTestPayload:
         assert api("POST", f"/api/v1/webhooks/{hook}/test", {"event": 3}).status == 422
         assert receiver.received() == []
 
-    def test_uses_the_ssrf_guard_of_deliveries(
+    def test_uses_the_ssrf_guard_of_deliveries_without_naming_the_address(
         self, sidecars: Callable[..., Sidecar], sql: SQL, receiver: Receiver
     ) -> None:
         """Without OUTBOX_ALLOW_PRIVATE_TARGETS a loopback target is refused, as it is
-        for real deliveries."""
-        guarded = new_api(sidecars(OUTBOX_ALLOW_PRIVATE_TARGETS="false"), sql)
-        hook = sql.webhook(receiver.url(), account=guarded.main)
-        result = guarded("POST", f"/api/v1/webhooks/{hook}/test").json
-        assert result["ok"] is False and result["status"] is None
-        assert result["error"] == "blocked: 127.0.0.1 is not a public address"
+        for real deliveries; the tenant is not told the address its host resolved to
+        (the operator's log is)."""
+        sidecar = sidecars(OUTBOX_ALLOW_PRIVATE_TARGETS="false")
+        guarded = new_api(sidecar, sql)
+        for host in ("127.0.0.1", "localhost"):
+            url = receiver.url().replace("127.0.0.1", host)
+            hook = sql.webhook(url, account=guarded.main)
+            result = guarded("POST", f"/api/v1/webhooks/{hook}/test").json
+            assert result["ok"] is False and result["status"] is None
+            assert result["error"] == "blocked: not a public address"
         assert receiver.received() == []
+
+        def sent(line: dict[str, Any]) -> bool:
+            return line.get("event") == "api: test payload sent"
+
+        # Log lines are written once the event loop has a moment, maybe after the answer.
+        logged = wait_until(
+            lambda: (
+                len(errors := [line["error"] for line in sidecar.log_lines() if sent(line)]) == 2
+                and errors
+            ),
+            what="the two test sends' log lines",
+        )
+        assert logged[0] == "blocked: 127.0.0.1 is not a public address"
+        assert logged[1] in (
+            "blocked: 127.0.0.1 is not a public address",
+            "blocked: ::1 is not a public address",
+        )
+
+    def test_one_at_a_time_per_webhook_else_429(
+        self, api: Api, db: SQL, receiver: Receiver, black_hole: BlackHole
+    ) -> None:
+        """While a test send to a webhook waits for its answer, another to the same
+        webhook is 429 with Retry-After (at most the time the first has left); other
+        webhooks are not held up, and once the first is done the next one goes."""
+        stuck = api("POST", "/api/v1/webhooks", hook_body(url=black_hole.url())).json
+        other = api("POST", "/api/v1/webhooks", hook_body(url=receiver.url())).json
+        first: list[Answer] = []
+        sending = threading.Thread(
+            target=lambda: first.append(api("POST", f"/api/v1/webhooks/{stuck['id']}/test"))
+        )
+        sending.start()
+        try:
+            wait_until(lambda: black_hole.connections() == 1, what="the first test send")
+            second = api("POST", f"/api/v1/webhooks/{stuck['id']}/test")
+            assert second.status == 429
+            assert 1 <= int(second.headers["Retry-After"]) <= 2  # OUTBOX_HTTP_TIMEOUT
+            code, message = second.error
+            assert code == "rate_limited"
+            assert message.startswith("a test send to this webhook is still in flight")
+            assert api("POST", f"/api/v1/webhooks/{other['id']}/test").json["ok"] is True
+        finally:
+            sending.join(30)
+        assert first[0].status == 200 and first[0].json["error"] == "timeout after 2s"
+        api("PATCH", f"/api/v1/webhooks/{stuck['id']}", {"url": receiver.url("/fixed")})
+        assert api("POST", f"/api/v1/webhooks/{stuck['id']}/test").json["ok"] is True
+        assert len(receiver.received("/fixed")) == 1
+
+    def test_ten_a_minute_per_account_else_429(self, api: Api, db: SQL, receiver: Receiver) -> None:
+        """The eleventh test send of an account within a minute is 429 with Retry-After
+        and sends nothing; another account's test sends still go."""
+        hooks = [
+            db.webhook(receiver.url(f"/{n}"), account=api.main, name=f"h{n}") for n in range(3)
+        ]
+        for n in range(10):
+            assert api("POST", f"/api/v1/webhooks/{hooks[n % 3]}/test").json["ok"] is True
+        eleventh = api("POST", f"/api/v1/webhooks/{hooks[0]}/test")
+        assert eleventh.status == 429
+        retry_after = int(eleventh.headers["Retry-After"])
+        assert 1 <= retry_after <= 60
+        assert eleventh.error == (
+            "rate_limited",
+            f"at most 10 test sends a minute per account; try again in {retry_after} s",
+        )
+        assert len(receiver.received()) == 10
+        theirs = db.webhook(receiver.url("/theirs"), account=api.other)
+        assert api("POST", f"/api/v1/webhooks/{theirs}/test", account=api.other).status == 200
+        assert len(receiver.received("/theirs")) == 1
 
 
 def _samples(api: Api) -> dict[str, float]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.client
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,8 @@ import standardwebhooks
 
 from outbox import __version__
 from tests.conftest import SIDECAR_LOGIN, SQL, Sidecar, wait_until
-from tests.receiver import Receiver, Reply
+from tests.e2e.test_api import Answer, make_token
+from tests.receiver import BlackHole, Receiver, Reply
 
 SECRET = "whsec_test_secret_0123"
 Start = Callable[..., Sidecar]
@@ -329,6 +332,108 @@ class TestFairness:
         receiver.wait_for(10, "/fast", timeout=2.5)
         slow_in_flight = len(receiver.received("/slow"))
         assert slow_in_flight <= 16 // 8, "the slow webhook took more than its share"
+
+
+def pound_with_test_sends(
+    port: int, token: str, hooks: list[int], stop: threading.Event, answers: list[Answer]
+) -> None:
+    """Ask for test sends to ``hooks`` in turn until ``stop``; a 429 waits as it says."""
+    n = 0
+    while not stop.is_set():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request(
+                "POST",
+                f"/api/v1/webhooks/{hooks[n % len(hooks)]}/test",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            response = conn.getresponse()
+            answer = Answer(response.status, dict(response.getheaders()), response.read())
+        finally:
+            conn.close()
+        answers.append(answer)
+        n += 1
+        if answer.status == 429:
+            stop.wait(min(float(answer.headers["Retry-After"]), 0.2))
+
+
+class TestAccountFairness:
+    def test_test_sends_to_a_black_hole_do_not_starve_another_accounts_delivery(
+        self, sql: SQL, receiver: Receiver, black_hole: BlackHole, sidecars: Start
+    ) -> None:
+        """One account's test sends to an endpoint that never answers, asked for from 16
+        clients at once, leave another account's delivery its slots: it succeeds at the
+        first attempt. The test sends answer with a timeout or 429, nothing else."""
+        sidecar = sidecars(OUTBOX_CONCURRENCY="4", OUTBOX_RETRY_DELAYS="")
+        token = make_token(sql, "acct_a")
+        hooks = [sql.webhook(black_hole.url(f"/{n}"), account="acct_a") for n in range(4)]
+        sql.webhook(receiver.url(), account="acct_b")
+        stop = threading.Event()
+        answers: list[Answer] = []
+        clients = [
+            threading.Thread(
+                target=pound_with_test_sends,
+                args=(sidecar.api_port, token, hooks, stop, answers),
+            )
+            for _ in range(16)
+        ]
+        for client in clients:
+            client.start()
+        try:
+            wait_until(lambda: black_hole.connections() >= 4, what="test sends in flight")
+            sql.emit(account="acct_b")
+            d = finished(sql)
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(30)
+        assert (d["status"], d["attempts"], d["last_error"]) == ("succeeded", 1, None)
+        assert len(receiver.received()) == 1
+        for answer in answers:
+            if answer.status == 200:
+                assert answer.json["error"] == "timeout after 2s", answer.json
+            else:
+                assert answer.status == 429, answer
+                assert int(answer.headers["Retry-After"]) >= 1
+                assert answer.error[0] == "rate_limited"
+
+    def test_one_accounts_backlog_leaves_slots_for_another_account(
+        self, sql: SQL, receiver: Receiver, black_hole: BlackHole, sidecars: Start
+    ) -> None:
+        """An account whose webhooks (each within its own share) never answer takes at
+        most its share of the slots: another account's newer event is delivered while
+        the first account's older deliveries are still waiting for a slot."""
+        hooks = [
+            sql.webhook(black_hole.url(f"/{n}"), account="acct_a", event="lead.created")
+            for n in range(2)
+        ]
+        mine = sql.webhook(receiver.url(), account="acct_b")
+        for _ in range(4):
+            sql.emit(account="acct_a", event="lead.created")
+        # Concurrency 4: a share of 2 per webhook, and of 2 per account.
+        sidecars(OUTBOX_CONCURRENCY="4", OUTBOX_RETRY_DELAYS="")
+        wait_until(lambda: black_hole.connections() >= 2, what="the first account's attempts")
+        sql.emit(account="acct_b")
+        theirs = wait_until(
+            lambda: sql(
+                "SELECT status, attempts, finished_at FROM outbox.deliveries"
+                " WHERE webhook_id = %s AND status <> 'pending'",
+                (mine,),
+            ),
+            what="the second account's delivery",
+        )
+        assert [row[:2] for row in theirs] == [("succeeded", 1)]
+        # Attempts are recorded when they end, so this waits for a later round of the
+        # first account's: it starts after the other account's delivery was done.
+        wait_until(
+            lambda: sql.one(
+                "SELECT count(*) FROM outbox.delivery_attempts a"
+                " JOIN outbox.deliveries d ON d.id = a.delivery_id"
+                " WHERE d.webhook_id = ANY (%s) AND a.started_at > %s",
+                (hooks, theirs[0][2]),
+            ),
+            what="an attempt of the first account after the second account's delivery",
+        )
 
 
 class TestWakeUp:

@@ -531,6 +531,40 @@ class TestDeliveries:
         expect(result).to_contain_text("HTTP 503")
         assert len(site.receiver.received(urlsplit(failing).path)) == 1
 
+    def test_send_test_payload_past_the_limit_shows_the_apis_message(
+        self, open_page: Opener, site: Site
+    ) -> None:
+        """An account that has made its 10 test sends this minute (here through the
+        API) is told so on the page, in the API's words, and nothing is sent."""
+        account = site.account()
+        url = site.url(200)
+        hook = site.hook(account, name="CRM Sync", url=url)
+        token = tokens.generate()
+        site.sql(
+            "INSERT INTO outbox.api_tokens (account_id, token_sha256) VALUES (%s, %s)",
+            (account, tokens.digest(token)),
+        )
+        for _ in range(10):
+            conn = http.client.HTTPConnection("127.0.0.1", site.sidecar.api_port, timeout=10)
+            conn.request(
+                "POST",
+                f"/api/v1/webhooks/{hook}/test",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert conn.getresponse().status == 200
+            conn.close()
+        page = open_page(account)
+        row(page, "CRM Sync").get_by_role("button", name="Edit").click()
+        page.get_by_role("button", name="Send Test Payload").click()
+        result = page.locator("#test-result")
+        expect(result).to_contain_text(
+            re.compile(
+                r"The test payload was not sent: at most 10 test sends a minute per account;"
+                r" try again in \d+ s"
+            )
+        )
+        assert len(site.receiver.received(urlsplit(url).path)) == 10
+
     def test_real_deliveries_show_up_and_a_failed_one_can_be_retried(
         self, open_page: Opener, site: Site
     ) -> None:

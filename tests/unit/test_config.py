@@ -215,7 +215,7 @@ class TestErrors:
 
 
 class TestDerived:
-    """`lease_seconds` and `per_webhook_limit`."""
+    """`lease_seconds`, `per_webhook_limit` and `per_account_limit`."""
 
     def test_lease_within_contract_by_default(self) -> None:
         """With the default 10 s timeout a lease is at most 30 s (crash recovery promise)."""
@@ -245,3 +245,15 @@ class TestDerived:
         """For larger pools one webhook may use at most half of the slots, and at least one."""
         s = Settings(concurrency=concurrency)
         assert 1 <= s.per_webhook_limit <= concurrency // 2
+
+    @pytest.mark.parametrize(
+        ("concurrency", "per_webhook", "per_account"),
+        [(1, 2, 2), (4, 2, 2), (16, 2, 8), (64, 8, 32), (256, 32, 128)],
+    )
+    def test_per_account_limit(self, concurrency: int, per_webhook: int, per_account: int) -> None:
+        """An account's webhooks together get half the slots, and at least one webhook's
+        share: however many webhooks it has, it leaves slots for other accounts."""
+        s = Settings(concurrency=concurrency)
+        assert (s.per_webhook_limit, s.per_account_limit) == (per_webhook, per_account)
+        if concurrency >= 4:
+            assert s.per_account_limit < concurrency

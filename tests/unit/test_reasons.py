@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import ssl
 
 import aiohttp
@@ -11,7 +12,7 @@ import trustme
 from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from outbox.delivery import Blocked, _check_address, _http_reason, _reason
+from outbox.delivery import Blocked, _check_address, _http_reason, _reason, is_public
 
 KEY = ConnectionKey(
     host="example.com",
@@ -120,12 +121,12 @@ class TestReason:
 
     def test_blocked(self) -> None:
         """A Blocked error reads exactly "blocked: <address> is not a public address"."""
-        exc = Blocked("blocked: 10.0.0.1 is not a public address")
+        exc = Blocked("10.0.0.1")
         assert _reason(exc, 10.0) == "blocked: 10.0.0.1 is not a public address"
 
     def test_blocked_from_resolver_as_aiohttp_wraps_it(self) -> None:
         """A Blocked raised in the resolver and wrapped by aiohttp keeps its message."""
-        blocked = Blocked("blocked: 10.0.0.1 is not a public address")
+        blocked = Blocked("10.0.0.1")
         exc = _chained(aiohttp.ClientConnectorError(KEY, blocked), blocked)
         assert _reason(exc, 10.0) == "blocked: 10.0.0.1 is not a public address"
 
@@ -136,42 +137,94 @@ class TestReason:
         assert _reason(info.value, 10.0) == "blocked: 10.0.0.1 is not a public address"
 
 
-class TestCheckAddress:
-    """`_check_address`: only public addresses may be connected to."""
+# (address, what it is): every one refused.
+NOT_PUBLIC = [
+    ("127.0.0.1", "loopback"),
+    ("10.1.2.3", "private"),
+    ("192.168.1.1", "private"),
+    ("172.16.0.1", "private"),
+    ("169.254.169.254", "link-local: cloud metadata"),
+    ("0.0.0.0", "this network"),
+    ("100.64.0.1", "carrier-grade NAT"),
+    ("192.0.0.9", "IETF protocol assignments"),
+    ("192.0.2.1", "documentation"),
+    ("192.88.99.1", "6to4 relay anycast"),
+    ("198.18.0.1", "benchmarking"),
+    ("224.0.0.1", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "broadcast"),
+    ("::1", "loopback"),
+    ("::", "unspecified"),
+    ("fe80::1", "link-local"),
+    ("fe80::1%eth0", "link-local with a zone"),
+    ("fec0::1", "site-local"),
+    ("fc00::1", "unique local"),
+    ("fd12:3456::1", "unique local"),
+    ("ff02::1", "multicast"),
+    ("100::1", "discard-only"),
+    ("2001:db8::1", "documentation"),
+    ("3fff::1", "documentation"),
+    ("2001:2::1", "IETF protocol assignments"),
+    ("::ffff:127.0.0.1", "IPv4-mapped loopback"),
+    ("::ffff:10.0.0.1", "IPv4-mapped private"),
+    ("::ffff:169.254.169.254", "IPv4-mapped metadata"),
+    ("::169.254.169.254", "IPv4-compatible metadata"),
+    ("::10.0.0.1", "IPv4-compatible private"),
+    ("::127.0.0.1", "IPv4-compatible loopback"),
+    ("::ffff:0:169.254.169.254", "IPv4-translated metadata"),
+    ("::ffff:0:10.0.0.1", "IPv4-translated private"),
+    ("64:ff9b::169.254.169.254", "NAT64 of metadata"),
+    ("64:ff9b::a00:1", "NAT64 of 10.0.0.1"),
+    ("64:ff9b:1::a9fe:a9fe", "local-use NAT64 (169.254.169.254)"),
+    ("64:ff9b:1::808:808", "local-use NAT64, whatever it carries"),
+    ("2002:a9fe:a9fe::1", "6to4 of metadata"),
+    ("2002:7f00:1::1", "6to4 of loopback"),
+    ("2002:c058:6301::1", "6to4 of the 6to4 relay anycast"),
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "Teredo of 10.0.0.1"),
+    ("2001:0:a00:1:8000:63bf:f7f7:f7f7", "Teredo via a private server"),
+]
 
-    @pytest.mark.parametrize(
-        "address",
-        [
-            "127.0.0.1",
-            "10.1.2.3",
-            "192.168.1.1",
-            "172.16.0.1",
-            "169.254.169.254",
-            "::1",
-            "fe80::1",
-            "fe80::1%eth0",
-            "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1",
-            "0.0.0.0",
-            "100.64.0.1",
-            "224.0.0.1",
-            "::",
-            "fc00::1",
-            "ff02::1",
-        ],
-    )
-    def test_blocks_non_public(self, address: str) -> None:
-        """A loopback, private, link-local, shared, unspecified or multicast address is blocked."""
+PUBLIC = [
+    ("93.184.216.34", "public IPv4"),
+    ("8.8.8.8", "public IPv4"),
+    ("2606:4700::1111", "public IPv6"),
+    ("2a00:1450:4001:81c::200e", "public IPv6"),
+    ("::ffff:8.8.8.8", "IPv4-mapped public"),
+    ("64:ff9b::808:808", "NAT64 of 8.8.8.8"),
+    ("2002:808:808::1", "6to4 of 8.8.8.8"),
+    ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", "Teredo of 8.8.8.8"),
+]
+
+
+class TestCheckAddress:
+    """`_check_address`: only globally routable unicast addresses may be connected to;
+    an IPv6 address that carries an IPv4 address is judged by that address."""
+
+    @pytest.mark.parametrize(("address", "kind"), NOT_PUBLIC)
+    def test_blocks_non_public(self, address: str, kind: str) -> None:
+        """Each is refused, and the reason names the address as given."""
         with pytest.raises(Blocked) as info:
             _check_address(address)
-        assert str(info.value) == f"blocked: {address} is not a public address"
+        assert str(info.value) == f"blocked: {address} is not a public address", kind
+        assert not is_public(address), kind
 
-    @pytest.mark.parametrize(
-        "address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"]
-    )
-    def test_allows_public(self, address: str) -> None:
-        """A public IPv4, IPv6 or IPv4-mapped public address passes without an exception."""
-        assert _check_address(address) is None
+    @pytest.mark.parametrize(("address", "kind"), PUBLIC)
+    def test_allows_public(self, address: str, kind: str) -> None:
+        """Each passes without an exception."""
+        assert _check_address(address) is None, kind
+        assert is_public(address), kind
+
+    def test_teredo_examples_carry_what_the_table_says(self) -> None:
+        """The Teredo rows embed the addresses their descriptions name."""
+
+        def teredo(address: str) -> tuple[str, str]:
+            carried = ipaddress.IPv6Address(address).teredo
+            assert carried is not None
+            return str(carried[0]), str(carried[1])
+
+        assert teredo("2001:0:4136:e378:8000:63bf:f5ff:fffe")[1] == "10.0.0.1"
+        assert teredo("2001:0:4136:e378:8000:63bf:f7f7:f7f7")[1] == "8.8.8.8"
+        assert teredo("2001:0:a00:1:8000:63bf:f7f7:f7f7")[0] == "10.0.0.1"
 
     def test_blocked_is_os_error(self) -> None:
         """Blocked is an OSError, so aiohttp treats it as a connection failure."""
