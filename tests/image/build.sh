@@ -62,8 +62,11 @@ fi
 # it is mounted over the image's own for the RUN steps only, never copied in.
 # --format docker: the OCI image format has no HEALTHCHECK.
 cafile=$(python3 -c 'import ssl; print(ssl.get_default_verify_paths().cafile)')
-podman build --quiet --format docker --isolation chroot --pull=never \
-	--volume "$cafile:$cafile:ro" --tag "$image" --file Dockerfile . >/dev/null
+log=$(mktemp)
+podman build --format docker --isolation chroot --pull=never \
+	--volume "$cafile:$cafile:ro" --tag "$image" --file Dockerfile . >"$log" 2>&1 ||
+	{ tail -40 "$log" >&2; rm -f "$log"; exit 1; }
+rm -f "$log"
 
 size=$(podman image inspect --format '{{.Size}}' "$image")
 base_size=$(podman image inspect --format '{{.Size}}' "$base")
