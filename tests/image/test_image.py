@@ -23,7 +23,7 @@ from typing import IO, Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, as_sidecar_role, free_port, wait_until
 from tests.receiver import Receiver
 
 IMAGE = os.environ.get("OUTBOX_IMAGE", "")
@@ -186,7 +186,8 @@ class TestRun:
         tmp_path: Path,
     ) -> None:
         """The image migrates a fresh database, delivers one signed event over HTTPS as its
-        own user, answers /healthz and its HEALTHCHECK, writes nothing, exits 0 on SIGTERM."""
+        own user and a sidecar-only database role, answers /healthz and its HEALTHCHECK,
+        writes nothing, exits 0 on SIGTERM."""
         shutil.copy(ca_file, rootfs.tmp / "ca.pem")
         (rootfs.tmp / "ca.pem").chmod(0o644)
         listen, port = api_listen(rootfs)
@@ -210,8 +211,10 @@ class TestRun:
             "--event", "lead.scored", "--url", receiver.url(), "--secret", SECRET,
         )  # fmt: skip
 
+        # As in production: `outbox run` logged in with outbox_sidecar's rights only.
+        run_env = env | {"OUTBOX_DATABASE_URL": as_sidecar_role(empty_database_url)}
         sidecar = rootfs.start(
-            *rootfs.entrypoint, *rootfs.cmd, env=env, log_path=tmp_path / "sidecar.log"
+            *rootfs.entrypoint, *rootfs.cmd, env=run_env, log_path=tmp_path / "sidecar.log"
         )
         try:
             uid = rootfs.user.split(":")[0]
@@ -231,7 +234,7 @@ class TestRun:
             # The settings page's files come from the installed package, not a checkout.
             assert get(port, "/static/webhooks.css") == 200
 
-            check = rootfs.run(*healthcheck(inspected), env=env)
+            check = rootfs.run(*healthcheck(inspected), env=run_env)
             assert check.returncode == 0, check.stderr
         finally:
             code = sidecar.stop()
@@ -242,7 +245,7 @@ class TestRun:
         assert [p.name for p in rootfs.tmp.iterdir()] == ["ca.pem"]
 
         # A check that cannot fail checks nothing: with the sidecar gone it fails.
-        check = rootfs.run(*healthcheck(inspected), env=env)
+        check = rootfs.run(*healthcheck(inspected), env=run_env)
         assert check.returncode != 0
 
 

@@ -155,11 +155,16 @@ class TestKubernetes:
             assert security["capabilities"] == {"drop": ["ALL"]}
             assert "memory" in container["resources"]["limits"]
 
-    def test_database_url_comes_from_a_secret(self) -> None:
+    def test_database_urls_come_from_a_secret(self) -> None:
+        """The Job migrates as the owner; the sidecar logs in with its own role's URL."""
+        keys = {}
         for container in outbox_containers():
             (env,) = [e for e in container["env"] if e["name"] == "OUTBOX_DATABASE_URL"]
             assert set(env) == {"name", "valueFrom"}
-            assert env["valueFrom"]["secretKeyRef"] == {"name": "outbox-database", "key": "url"}
+            ref = env["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == "outbox-database"
+            keys[container.get("args", ["run"])[0]] = ref["key"]
+        assert keys == {"migrate": "migrate-url", "run": "url"}
 
     def test_sidecar_probes_ask_health_endpoints_on_the_image_port(self) -> None:
         (sidecar,) = [c for c in outbox_containers() if "args" not in c]
