@@ -62,10 +62,10 @@ chromium:
 # Build the Dockerfile with podman and run the image's own files against this machine's
 # Postgres and an HTTPS receiver (tests/image/). Needs root; installs podman and
 # debootstrap when missing.
-IMAGE ?= localhost/outbox:test
+OUTBOX_IMAGE ?= localhost/outbox:test
 image-test: setup
-	tests/image/build.sh $(IMAGE)
-	OUTBOX_IMAGE=$(IMAGE) $(BIN)/pytest -q tests/image
+	tests/image/build.sh $(OUTBOX_IMAGE)
+	OUTBOX_IMAGE=$(OUTBOX_IMAGE) $(BIN)/pytest -q tests/image
 
 lint: setup
 	$(BIN)/ruff check .
