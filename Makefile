@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint format bench clean db-url chromium screenshot verifiers
+.PHONY: setup run test lint format bench clean db-url chromium screenshot verifiers image-test
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,14 @@ chromium:
 	else \
 		echo "the browser tests need Chromium: sudo apt-get install chromium" >&2; exit 1; \
 	fi
+
+# Build the Dockerfile with podman and run the image's own files against this machine's
+# Postgres and an HTTPS receiver (tests/image/). Needs root; installs podman and
+# debootstrap when missing.
+OUTBOX_IMAGE ?= localhost/outbox:test
+image-test: setup
+	tests/image/build.sh $(OUTBOX_IMAGE)
+	OUTBOX_IMAGE=$(OUTBOX_IMAGE) $(BIN)/pytest -q tests/image
 
 lint: setup
 	$(BIN)/ruff check .
