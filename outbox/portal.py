@@ -29,6 +29,7 @@ same JSON API as everyone else, with the session cookie instead of a token.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -287,24 +288,31 @@ class LinkKeys:
     def __init__(self, reread_after: float = KEY_REREAD_SECONDS) -> None:
         self._key: LinkKey | None = None
         self._reread_after = reread_after
+        # Requests that find the key missing or stale at the same moment wait here for
+        # one read, rather than each taking a connection from the pool.
+        self._reading = asyncio.Lock()
 
-    async def _read(self, connect: Connect) -> LinkKey:
-        async with connect() as conn:
-            secret, now = await _secret(conn)
-        self._key = LinkKey(secret, now - time.time(), time.monotonic())
-        return self._key
+    async def _read(self, connect: Connect, stale: LinkKey | None) -> LinkKey:
+        """A key newer than ``stale``: read now, or by whoever read it meanwhile."""
+        async with self._reading:
+            if self._key is not stale and self._key is not None:
+                return self._key
+            async with connect() as conn:
+                secret, now = await _secret(conn)
+            self._key = LinkKey(secret, now - time.time(), time.monotonic())
+            return self._key
 
     async def check(self, token: str, connect: Connect) -> Claims:
         """The claims of an unexpired link signed with the current key, or
         LinkRefused; ``connect`` is called only when the key must be read."""
         _well_formed(token)
-        key = self._key or await self._read(connect)
+        key = self._key or await self._read(connect, None)
         try:
             return check(key.secret, token, key.now())
         except LinkRefused as refused:
             if refused.reason != "invalid" or time.monotonic() - key.read_at < self._reread_after:
                 raise
-        key = await self._read(connect)
+        key = await self._read(connect, key)
         return check(key.secret, token, key.now())
 
 
