@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import html
@@ -259,7 +260,7 @@ async def _secret(conn: psycopg.AsyncConnection[Any]) -> tuple[bytes, float]:
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 # A link that fails under a key read this long ago or more makes the key be read again,
 # so that a rotated key reaches every replica; sooner, it is refused outright.
-KEY_REREAD_SECONDS = 60.0
+KEY_REREAD_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,7 @@ class LinkKey:
 
     secret: bytes
     offset: float  # the database's clock minus this process's, in seconds
-    read_at: float  # time.monotonic() when it was read
+    read_at: float  # the LinkKeys clock (time.monotonic) when it was read
 
     def now(self) -> float:
         """Unix seconds by the database's clock, as far as this process can tell."""
@@ -279,15 +280,21 @@ class LinkKeys:
     """The key that links are checked with before anything else touches the database.
 
     It is read once, and again only when a link fails under a key read at least
-    ``reread_after`` seconds ago: so garbage costs at most one query a minute, and a
-    rotated key (outbox.portal_secret) is picked up by the first link made with it.
+    ``reread_after`` seconds ago: so garbage costs at most one query every ten seconds,
+    and a rotated key (outbox.portal_secret) is picked up by the first link made with
+    it. When that read fails, the link is refused under the key in hand.
     Passing this check is not the last word: signing in checks again in its
     transaction, under the key and the clock of the database.
     """
 
-    def __init__(self, reread_after: float = KEY_REREAD_SECONDS) -> None:
+    def __init__(
+        self,
+        reread_after: float = KEY_REREAD_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._key: LinkKey | None = None
         self._reread_after = reread_after
+        self._clock = clock
         # Requests that find the key missing or stale at the same moment wait here for
         # one read, rather than each taking a connection from the pool.
         self._reading = asyncio.Lock()
@@ -297,9 +304,16 @@ class LinkKeys:
         async with self._reading:
             if self._key is not stale and self._key is not None:
                 return self._key
-            async with connect() as conn:
-                secret, now = await _secret(conn)
-            self._key = LinkKey(secret, now - time.time(), time.monotonic())
+            try:
+                async with connect() as conn:
+                    secret, now = await _secret(conn)
+            except psycopg.OperationalError:
+                if stale is not None:
+                    # The database is away: keep the key in hand, and try again only
+                    # after reread_after (those waiting here meanwhile take it as is).
+                    self._key = dataclasses.replace(stale, read_at=self._clock())
+                raise
+            self._key = LinkKey(secret, now - time.time(), self._clock())
             return self._key
 
     async def check(self, token: str, connect: Connect) -> Claims:
@@ -310,9 +324,13 @@ class LinkKeys:
         try:
             return check(key.secret, token, key.now())
         except LinkRefused as refused:
-            if refused.reason != "invalid" or time.monotonic() - key.read_at < self._reread_after:
+            if refused.reason != "invalid" or self._clock() - key.read_at < self._reread_after:
                 raise
-        key = await self._read(connect, key)
+            try:
+                key = await self._read(connect, key)
+            except psycopg.OperationalError:
+                # A link that fails under the key in hand could not sign in now anyway.
+                raise refused from None
         return check(key.secret, token, key.now())
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from html.parser import HTMLParser
 from typing import Any
 
+import psycopg
 import pytest
 
 from outbox import db, portal
@@ -99,10 +100,13 @@ class _Conn:
         self.key = key
         self.now = now
         self.queries = 0
+        self.away = False
 
     async def execute(self, query: str) -> _Conn:
         assert query == db.query("portal_secret")
         self.queries += 1
+        if self.away:
+            raise psycopg.OperationalError("the database is away")
         await asyncio.sleep(0)  # a round trip: other requests run meanwhile
         return self
 
@@ -180,6 +184,24 @@ class TestLinkKeys:
         reasons = await asyncio.gather(*(refused() for _ in range(50)))
         assert reasons == ["invalid"] * 50
         assert conn.queries == 2
+
+    async def test_with_the_database_away_garbage_is_refused_under_the_key_in_hand(
+        self,
+    ) -> None:
+        """When the key is due to be read again but the database does not answer, a
+        forged link is still refused as invalid (not an error), and the next ones do
+        not try again before reread_after."""
+        conn = _Conn(KEY, time.time())
+        now = [0.0]
+        keys = portal.LinkKeys(reread_after=10, clock=lambda: now[0])
+        await keys.check(portal.sign(KEY, portal.Claims("a", int(time.time()) + 60, "m")), conn)
+        conn.away = True
+        forged = portal.sign(b"x" * 32, CLAIMS)
+        for at, queries in ((11, 2), (12, 2), (20, 2), (21.5, 3)):
+            now[0] = at
+            with pytest.raises(portal.LinkRefused, match="not valid"):
+                await keys.check(forged, conn)
+            assert conn.queries == queries, at
 
 
 class TestSameOrigin:
