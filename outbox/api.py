@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import structlog
@@ -40,6 +41,7 @@ __all__ = ["BODY_LIMIT", "make_app"]
 log = structlog.get_logger("outbox.api")
 
 POOL = web.AppKey("pool", AsyncConnectionPool)
+LINK_KEYS = web.AppKey("link_keys", portal.LinkKeys)
 # Test sends have a Sender of their own, so that they never take the connections
 # deliveries need, and a Throttle.
 TEST_SENDER = web.AppKey("test_sender", Sender)
@@ -166,9 +168,20 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="outbox"'})
 
 
+def _secure(request: web.Request) -> bool:
+    """Whether browsers reach this server over https."""
+    return request.secure or request.app[PUBLIC_URL].startswith("https://")
+
+
+def _session_cookie(request: web.Request) -> str | None:
+    """The session cookie of the name this server gives it (see portal.cookie_name)."""
+    return request.cookies.get(portal.cookie_name(_secure(request)))
+
+
 async def _authenticate(request: web.Request) -> str:
-    if "Authorization" not in request.headers and portal.SESSION_COOKIE in request.cookies:
-        return await _authenticate_session(request)
+    cookie = _session_cookie(request)
+    if "Authorization" not in request.headers and cookie is not None:
+        return await _authenticate_session(request, cookie)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -180,11 +193,11 @@ async def _authenticate(request: web.Request) -> str:
     return account
 
 
-async def _authenticate_session(request: web.Request) -> str:
+async def _authenticate_session(request: web.Request, cookie: str) -> str:
     """The settings page's calls: the session cookie stands for a token, and a change
     must also send the session's CSRF token, which only the page itself can read."""
     async with _connection(request) as conn:
-        current = await portal.session(conn, request.cookies[portal.SESSION_COOKIE])
+        current = await portal.session(conn, cookie)
     if current is None:
         raise _unauthorized("the session has ended: open a new link to the settings page")
     if request.method not in _SAFE_METHODS:
@@ -232,6 +245,12 @@ async def _body(request: web.Request, *, required: bool = True) -> dict[str, Any
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "bad_request", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # No request of this API nests more than two levels; a parser that runs out of
+        # stack on what a client sent is bad JSON too, not a server error.
+        raise ApiError(
+            400, "bad_request", "the body is not valid JSON: nested too deeply"
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object")
     return data
@@ -528,9 +547,20 @@ async def create_portal_link(request: web.Request) -> web.Response:
     return _json({"url": link.url, "expires_at": link.expires_at}, status=201)
 
 
-def _page(text: str, status: int = 200) -> web.Response:
-    headers = {**portal.PAGE_HEADERS, "Cache-Control": "no-store"}
-    return web.Response(text=text, status=status, content_type="text/html", headers=headers)
+async def end_portal_sessions(request: web.Request) -> web.Response:
+    """Sign the token's account out of the settings page in every browser."""
+    if _SESSION in request:
+        raise ApiError(403, "forbidden", "portal sessions are ended with an API token")
+    account = _account(request)
+    async with _connection(request) as conn:
+        count = await portal.end_sessions(conn, account)
+    log.info("api: portal sessions ended", account_id=account, count=count)
+    return web.Response(status=204)
+
+
+def _page(text: str, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    sent = {**portal.PAGE_HEADERS, "Cache-Control": "no-store", **(headers or {})}
+    return web.Response(text=text, status=status, content_type="text/html", headers=sent)
 
 
 def _unavailable_page() -> web.Response:
@@ -538,33 +568,75 @@ def _unavailable_page() -> web.Response:
     return _page(portal.message_page("Settings are unavailable", message), 503)
 
 
-async def open_portal_link(request: web.Request) -> web.Response:
-    """Use a one-time link: a session cookie for its account, then the settings page."""
-    try:
-        async with _connection(request) as conn:
-            current = await portal.open_link(conn, request.match_info["token"])
-    except portal.LinkRefused as exc:
-        log.info("portal: link refused", reason=exc.reason)
-        return _page(portal.message_page(exc.title, exc.explanation), exc.status)
-    except psycopg.OperationalError:
-        return _unavailable_page()
-    log.info("portal: link opened", account_id=current.account_id)
-    response = _page(portal.signed_in_page())
+def _refused_page(exc: portal.LinkRefused) -> web.Response:
+    log.info("portal: link refused", reason=exc.reason)
+    return _page(portal.message_page(exc.title, exc.explanation), exc.status)
+
+
+def _set_session_cookie(
+    request: web.Request, response: web.StreamResponse, value: str, max_age: int
+) -> None:
+    secure = _secure(request)
     response.set_cookie(
-        portal.SESSION_COOKIE,
-        current.cookie,
-        max_age=portal.SESSION_SECONDS,
+        portal.cookie_name(secure),
+        value,
+        max_age=max_age,
         path="/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure or request.app[PUBLIC_URL].startswith("https://"),
+        secure=secure,
     )
+
+
+async def _checked_link(request: web.Request) -> portal.Claims:
+    """The link's claims, checked against the key this process keeps: garbage and
+    expired links are refused before any connection is taken from the pool."""
+    keys = request.app[LINK_KEYS]
+    return await keys.check(request.match_info["token"], lambda: _connection(request))
+
+
+async def show_portal_link(request: web.Request) -> web.Response:
+    """Fetching a link uses nothing up: a page whose Continue button signs in."""
+    try:
+        claims = await _checked_link(request)
+    except portal.LinkRefused as exc:
+        return _refused_page(exc)
+    except psycopg.OperationalError:
+        return _unavailable_page()
+    # The button's POST must say where it comes from (see same_origin): a page whose
+    # referrer policy is no-referrer makes browsers send Origin: null.
+    return _page(portal.continue_page(claims), headers={"Referrer-Policy": "same-origin"})
+
+
+async def open_portal_link(request: web.Request) -> web.Response:
+    """Use a one-time link: a session cookie for its account, then the settings page."""
+    hosts = {request.host, urlsplit(request.app[PUBLIC_URL]).netloc}
+    if not portal.same_origin(request.headers, hosts):
+        # Another site posting a link of its own would sign this browser in to the
+        # account of that site's choosing.
+        log.info("portal: cross-site sign-in refused", origin=request.headers.get("Origin"))
+        message = (
+            "Signing in must start from the page the link opens. Open your link again "
+            "and press Continue."
+        )
+        return _page(portal.message_page("This sign-in was not completed", message), 403)
+    try:
+        await _checked_link(request)
+        async with _connection(request) as conn:
+            current = await portal.open_link(conn, request.match_info["token"])
+    except portal.LinkRefused as exc:
+        return _refused_page(exc)
+    except psycopg.OperationalError:
+        return _unavailable_page()
+    log.info("portal: link opened", account_id=current.account_id)
+    response = _page("", 303, {"Location": "../settings/webhooks"})
+    _set_session_cookie(request, response, current.cookie, portal.SESSION_SECONDS)
     return response
 
 
 async def settings_page(request: web.Request) -> web.Response:
     """Settings > Webhooks, for a browser signed in by a portal link."""
-    cookie = request.cookies.get(portal.SESSION_COOKIE, "")
+    cookie = _session_cookie(request)
     current = None
     if cookie:
         try:
@@ -580,6 +652,40 @@ async def settings_page(request: web.Request) -> web.Response:
         )
         return _page(portal.message_page("You are not signed in", message), 401)
     return _page(portal.settings_page(current))
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    """The page's Sign out button: ends this browser's session and says so. The form
+    carries the session's CSRF token, so that no other page can sign anyone out."""
+    cookie = _session_cookie(request)
+    if cookie:
+        sent = await _form_field(request, "csrf_token")
+        try:
+            async with _connection(request) as conn:
+                current = await portal.session(conn, cookie)
+                if current is not None:
+                    if not hmac.compare_digest(
+                        sent.encode(errors="replace"), current.csrf_token.encode()
+                    ):
+                        message = "Reload the settings page and press Sign out again."
+                        return _page(portal.message_page("You are still signed in", message), 403)
+                    await portal.end_session(conn, cookie)
+                    log.info("portal: signed out", account_id=current.account_id)
+        except psycopg.OperationalError:
+            return _unavailable_page()
+    response = _page(portal.signed_out_page())
+    _set_session_cookie(request, response, "", 0)
+    return response
+
+
+async def _form_field(request: web.Request, name: str) -> str:
+    """A field of a form the page posted; "" when the body is no such form."""
+    try:
+        form = await request.post()
+    except (ValueError, web.HTTPRequestEntityTooLarge):
+        return ""
+    value = form.get(name)
+    return value if isinstance(value, str) else ""
 
 
 async def static_file(request: web.Request) -> web.FileResponse:
@@ -608,6 +714,7 @@ def make_app(
     app[TEST_SENDER] = test_sender
     app[THROTTLE] = Throttle(test_sender.timeout)
     app[PUBLIC_URL] = public_url
+    app[LINK_KEYS] = portal.LinkKeys()
     add = app.router.add_route
     add("GET", "/healthz", healthz)
     add("GET", "/metrics", prometheus)
@@ -623,7 +730,10 @@ def make_app(
     add("POST", "/api/v1/webhooks/{id}/recover", recover_webhook)
     add("POST", "/api/v1/deliveries/{id}/retry", retry_delivery)
     add("POST", "/api/v1/portal-links", create_portal_link)
-    add("GET", "/portal/{token}", open_portal_link)
+    add("DELETE", "/api/v1/portal-sessions", end_portal_sessions)
+    add("GET", "/portal/{token}", show_portal_link)
+    add("POST", "/portal/{token}", open_portal_link)
     add("GET", "/settings/webhooks", settings_page)
+    add("POST", "/settings/signout", sign_out)
     add("GET", "/static/{name}", static_file)
     return app

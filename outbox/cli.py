@@ -66,6 +66,8 @@ async def _emit(args: argparse.Namespace, settings: Settings) -> int:
         data = json.loads(raw or "{}")
     except json.JSONDecodeError as exc:
         raise UsageError(f"JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError("JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise UsageError(f"JSON: data must be an object, not {type(data).__name__}")
     async with await db.connect(settings.database_url) as conn:
@@ -259,6 +261,14 @@ async def _portal_link(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _portal_signout(args: argparse.Namespace, settings: Settings) -> int:
+    async with await db.connect(settings.database_url) as conn:
+        count = await portal.end_sessions(conn, args.account)
+    sessions = "session" if count == 1 else "sessions"
+    print(f"ended {count} settings-page {sessions} of account {args.account}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outbox", description="Postgres-native webhook delivery sidecar.")
     parser.add_argument("--version", action="version", version=f"outbox {__version__}")
@@ -352,6 +362,12 @@ def _parser() -> argparse.ArgumentParser:
         help="how long the link may wait to be opened: 15m (default), 1h, 90s; at most 24h",
     )
     link.set_defaults(func=_portal_link)
+
+    signout = commands.add_parser(
+        "portal-signout", help="end every settings-page session of an account"
+    )
+    signout.add_argument("--account", required=True)
+    signout.set_defaults(func=_portal_signout)
     return parser
 
 

@@ -259,6 +259,21 @@ def _html(description: str) -> dict[str, Any]:
     }
 
 
+# What fetching or posting a link answers when it cannot be used.
+_LINK_ERRORS: dict[str, Any] = {
+    "400": {
+        "description": "The link is not one this server signed (or, for a request line "
+        "over 8 KiB, the HTTP server's own plain-text answer).",
+        "content": {
+            "text/html": {"schema": {"type": "string"}},
+            "text/plain": {"schema": {"type": "string"}},
+        },
+    },
+    "404": _error("No token in the path."),
+    "410": _html("The link has expired or was used already."),
+    "503": _html("The database does not answer."),
+}
+
 _DELIVERY_ID = {"name": "id", "in": "path", "required": True, "schema": _ID}
 
 
@@ -445,9 +460,9 @@ _PATHS: dict[str, Any] = {
             "summary": "A one-time link to the account's settings page",
             "security": [{"bearer": []}],
             "description": "Made with an API token only (403 with a session cookie). "
-            "Hand the url to the account's user: opening it signs that browser in to "
-            "Settings > Webhooks for this account; a second opening, or one after "
-            "expires_at, shows an error page.",
+            "Hand the url to the account's user: opening it shows a Continue button, "
+            "which signs that browser in to Settings > Webhooks for this account; a "
+            "second sign-in, or one after expires_at, shows an error page.",
             "requestBody": _body("PortalLinkRequest", required=False),
             "responses": _responses(
                 400,
@@ -461,46 +476,67 @@ _PATHS: dict[str, Any] = {
             ),
         },
     },
+    "/api/v1/portal-sessions": {
+        "delete": {
+            "operationId": "endPortalSessions",
+            "summary": "Sign the account out of the settings page in every browser",
+            "security": [{"bearer": []}],
+            "description": "Made with an API token only (403 with a session cookie). "
+            "Ends every settings-page session of the token's account; their next request "
+            "answers 401. Revoking a token does not do this.",
+            "responses": _responses(
+                401,
+                **{
+                    "204": {"description": "Every session of the account has ended."},
+                    "403": _error("Called with a session cookie instead of a token."),
+                },
+            ),
+        },
+    },
     "/portal/{token}": {
+        "parameters": [
+            {
+                "name": "token",
+                "in": "path",
+                "required": True,
+                "schema": {
+                    "type": "string",
+                    "pattern": r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$",
+                    "maxLength": portal.TOKEN_MAX,
+                },
+            }
+        ],
         "get": {
-            "operationId": "openPortalLink",
-            "summary": "Open a portal link (a page, for browsers)",
-            "description": "Sets the session cookie and moves on to /settings/webhooks; "
-            "an expired, used or forged link gets an error page and no session.",
+            "operationId": "showPortalLink",
+            "summary": "A portal link's page, with its Continue button (for browsers)",
+            "description": "Uses nothing up, so link previews and mail scanners that "
+            "fetch the link do not spend it. An expired or forged link gets an error page.",
             "security": [],
-            "parameters": [
-                {
-                    "name": "token",
-                    "in": "path",
-                    "required": True,
-                    "schema": {
-                        "type": "string",
-                        "pattern": r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$",
-                        "maxLength": portal.TOKEN_MAX,
-                    },
-                }
-            ],
             "responses": {
-                "200": {
-                    **_html("Signed in: this page moves on to the settings page."),
+                "200": _html("The Continue button, which POSTs the same link."),
+                **_LINK_ERRORS,
+            },
+        },
+        "post": {
+            "operationId": "openPortalLink",
+            "summary": "Sign in with a portal link (the Continue button)",
+            "description": "Uses the link up, sets the session cookie and redirects to "
+            "/settings/webhooks. Refused (403) when the browser says the request came "
+            "from another site (Sec-Fetch-Site, or Origin).",
+            "security": [],
+            "responses": {
+                "303": {
+                    "description": "Signed in: on to the settings page.",
                     "headers": {
                         **_PAGE_HEADERS,
+                        "Location": {"schema": {"type": "string"}},
                         "Set-Cookie": {"schema": {"type": "string"}},
                     },
                 },
-                "400": {
-                    "description": "The link is not one this server signed (or, for a "
-                    "request line over 8 KiB, the HTTP server's own plain-text answer).",
-                    "content": {
-                        "text/html": {"schema": {"type": "string"}},
-                        "text/plain": {"schema": {"type": "string"}},
-                    },
-                },
-                "404": _error("No token in the path."),
-                "410": _html("The link has expired or was used already."),
-                "503": _html("The database does not answer."),
+                "403": _html("Posted from another site."),
+                **_LINK_ERRORS,
             },
-        }
+        },
     },
     "/settings/webhooks": {
         "get": {
@@ -510,6 +546,31 @@ _PATHS: dict[str, Any] = {
             "responses": {
                 "200": _html("The settings page of the session's account."),
                 "401": _html("No session, or one that has ended."),
+                "503": _html("The database does not answer."),
+            },
+        }
+    },
+    "/settings/signout": {
+        "post": {
+            "operationId": "signOut",
+            "summary": "The settings page's Sign out button (for browsers)",
+            "description": "A form with the session's csrf_token. Ends this browser's "
+            "session, clears its cookie and says so; without a session it only says so.",
+            "security": [{"portalSession": []}],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/x-www-form-urlencoded": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"csrf_token": {"type": "string"}},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _html("Signed out."),
+                "403": _html("The form did not carry the session's CSRF token."),
                 "503": _html("The database does not answer."),
             },
         }
@@ -586,7 +647,9 @@ DOCUMENT: dict[str, Any] = {
                 "type": "apiKey",
                 "in": "cookie",
                 "name": portal.SESSION_COOKIE,
-                "description": "Set by opening a portal link; for the settings page.",
+                "description": "Set by signing in with a portal link; for the settings "
+                f"page. Named {portal.SECURE_SESSION_COOKIE} when the page is served "
+                "over https.",
             },
         },
         "schemas": _SCHEMAS,

@@ -1,27 +1,38 @@
 """The settings page (Settings > Webhooks) and the one-time links that open it.
 
 A host application hands its customer a link (``outbox portal-link``, or
-``POST /api/v1/portal-links`` with its token). Opening it signs that browser in to
-the one account, and shows outbox/static/webhooks.html: plain JavaScript that calls
-the same JSON API as everyone else, with the session cookie instead of a token.
+``POST /api/v1/portal-links`` with its token). Fetching the link (GET) only shows a
+page with a Continue button, so that mail scanners and chat previews that fetch links
+use nothing up; the button POSTs the same link, which signs that browser in to the one
+account and moves on to outbox/static/webhooks.html: plain JavaScript that calls the
+same JSON API as everyone else, with the session cookie instead of a token.
 
 - A link is ``<payload>.<signature>``: the account, an expiry and a random nonce,
   signed with HMAC-SHA256 under the key in outbox.portal_secret, so every replica
   accepts what any replica minted, also after restarts. Expiry goes by the database's
-  clock. Opening a link records its nonce in outbox.portal_links_used, so it works once.
+  clock. Signing in with a link records its nonce in outbox.portal_links_used, so it
+  works once.
+- Each process keeps the key it last read (LinkKeys), with how far the database's
+  clock is from its own, so that a forged, mangled or expired link is refused without
+  a database round trip: a flood of garbage links costs no connection of the pool.
 - A session is a row of outbox.portal_sessions. The cookie carries a random token, of
   which the row keeps the SHA-256, the account, the expiry and a CSRF token. Rows
   rather than signed cookies, so that sessions can be ended (deleting an account's rows
   signs it out everywhere at once), at the cost of one lookup per request, the same as
   an API token's.
 - Every change the page makes carries the CSRF token in ``X-CSRF-Token`` (checked by
-  outbox.api), besides the cookie being HttpOnly and SameSite=Strict.
+  outbox.api), besides the cookie being HttpOnly and SameSite=Strict, and named with
+  the ``__Host-`` prefix over https, so that no other host of the domain can plant one.
+- Signing in must come from the Continue page itself (same_origin), so that another
+  site cannot sign a visitor's browser in to an account of its choosing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import html
@@ -29,11 +40,15 @@ import json
 import math
 import re
 import secrets
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -42,30 +57,44 @@ from outbox.webhooks import Invalid
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
+    "KEY_REREAD_SECONDS",
     "LINK_SECONDS",
     "LINK_SECONDS_MAX",
     "PAGE_HEADERS",
+    "SECURE_SESSION_COOKIE",
     "SESSION_COOKIE",
     "SESSION_SECONDS",
     "STATIC_FILES",
     "TOKEN_MAX",
     "Claims",
     "Link",
+    "LinkKey",
+    "LinkKeys",
     "LinkRefused",
     "Session",
+    "check",
+    "continue_page",
+    "cookie_name",
+    "end_session",
+    "end_sessions",
     "message_page",
     "mint",
     "open_link",
     "parse_ttl",
+    "same_origin",
     "session",
     "settings_page",
     "sign",
-    "signed_in_page",
+    "signed_out_page",
     "static_path",
     "verify",
 ]
 
+# Over plain http (local development) the cookie has a plain name; over https it has
+# the __Host- prefix, which browsers accept only from this very host, Secure, for the
+# path /, without a Domain: no sibling subdomain can set or shadow it.
 SESSION_COOKIE = "outbox_session"
+SECURE_SESSION_COOKIE = "__Host-outbox_session"
 # A session lasts a working day from the moment the link was opened.
 SESSION_SECONDS = 8 * 3600
 LINK_SECONDS = 15 * 60
@@ -157,11 +186,15 @@ def sign(secret: bytes, claims: Claims) -> str:
     return f"{payload}.{_mac(secret, payload)}"
 
 
-def verify(secret: bytes, token: str) -> Claims:
-    """The claims of a token this key signed; LinkRefused("invalid") for anything else.
-    Whether it has expired or was used is for the database to say (see open_link)."""
+def _well_formed(token: str) -> None:
     if len(token) > TOKEN_MAX or not token.isascii() or token.count(".") != 1:
         raise LinkRefused("invalid")
+
+
+def verify(secret: bytes, token: str) -> Claims:
+    """The claims of a token this key signed; LinkRefused("invalid") for anything else.
+    Whether it was used is for the database to say (see open_link)."""
+    _well_formed(token)
     payload, signature = token.split(".")
     if not hmac.compare_digest(signature.encode(), _mac(secret, payload).encode()):
         raise LinkRefused("invalid")
@@ -179,6 +212,15 @@ def verify(secret: bytes, token: str) -> Claims:
     ):
         raise LinkRefused("invalid")
     return Claims(body["a"], body["e"], body["n"])
+
+
+def check(secret: bytes, token: str, now: float) -> Claims:
+    """The claims of a token this key signed that has not expired at ``now`` (Unix
+    seconds by the database's clock); LinkRefused saying why not otherwise."""
+    claims = verify(secret, token)
+    if claims.expires <= now:
+        raise LinkRefused("expired")
+    return claims
 
 
 _TTL = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
@@ -213,6 +255,83 @@ async def _secret(conn: psycopg.AsyncConnection[Any]) -> tuple[bytes, float]:
     if row is None:
         raise RuntimeError("outbox.portal_secret is empty: run `outbox migrate`")
     return bytes(row[0]), float(row[1])
+
+
+Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
+# A link that fails under a key read this long ago or more makes the key be read again,
+# so that a rotated key reaches every replica; sooner, it is refused outright.
+KEY_REREAD_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class LinkKey:
+    """The signing key as read from the database, and when."""
+
+    secret: bytes
+    offset: float  # the database's clock minus this process's, in seconds
+    read_at: float  # the LinkKeys clock (time.monotonic) when it was read
+
+    def now(self) -> float:
+        """Unix seconds by the database's clock, as far as this process can tell."""
+        return time.time() + self.offset
+
+
+class LinkKeys:
+    """The key that links are checked with before anything else touches the database.
+
+    It is read once, and again only when a link fails under a key read at least
+    ``reread_after`` seconds ago: so garbage costs at most one query every ten seconds,
+    and a rotated key (outbox.portal_secret) is picked up by the first link made with
+    it. When that read fails, the link is refused under the key in hand.
+    Passing this check is not the last word: signing in checks again in its
+    transaction, under the key and the clock of the database.
+    """
+
+    def __init__(
+        self,
+        reread_after: float = KEY_REREAD_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._key: LinkKey | None = None
+        self._reread_after = reread_after
+        self._clock = clock
+        # Requests that find the key missing or stale at the same moment wait here for
+        # one read, rather than each taking a connection from the pool.
+        self._reading = asyncio.Lock()
+
+    async def _read(self, connect: Connect, stale: LinkKey | None) -> LinkKey:
+        """A key newer than ``stale``: read now, or by whoever read it meanwhile."""
+        async with self._reading:
+            if self._key is not stale and self._key is not None:
+                return self._key
+            try:
+                async with connect() as conn:
+                    secret, now = await _secret(conn)
+            except psycopg.OperationalError:
+                if stale is not None:
+                    # The database is away: keep the key in hand, and try again only
+                    # after reread_after (those waiting here meanwhile take it as is).
+                    self._key = dataclasses.replace(stale, read_at=self._clock())
+                raise
+            self._key = LinkKey(secret, now - time.time(), self._clock())
+            return self._key
+
+    async def check(self, token: str, connect: Connect) -> Claims:
+        """The claims of an unexpired link signed with the current key, or
+        LinkRefused; ``connect`` is called only when the key must be read."""
+        _well_formed(token)
+        key = self._key or await self._read(connect, None)
+        try:
+            return check(key.secret, token, key.now())
+        except LinkRefused as refused:
+            if refused.reason != "invalid" or self._clock() - key.read_at < self._reread_after:
+                raise
+            try:
+                key = await self._read(connect, key)
+            except psycopg.OperationalError:
+                # A link that fails under the key in hand could not sign in now anyway.
+                raise refused from None
+        return check(key.secret, token, key.now())
 
 
 @dataclass(frozen=True)
@@ -253,7 +372,9 @@ def _digest(cookie: str) -> bytes:
 
 
 async def open_link(conn: psycopg.AsyncConnection[Any], token: str) -> Session:
-    """Use a link once: a new session for its account, or LinkRefused saying why not."""
+    """Use a link once: a new session for its account, or LinkRefused saying why not.
+    The signature and expiry are checked again here, under the database's key and
+    clock, whatever a LinkKeys said before."""
     async with conn.transaction():
         secret, _ = await _secret(conn)
         claims = verify(secret, token)
@@ -296,6 +417,47 @@ async def session(conn: psycopg.AsyncConnection[Any], cookie: str) -> Session | 
     return None if row is None else Session(row[0], row[1], row[2])
 
 
+async def end_session(conn: psycopg.AsyncConnection[Any], cookie: str) -> None:
+    """Sign out the browser holding ``cookie`` (nothing happens for an unknown one)."""
+    await conn.execute(db.query("portal_session_end"), {"session_sha256": _digest(cookie)})
+
+
+async def end_sessions(conn: psycopg.AsyncConnection[Any], account_id: str) -> int:
+    """Sign the account out of every browser; how many sessions were still open."""
+    if not account_id or not account_id.strip():
+        raise Invalid("account_id must not be empty")
+    if "\x00" in account_id:
+        raise Invalid("account_id must not contain NUL characters")
+    try:
+        account_id.encode()
+    except UnicodeEncodeError:
+        raise Invalid("account_id must be valid Unicode text") from None
+    cur = await conn.execute(db.query("portal_sessions_end"), {"account_id": account_id})
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def cookie_name(secure: bool) -> str:
+    """The session cookie's name for a page served over https (``secure``) or not."""
+    return SECURE_SESSION_COOKIE if secure else SESSION_COOKIE
+
+
+def same_origin(headers: Mapping[str, str], hosts: set[str]) -> bool:
+    """Whether a browser's POST came from a page of this server, as far as its headers
+    tell: Sec-Fetch-Site when the browser sends it, else Origin (whose host must be one
+    of ``hosts``). A client that sends neither is no browser a page could drive, and
+    passes."""
+    site = headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site == "same-origin"
+    origin = headers.get("Origin")
+    if origin is None:
+        return True
+    netloc = urlsplit(origin).netloc.lower()
+    return bool(netloc) and netloc in {host.lower() for host in hosts if host}
+
+
 @cache
 def _template(name: str) -> str:
     return (STATIC_DIR / name).read_text()
@@ -311,14 +473,22 @@ def settings_page(current: Session) -> str:
     return _fill("webhooks.html", account=current.account_id, csrf_token=current.csrf_token)
 
 
-def signed_in_page() -> str:
-    """What opening a link answers: a same-site step to the settings page.
+def continue_page(claims: Claims) -> str:
+    """What fetching a link answers: a button that signs in with it.
 
-    Not a redirect: a navigation that began on another site (the host application's)
-    does not send a SameSite=Strict cookie, and a redirect continues that navigation.
-    A refresh from this page is a new one, begun here.
+    Pressing it also makes the sign-in a navigation begun on this site, whose redirect
+    to the settings page sends the new SameSite=Strict cookie; a navigation begun on
+    the host application's site would not.
     """
-    return _template("signed-in.html")
+    return _fill("continue.html", account=claims.account_id)
+
+
+def signed_out_page() -> str:
+    return message_page(
+        "You are signed out",
+        "This browser no longer has access to your webhook settings. To open them "
+        "again, go back to your account and open Settings > Webhooks.",
+    )
 
 
 def message_page(title: str, message: str) -> str:

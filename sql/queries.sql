@@ -341,3 +341,16 @@ RETURNING expires_at;
 SELECT account_id, csrf_token, expires_at
 FROM outbox.portal_sessions
 WHERE session_sha256 = %(session_sha256)s AND expires_at > now();
+
+-- portal_session_end --
+-- Sign out one browser: its Sign out button.
+DELETE FROM outbox.portal_sessions WHERE session_sha256 = %(session_sha256)s;
+
+-- portal_sessions_end --
+-- Sign an account out everywhere; counts the sessions that were still open (expired
+-- rows of the account go too).
+WITH ended AS (
+    DELETE FROM outbox.portal_sessions WHERE account_id = %(account_id)s
+    RETURNING expires_at
+)
+SELECT count(*) FILTER (WHERE expires_at > now()) FROM ended;

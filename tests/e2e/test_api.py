@@ -271,7 +271,18 @@ ROUTES = [
     ("GET", "/api/v1/webhooks/{webhook}/deliveries", None),
     ("POST", "/api/v1/webhooks/{webhook}/recover", {"since": "2020-01-01T00:00:00Z"}),
     ("POST", "/api/v1/deliveries/{delivery}/retry", None),
+    ("DELETE", "/api/v1/portal-sessions", None),
 ]
+# Every route that reads a JSON body.
+JSON_ROUTES = [
+    ("POST", "/api/v1/webhooks"),
+    ("PATCH", "/api/v1/webhooks/{webhook}"),
+    ("POST", "/api/v1/webhooks/{webhook}/test"),
+    ("POST", "/api/v1/webhooks/{webhook}/recover"),
+    ("POST", "/api/v1/portal-links"),
+]
+# Bodies nested deeper than Python's JSON parser can go.
+DEEP_JSON = [b"[" * 30_000, b'{"a":' * 12_000, b"[" * 15_000 + b"]" * 15_000]
 
 
 def _send(body: Any) -> Any:
@@ -595,6 +606,24 @@ class TestWebhooks:
                 assert answer.error[0] == "bad_request"
         assert api("POST", "/api/v1/webhooks", raw=b"").status == 400
         assert owned_rows(db, api.main) == before
+
+    def test_json_nested_too_deep_is_400(self, api: Api, db: SQL, receiver: Receiver) -> None:
+        """A body nested too deep to parse is bad JSON like any other, on every route
+        that reads one: 400 bad_request saying so, nothing written or sent."""
+        hook = db.webhook(receiver.url(), account=api.main)
+        before = owned_rows(db, api.main)
+        for raw in DEEP_JSON:
+            for method, template in JSON_ROUTES:
+                path = template.format(webhook=hook)
+                answer = api(method, path, raw=raw)
+                assert answer.status == 400, (method, path, answer)
+                assert answer.error == (
+                    "bad_request",
+                    "the body is not valid JSON: nested too deeply",
+                )
+        assert owned_rows(db, api.main) == before
+        assert receiver.received() == []
+        assert api("GET", "/healthz", anonymous=True).status == 200
 
     def test_a_body_over_the_cap_is_413(self, api: Api, db: SQL) -> None:
         """A 1 MB body is refused, with or without a Content-Length, and nothing of it

@@ -184,6 +184,7 @@ class TestEmitAndStatus:
             (["acct_1", "lead.nope", "{}"], "valid events are"),
             (["acct_1", "lead.created", "{not json"], "JSON"),
             (["acct_1", "lead.created", "[1, 2]"], "object"),
+            (["acct_1", "lead.created", "[" * 30_000], "nested too deeply"),
             (["", "lead.created", "{}"], "account_id"),
         ],
     )

@@ -158,8 +158,9 @@ Opener = Callable[..., Page]
 @pytest.fixture
 def open_page(browser: Browser, site: Site) -> Iterator[Opener]:
     """open_page(account) signs a new browser context in to ``account`` through a
-    portal link and returns the loaded settings page; open_page(link=...) only goes
-    to a link. What breaks the page is collected and fails the test."""
+    portal link and its Continue button, and returns the loaded settings page;
+    open_page(link=...) only goes to a link. What breaks the page is collected and
+    fails the test."""
     contexts = []
     problems: list[str] = []
 
@@ -192,6 +193,7 @@ def open_page(browser: Browser, site: Site) -> Iterator[Opener]:
             return page
         assert account is not None
         page.goto(site.link(account))
+        page.get_by_role("button", name="Continue").click()
         page.wait_for_url("**/settings/webhooks")
         expect(page.locator("#usage")).to_contain_text("of 10 used")
         return page
@@ -215,8 +217,9 @@ class TestSigningIn:
         self, open_page: Opener, site: Site
     ) -> None:
         """The host application shows a link made by `outbox portal-link`; clicking it
-        there signs the browser in (an HttpOnly, SameSite=Strict cookie that scripts
-        cannot read) and lands on Settings > Webhooks for that account."""
+        there shows a Continue button for that account, and pressing it signs the
+        browser in (an HttpOnly, SameSite=Strict cookie that scripts cannot read) and
+        lands on Settings > Webhooks for that account."""
         account = site.account()
         made = outbox("portal-link", "--account", account, env=site.sidecar.env)
         assert made.returncode == 0, made.stderr
@@ -230,6 +233,11 @@ class TestSigningIn:
         )
         page.goto("https://app.example.com/")
         page.click("#settings")
+        page.wait_for_url(link)
+        expect(page.get_by_role("heading", level=1)).to_have_text("Open your webhook settings")
+        expect(page.locator(".account-id")).to_have_text(account)
+        assert page.context.cookies() == []
+        page.get_by_role("button", name="Continue").click()
         page.wait_for_url(f"{site.base_url}/settings/webhooks")
         expect(page.get_by_role("heading", name="Webhooks", exact=True)).to_be_visible()
         expect(page.locator(".account-id")).to_have_text(account)
@@ -242,14 +250,78 @@ class TestSigningIn:
         response = page.request.get(f"{site.base_url}/settings/webhooks")
         assert response.headers["content-security-policy"] == CSP
 
+    def test_a_fetched_link_still_signs_in(self, open_page: Opener, site: Site) -> None:
+        """A mail scanner or a chat preview that fetches the link first (twice, even)
+        uses nothing up: the person who opens it afterwards gets the Continue page and
+        is signed in by it."""
+        account = site.account()
+        link = site.link(account)
+        for _ in range(2):
+            preview = open_page(link=link)
+            expect(preview.get_by_role("button", name="Continue")).to_be_visible()
+            assert preview.context.cookies() == []
+        page = open_page(link=link)
+        page.get_by_role("button", name="Continue").click()
+        page.wait_for_url("**/settings/webhooks")
+        expect(page.locator(".account-id")).to_have_text(account)
+
+    def test_another_site_cannot_sign_the_browser_in(self, open_page: Opener, site: Site) -> None:
+        """Login CSRF: a page on another site whose form posts its owner's link to
+        this server signs nobody in, says why, and leaves the link unused."""
+        attacker = site.account("attacker")
+        link = site.link(attacker)
+        page = open_page(link="about:blank")
+        page.route(
+            "https://attacker.example/**",
+            lambda route: route.fulfill(
+                body=f'<form method="post" action="{link}"><button>Win a prize</button></form>',
+                content_type="text/html",
+            ),
+        )
+        page.goto("https://attacker.example/")
+        page.get_by_role("button", name="Win a prize").click()
+        page.wait_for_url(link)
+        expect(page.get_by_role("heading", level=1)).to_have_text("This sign-in was not completed")
+        assert page.context.cookies() == []
+        page.goto(f"{site.base_url}/settings/webhooks")
+        expect(page.get_by_role("heading", level=1)).to_have_text("You are not signed in")
+        victim = open_page(link=link)
+        victim.get_by_role("button", name="Continue").click()
+        victim.wait_for_url("**/settings/webhooks")
+        expect(victim.locator(".account-id")).to_have_text(attacker)
+
+    def test_sign_out(self, open_page: Opener, site: Site) -> None:
+        """Sign out ends this browser's session (not the account's other ones), lands
+        on a page that says so, and the settings page is closed to this browser."""
+        account = site.account()
+        page = open_page(account)
+        other = open_page(account)
+        page.get_by_role("button", name="Sign out").click()
+        page.wait_for_url(f"{site.base_url}/settings/signout")
+        expect(page.get_by_role("heading", level=1)).to_have_text("You are signed out")
+        assert page.context.cookies() == []
+        page.goto(f"{site.base_url}/settings/webhooks")
+        expect(page.get_by_role("heading", level=1)).to_have_text("You are not signed in")
+        assert (
+            site.sql.one(
+                "SELECT count(*) FROM outbox.portal_sessions WHERE account_id = %s", (account,)
+            )
+            == 1
+        )
+        other.get_by_role("button", name="Refresh").click()
+        expect(other.locator("#usage")).to_have_text("0 of 10 used")
+        expect(other.locator("#banner")).to_be_hidden()
+
     def test_a_reused_an_expired_and_a_forged_link_show_an_error_and_no_session(
         self, open_page: Opener, site: Site
     ) -> None:
         """Each gets a page that says what is wrong and what to do, sets no cookie, and
-        the settings page stays closed to that browser."""
+        the settings page stays closed to that browser. An expired or forged link says
+        so at once; a used one when Continue is pressed."""
         account = site.account()
         link = site.link(account)
         first = open_page(link=link)
+        first.get_by_role("button", name="Continue").click()
         first.wait_for_url("**/settings/webhooks")
 
         secret = bytes(site.sql.one("SELECT secret FROM outbox.portal_secret"))
@@ -263,6 +335,8 @@ class TestSigningIn:
         ]
         for url, title in cases:
             page = open_page(link=url)
+            if url == link:
+                page.get_by_role("button", name="Continue").click()
             expect(page.get_by_role("heading", level=1)).to_have_text(title)
             expect(page.locator("main")).to_contain_text("open Settings > Webhooks again")
             assert page.context.cookies() == []
@@ -646,12 +720,13 @@ class TestSafety:
 class TestAccessibility:
     def test_every_control_has_a_label(self, open_page: Opener, site: Site) -> None:
         """Every input, select and button on the page, dialogs included, has an
-        accessible name."""
+        accessible name (hidden inputs are no controls)."""
         account = site.account()
         site.hook(account, name="CRM Sync")
         page = open_page(account)
         unnamed = page.evaluate(
-            """() => [...document.querySelectorAll('input, select, button, textarea')]
+            """() => [...document.querySelectorAll(
+                'input:not([type=hidden]), select, button, textarea')]
                 .filter((c) => !(c.getAttribute('aria-label')
                     || (c.labels && c.labels.length)
                     || c.textContent.trim()))

@@ -3,13 +3,19 @@ OUTBOX_PUBLIC_URL setting."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from html.parser import HTMLParser
+from typing import Any
 
+import psycopg
 import pytest
 
-from outbox import portal
+from outbox import db, portal
 from outbox.config import ConfigError, Settings
 from outbox.webhooks import Invalid
 
@@ -73,6 +79,172 @@ class TestLinkTokens:
             assert "open Settings > Webhooks again" in refused.explanation
 
 
+class TestCheck:
+    def test_a_link_is_good_until_its_expiry(self) -> None:
+        token = portal.sign(KEY, CLAIMS)
+        assert portal.check(KEY, token, CLAIMS.expires - 0.5) == CLAIMS
+        with pytest.raises(portal.LinkRefused) as refused:
+            portal.check(KEY, token, CLAIMS.expires)
+        assert refused.value.reason == "expired" and refused.value.status == 410
+
+    def test_a_forged_link_is_invalid_whatever_the_time(self) -> None:
+        with pytest.raises(portal.LinkRefused) as refused:
+            portal.check(b"x" * 32, portal.sign(KEY, CLAIMS), CLAIMS.expires + 1)
+        assert refused.value.reason == "invalid"
+
+
+class _Conn:
+    """Answers the portal_secret query the way the database does, and counts it."""
+
+    def __init__(self, key: bytes, now: float) -> None:
+        self.key = key
+        self.now = now
+        self.queries = 0
+        self.away = False
+
+    async def execute(self, query: str) -> _Conn:
+        assert query == db.query("portal_secret")
+        self.queries += 1
+        if self.away:
+            raise psycopg.OperationalError("the database is away")
+        await asyncio.sleep(0)  # a round trip: other requests run meanwhile
+        return self
+
+    async def fetchone(self) -> tuple[bytes, float]:
+        return self.key, self.now
+
+    def __call__(self) -> Any:
+        @asynccontextmanager
+        async def connect() -> AsyncIterator[_Conn]:
+            yield self
+
+        return connect()
+
+
+class TestLinkKeys:
+    async def test_the_key_is_read_once_and_garbage_costs_nothing(self) -> None:
+        """The first link reads the key; later ones, good, forged or mangled, are
+        checked without a query."""
+        conn = _Conn(KEY, time.time())
+        keys = portal.LinkKeys()
+        good = portal.sign(KEY, portal.Claims("acct_1", int(time.time()) + 60, "n"))
+        assert (await keys.check(good, conn)).account_id == "acct_1"
+        for bad in ("x" * 5000, "nonsense", good[:-2] + "AA", portal.sign(b"x" * 32, CLAIMS)):
+            with pytest.raises(portal.LinkRefused, match="not valid"):
+                await keys.check(bad, conn)
+        assert conn.queries == 1
+
+    async def test_a_malformed_link_needs_no_key_at_all(self) -> None:
+        conn = _Conn(KEY, time.time())
+        with pytest.raises(portal.LinkRefused):
+            await portal.LinkKeys().check("not-a-link", conn)
+        assert conn.queries == 0
+
+    async def test_expiry_goes_by_the_databases_clock(self) -> None:
+        """A database clock an hour ahead of this process's makes a link that expires
+        in half an hour (by this process's clock) already expired."""
+        conn = _Conn(KEY, time.time() + 3600)
+        link = portal.sign(KEY, portal.Claims("acct_1", int(time.time()) + 1800, "n"))
+        with pytest.raises(portal.LinkRefused, match="expired"):
+            await portal.LinkKeys().check(link, conn)
+
+    async def test_a_rotated_key_is_read_again_once_the_old_one_is_old_enough(self) -> None:
+        """A link under a new key is refused while the key in hand is young, and
+        accepted once a failure finds it older than reread_after."""
+        conn = _Conn(KEY, time.time())
+        new_key = b"n" * 32
+        link = portal.sign(new_key, portal.Claims("acct_1", int(time.time()) + 60, "n"))
+        young = portal.LinkKeys(reread_after=3600)
+        await young.check(portal.sign(KEY, portal.Claims("a", int(time.time()) + 60, "m")), conn)
+        conn.key = new_key
+        with pytest.raises(portal.LinkRefused):
+            await young.check(link, conn)
+        assert conn.queries == 1
+        old = portal.LinkKeys(reread_after=0)
+        conn.key = KEY
+        await old.check(portal.sign(KEY, portal.Claims("a", int(time.time()) + 60, "m")), conn)
+        conn.key = new_key
+        assert (await old.check(link, conn)).account_id == "acct_1"
+
+    async def test_a_burst_of_garbage_reads_a_stale_key_once(self) -> None:
+        """Fifty forged links arriving together, when the key is due to be read
+        again, make one read between them, not fifty."""
+        conn = _Conn(KEY, time.time())
+        keys = portal.LinkKeys(reread_after=0)
+        await keys.check(portal.sign(KEY, portal.Claims("a", int(time.time()) + 60, "m")), conn)
+        forged = portal.sign(b"x" * 32, CLAIMS)
+
+        async def refused() -> str:
+            try:
+                await keys.check(forged, conn)
+            except portal.LinkRefused as exc:
+                return exc.reason
+            return "accepted"
+
+        reasons = await asyncio.gather(*(refused() for _ in range(50)))
+        assert reasons == ["invalid"] * 50
+        assert conn.queries == 2
+
+    async def test_with_the_database_away_garbage_is_refused_under_the_key_in_hand(
+        self,
+    ) -> None:
+        """When the key is due to be read again but the database does not answer, a
+        forged link is still refused as invalid (not an error), and the next ones do
+        not try again before reread_after."""
+        conn = _Conn(KEY, time.time())
+        now = [0.0]
+        keys = portal.LinkKeys(reread_after=10, clock=lambda: now[0])
+        await keys.check(portal.sign(KEY, portal.Claims("a", int(time.time()) + 60, "m")), conn)
+        conn.away = True
+        forged = portal.sign(b"x" * 32, CLAIMS)
+        for at, queries in ((11, 2), (12, 2), (20, 2), (21.5, 3)):
+            now[0] = at
+            with pytest.raises(portal.LinkRefused, match="not valid"):
+                await keys.check(forged, conn)
+            assert conn.queries == queries, at
+
+
+class TestSameOrigin:
+    HOSTS = {"127.0.0.1:8080", "settings.example.com"}
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            {"Sec-Fetch-Site": "same-origin"},
+            {"Sec-Fetch-Site": "same-origin", "Origin": "https://evil.example"},
+            {"Origin": "http://127.0.0.1:8080"},
+            {"Origin": "https://Settings.Example.com"},
+            {},
+        ],
+    )
+    def test_posts_from_this_server_pass(self, headers: dict[str, str]) -> None:
+        assert portal.same_origin(headers, self.HOSTS)
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site"},
+            {"Sec-Fetch-Site": "none"},
+            {"Sec-Fetch-Site": "cross-site", "Origin": "http://127.0.0.1:8080"},
+            {"Origin": "https://evil.example"},
+            {"Origin": "https://settings.example.com.evil.example"},
+            {"Origin": "null"},
+            {"Origin": ""},
+        ],
+    )
+    def test_posts_from_elsewhere_fail(self, headers: dict[str, str]) -> None:
+        assert not portal.same_origin(headers, self.HOSTS)
+
+    def test_an_empty_host_matches_nothing(self) -> None:
+        assert not portal.same_origin({"Origin": "null"}, {""})
+
+
+def test_the_cookie_has_the_host_prefix_over_https_only() -> None:
+    assert portal.cookie_name(True) == "__Host-outbox_session"
+    assert portal.cookie_name(False) == "outbox_session"
+
+
 class TestTtl:
     @pytest.mark.parametrize(
         ("raw", "seconds"),
@@ -121,7 +293,7 @@ class TestPages:
         page = portal.message_page("<b>title</b>", "a & <i>b</i>")
         assert "<b>" not in page and "&lt;b&gt;title" in page and "a &amp; &lt;i&gt;" in page
 
-    @pytest.mark.parametrize("name", ["webhooks.html", "message.html", "signed-in.html"])
+    @pytest.mark.parametrize("name", ["webhooks.html", "message.html", "continue.html"])
     def test_no_template_has_inline_script_or_style(self, name: str) -> None:
         """The CSP forbids them, so none may be there: scripts come from files, styles
         from the stylesheet, and no element has an on* handler or a style attribute."""
@@ -147,10 +319,30 @@ class TestPages:
         ):
             assert sink not in script, sink
 
-    def test_the_signed_in_page_moves_on_within_the_site(self) -> None:
-        page = _parse(portal.signed_in_page())
-        refresh = [a for t, a in page.tags if t == "meta" and a.get("http-equiv") == "refresh"]
-        assert refresh == [{"http-equiv": "refresh", "content": "0; url=../settings/webhooks"}]
+    def test_the_continue_page_posts_the_link_to_itself(self) -> None:
+        """Its one form posts to the page's own address (the link), with no field, and
+        it names the account, escaped; its referrer policy lets the browser send its
+        Origin with the post."""
+        page = _parse(portal.continue_page(portal.Claims("acct_<i>1</i>", 2**31, "n")))
+        forms = [a for t, a in page.tags if t == "form"]
+        assert forms == [{"method": "post", "class": "continue"}]
+        assert not any(t in ("input", "textarea", "select") for t, _ in page.tags)
+        assert "acct_<i>1</i>" in "".join(page.text)
+        referrer = [a for t, a in page.tags if t == "meta" and a.get("name") == "referrer"]
+        assert referrer == [{"name": "referrer", "content": "same-origin"}]
+
+    def test_the_settings_page_signs_out_with_its_csrf_token(self) -> None:
+        """Sign out is a form that posts the session's CSRF token to ../settings/signout."""
+        session = portal.Session("acct_1", "csrf-token_1", datetime.now(UTC))
+        page = _parse(portal.settings_page(session))
+        forms = [a for t, a in page.tags if t == "form" and a.get("method") == "post"]
+        assert forms == [{"method": "post", "action": "signout"}]
+        hidden = [a for t, a in page.tags if t == "input" and a.get("type") == "hidden"]
+        assert hidden == [{"type": "hidden", "name": "csrf_token", "value": "csrf-token_1"}]
+
+    def test_the_signed_out_page_says_so(self) -> None:
+        page = _parse(portal.signed_out_page())
+        assert "You are signed out" in "".join(page.text)
 
 
 class TestStaticFiles:
