@@ -122,7 +122,7 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = await webhooks.status(conn, args.account)
     if args.json:
-        print(json.dumps(rows, default=str, indent=2))
+        print(json.dumps(rows, default=api.json_default, indent=2))
     elif rows:
         print(_table(rows, _COLUMNS))
     else:
@@ -207,7 +207,7 @@ async def _token_list(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = await tokens.for_account(conn, args.account)
     if args.json:
-        print(json.dumps(rows, default=str, indent=2))
+        print(json.dumps(rows, default=api.json_default, indent=2))
     elif rows:
         print(_table(rows, ("id", "created_at", "last_used_at")))
     else:

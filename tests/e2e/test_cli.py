@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import standardwebhooks
 
+from outbox import db, tokens
 from outbox.events import EVENTS
-from tests.conftest import ROOT, SQL, sidecar_environment
+from tests.conftest import ROOT, SQL, sidecar_environment, wait_until
 from tests.receiver import Receiver, Reply
 
 
@@ -215,3 +219,46 @@ class TestEmitAndStatus:
         assert "up to date" in outbox("migrate").stdout
         bad = outbox("status", OUTBOX_HTTP_TIMEOUT="soon")
         assert bad.returncode == 2 and "OUTBOX_HTTP_TIMEOUT" in bad.stderr
+
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+class TestJsonTimes:
+    def test_webhooks_list_writes_times_as_the_api_does(  # type: ignore[no-untyped-def]
+        self, outbox, sql: SQL, sidecars, receiver: Receiver
+    ) -> None:
+        """`webhooks list --json` writes each time exactly as the admin API does: RFC 3339, UTC."""
+        sidecar = sidecars()
+        hook = sql.webhook(receiver.url())
+        sql.emit()
+        wait_until(
+            lambda: sql.one("SELECT last_delivery_at FROM outbox.webhook_status"),
+            what="the delivery to finish",
+        )
+        token = asyncio.run(_token(sql.url, "acct_1"))
+        conn = http.client.HTTPConnection("127.0.0.1", sidecar.api_port, timeout=30)
+        conn.request(
+            "GET", f"/api/v1/webhooks/{hook}", headers={"Authorization": f"Bearer {token}"}
+        )
+        from_api = json.load(conn.getresponse())
+        conn.close()
+
+        listed = outbox("webhooks", "list", "--account", "acct_1", "--json")
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        for field in ("created_at", "updated_at", "last_delivery_at"):
+            assert RFC3339_UTC.match(row[field]), (field, row[field])
+            assert row[field] == from_api[field], field
+
+    def test_tokens_list_too(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """`tokens list --json` writes its times the same way."""
+        asyncio.run(_token(sql.url, "acct_1"))
+        listed = outbox("tokens", "list", "--account", "acct_1", "--json")
+        (row,) = json.loads(listed.stdout)
+        assert RFC3339_UTC.match(row["created_at"]), row
+
+
+async def _token(url: str, account: str) -> str:
+    async with await db.connect(url) as conn:
+        return (await tokens.create(conn, account))[1]
