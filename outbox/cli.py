@@ -385,6 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"outbox: {exc}", file=sys.stderr)
         return 2
     except psycopg.OperationalError as exc:
+        missing = db.missing_database(exc)
+        if missing:
+            print(f"outbox: {missing}", file=sys.stderr)
+            return 2
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         print(f"outbox: cannot reach the database: {first}", file=sys.stderr)
         return 1

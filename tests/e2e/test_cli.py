@@ -221,6 +221,23 @@ class TestEmitAndStatus:
         assert bad.returncode == 2 and "OUTBOX_HTTP_TIMEOUT" in bad.stderr
 
 
+class TestMissingDatabase:
+    @pytest.mark.parametrize("command", [["migrate"], ["status"]])
+    def test_says_how_to_create_it(  # type: ignore[no-untyped-def]
+        self, outbox, database_url: str, command: list[str]
+    ) -> None:
+        """A database that does not exist: one line with the createdb command, exit 2."""
+        missing = database_url.rsplit("/", 1)[0] + "/outbox_never_created"
+        result = outbox(*command, OUTBOX_DATABASE_URL=missing)
+        assert result.returncode == 2, result.stderr
+        assert result.stdout == ""
+        (line,) = result.stderr.splitlines()
+        assert '"outbox_never_created" does not exist' in line
+        assert "createdb -h " in line and " outbox_never_created`" in line
+        assert 'CREATE DATABASE "outbox_never_created"' in line
+        assert "Traceback" not in result.stderr
+
+
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 
