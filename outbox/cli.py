@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
@@ -377,7 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         configure(settings.log_format)
         func: Command = args.func
-        return asyncio.run(func(args, settings))
+        code = asyncio.run(func(args, settings))
+        # Written here, inside the try, so that a closed pipe is handled below.
+        sys.stdout.flush()
+        return code
     except (UsageError, ConfigError, webhooks.Invalid, UnknownEvent) as exc:
         print(f"outbox: {exc}", file=sys.stderr)
         return 2
@@ -394,3 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader has gone (`outbox status | head -1`): stop quietly. Python flushes
+        # stdout again on exit, so point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import re
 import subprocess
 import sys
@@ -279,3 +280,49 @@ class TestJsonTimes:
 async def _token(url: str, account: str) -> str:
     async with await db.connect(url) as conn:
         return (await tokens.create(conn, account))[1]
+
+
+class TestClosedPipe:
+    def test_status_into_head(self, database_url: str, ca_file: str, sql: SQL) -> None:
+        """`outbox status | head -1` with more rows than a pipe holds: the header, no traceback."""
+        sql(
+            "INSERT INTO outbox.webhooks (account_id, name, url, event)"
+            " SELECT 'acct_' || (n / 10), 'hook ' || n, 'https://example.com/hooks/' || n,"
+            " 'lead.scored' FROM generate_series(0, 1999) AS n"
+        )
+        env = sidecar_environment(database_url, ca_file)
+        result = subprocess.run(
+            ["bash", "-c", f"{sys.executable} -m outbox status | head -1"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert result.stderr == ""
+        (header,) = result.stdout.splitlines()
+        assert header.split()[:3] == ["account_id", "id", "name"]
+
+    def test_output_to_a_closed_pipe(self, database_url: str, ca_file: str, sql: SQL) -> None:
+        """Output to a pipe nobody reads any more: exit 1 quietly, as Python's docs advise."""
+        for n in range(10):
+            sql.webhook(f"https://example.com/{n}")
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            for args in (["webhooks", "list", "--account", "acct_1"], ["status"]):
+                proc = subprocess.run(
+                    [sys.executable, "-m", "outbox", *args],
+                    stdout=write,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                    env=sidecar_environment(database_url, ca_file),
+                    timeout=60,
+                    check=False,
+                )
+                assert proc.stderr == "", args
+                assert proc.returncode == 1, args
+        finally:
+            os.close(write)
