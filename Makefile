@@ -31,6 +31,7 @@ run: setup
 	echo "  .venv/bin/outbox status"; \
 	if [ -n "$$admin" ]; then echo "  curl $$admin/healthz"; \
 	else echo "  (the admin API is off: OUTBOX_API_LISTEN=off)"; fi; \
+	echo "To see deliveries arrive on this machine: .venv/bin/outbox listen (README.md)."; \
 	echo "Stop with Ctrl-C."; \
 	echo; \
 	exec $(BIN)/outbox run

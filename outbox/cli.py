@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from outbox import __version__, api, db, portal, sidecar, tokens, webhooks
+from outbox import __version__, api, db, listen, portal, sidecar, tokens, webhooks
 from outbox.config import ConfigError, Settings
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent
@@ -58,6 +58,20 @@ async def _sql(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     await sidecar.run(settings)
+    return 0
+
+
+def _port(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 65535):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port (1-65535)")
+    return int(raw)
+
+
+async def _listen(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        await listen.serve(args.host, args.port, args.secret)
+    except listen.CannotListen as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -369,6 +383,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     signout.add_argument("--account", required=True)
     signout.set_defaults(func=_portal_signout)
+
+    receiver = commands.add_parser(
+        "listen", help="an HTTPS receiver on this machine that prints what it gets"
+    )
+    receiver.add_argument("--port", type=_port, default=9443)
+    receiver.add_argument("--host", default="127.0.0.1")
+    receiver.add_argument("--secret", help="check each request's signatures with this secret")
+    receiver.set_defaults(func=_listen)
     return parser
 
 
