@@ -299,7 +299,7 @@ def instructions(url: str, ca_file: Path, secret: str | None, outbox: str = "out
     return (
         f"outbox listen: receiving webhooks at {url} ({checked})\n"
         "\n"
-        "Where `outbox run` (or `make run`) starts, first set:\n"
+        "For `outbox run` (or `make run`) to reach it, start it after these two lines:\n"
         f"  export OUTBOX_CA_FILE={shlex.quote(str(ca_file))}\n"
         "  export OUTBOX_ALLOW_PRIVATE_TARGETS=true\n"
         "Register this receiver as a webhook:\n"

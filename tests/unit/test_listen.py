@@ -81,12 +81,14 @@ class TestRender:
         assert lines[-1].startswith("signature: verified")
 
     def test_a_body_that_is_not_json_is_shown_as_text(self) -> None:
+        """A body that is not JSON is printed as text, undecodable bytes replaced."""
         text = listen.render("POST", "/x", {}, b"plain \xff text", None)
         assert "── (no X-Webhook-Event): POST /x" in text
         assert "plain \ufffd text" in text
         assert "signature: not checked" in text
 
     def test_a_test_send_is_marked(self) -> None:
+        """`webhooks test` and Send Test Payload are marked on the first line."""
         headers = signed(None) | {"X-Webhook-Test": "true"}
         assert "(test send)" in listen.render("POST", "/", headers, BODY, None).splitlines()[0]
 
@@ -110,6 +112,7 @@ class TestCertificates:
                 accepted.result(timeout=10).close()
 
     def test_the_ca_is_reused_and_renewed_near_its_end(self, tmp_path: Path) -> None:
+        """The kept CA is used again until 30 days before it ends, then replaced."""
         now = dt.datetime.now(dt.UTC)
         first, _ = listen.ca(tmp_path, now)
         again, _ = listen.ca(tmp_path, now + dt.timedelta(days=300))
