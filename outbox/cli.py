@@ -387,8 +387,8 @@ def _parser() -> argparse.ArgumentParser:
     receiver = commands.add_parser(
         "listen", help="an HTTPS receiver on this machine that prints what it gets"
     )
-    receiver.add_argument("--port", type=_port, default=9443)
-    receiver.add_argument("--host", default="127.0.0.1")
+    receiver.add_argument("--port", type=_port, default=9443, help="default 9443")
+    receiver.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     receiver.add_argument("--secret", help="check each request's signatures with this secret")
     receiver.set_defaults(func=_listen)
     return parser
