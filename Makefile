@@ -20,6 +20,7 @@ run: setup
 	@url=$$($(BIN)/python -m outbox.localpg url) || exit 1; \
 	export OUTBOX_DATABASE_URL="$$url"; \
 	$(BIN)/outbox migrate || exit 1; \
+	admin=$$($(BIN)/python -c 'from outbox.config import Settings; print(Settings.from_env().admin_url)'); \
 	echo; \
 	echo "outbox is starting on $$url"; \
 	echo "In another terminal, try:"; \
@@ -28,7 +29,9 @@ run: setup
 	echo "      --url https://example.com/webhooks --secret 'a-signing-secret-of-16+-chars'"; \
 	echo "  .venv/bin/outbox emit acct_1 lead.scored '{\"lead\": {\"id\": 42}, \"score\": {\"overall\": 87}}'"; \
 	echo "  .venv/bin/outbox status"; \
-	echo "  curl http://127.0.0.1:8080/healthz"; \
+	if [ -n "$$admin" ]; then echo "  curl $$admin/healthz"; \
+	else echo "  (the admin API is off: OUTBOX_API_LISTEN=off)"; fi; \
+	echo "To see deliveries arrive on this machine: .venv/bin/outbox listen (README.md)."; \
 	echo "Stop with Ctrl-C."; \
 	echo; \
 	exec $(BIN)/outbox run

@@ -36,7 +36,7 @@ from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender
 from outbox.events import EVENTS, UnknownEvent, check_event
 from outbox.throttle import Refused, Throttle
 
-__all__ = ["BODY_LIMIT", "make_app"]
+__all__ = ["BODY_LIMIT", "json_default", "make_app"]
 
 log = structlog.get_logger("outbox.api")
 
@@ -102,7 +102,8 @@ class ApiError(Exception):
         return web.json_response(body, status=self.status, headers=self.headers, dumps=_dumps)
 
 
-def _encode(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """JSON for what json.dumps cannot write: times as RFC 3339 in UTC (the CLI's too)."""
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -110,7 +111,7 @@ def _encode(value: Any) -> Any:
 
 def _dumps(data: Any) -> str:
     # The newline keeps a shell prompt off the end of what curl prints.
-    return json.dumps(data, default=_encode) + "\n"
+    return json.dumps(data, default=json_default) + "\n"
 
 
 def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:

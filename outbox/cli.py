@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
@@ -12,7 +13,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from outbox import __version__, api, db, portal, sidecar, tokens, webhooks
+from outbox import __version__, api, db, listen, portal, sidecar, tokens, webhooks
 from outbox.config import ConfigError, Settings
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent
@@ -57,6 +58,20 @@ async def _sql(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     await sidecar.run(settings)
+    return 0
+
+
+def _port(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 65535):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port (1-65535)")
+    return int(raw)
+
+
+async def _listen(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        await listen.serve(args.host, args.port, args.secret)
+    except listen.CannotListen as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -122,7 +137,7 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = await webhooks.status(conn, args.account)
     if args.json:
-        print(json.dumps(rows, default=str, indent=2))
+        print(json.dumps(rows, default=api.json_default, indent=2))
     elif rows:
         print(_table(rows, _COLUMNS))
     else:
@@ -207,7 +222,7 @@ async def _token_list(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = await tokens.for_account(conn, args.account)
     if args.json:
-        print(json.dumps(rows, default=str, indent=2))
+        print(json.dumps(rows, default=api.json_default, indent=2))
     elif rows:
         print(_table(rows, ("id", "created_at", "last_used_at")))
     else:
@@ -368,6 +383,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     signout.add_argument("--account", required=True)
     signout.set_defaults(func=_portal_signout)
+
+    receiver = commands.add_parser(
+        "listen", help="an HTTPS receiver on this machine that prints what it gets"
+    )
+    receiver.add_argument("--port", type=_port, default=9443, help="default 9443")
+    receiver.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    receiver.add_argument("--secret", help="check each request's signatures with this secret")
+    receiver.set_defaults(func=_listen)
     return parser
 
 
@@ -377,7 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         configure(settings.log_format)
         func: Command = args.func
-        return asyncio.run(func(args, settings))
+        code = asyncio.run(func(args, settings))
+        # Written here, inside the try, so that a closed pipe is handled below.
+        sys.stdout.flush()
+        return code
     except (UsageError, ConfigError, webhooks.Invalid, UnknownEvent) as exc:
         print(f"outbox: {exc}", file=sys.stderr)
         return 2
@@ -385,8 +411,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"outbox: {exc}", file=sys.stderr)
         return 2
     except psycopg.OperationalError as exc:
+        missing = db.missing_database(exc)
+        if missing:
+            print(f"outbox: {missing}", file=sys.stderr)
+            return 2
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         print(f"outbox: cannot reach the database: {first}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader has gone (`outbox status | head -1`): stop quietly. Python flushes
+        # stdout again on exit, so point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

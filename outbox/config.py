@@ -66,6 +66,15 @@ def _listen(env: Mapping[str, str]) -> tuple[str, int] | None:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _admin_url(listen: tuple[str, int] | None) -> str:
+    if listen is None:
+        return ""
+    host, port = listen
+    # A wildcard address is not one to open; this machine's loopback is.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _public_url(env: Mapping[str, str], listen: tuple[str, int] | None) -> str:
     """Where people reach the admin server; portal links start with it. Empty when the
     admin server is off and no OUTBOX_PUBLIC_URL says where another one is."""
@@ -75,12 +84,7 @@ def _public_url(env: Mapping[str, str], listen: tuple[str, int] | None) -> str:
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
             raise ConfigError(f"OUTBOX_PUBLIC_URL: {raw!r} is not an http:// or https:// base URL")
         return raw.rstrip("/")
-    if listen is None:
-        return ""
-    host, port = listen
-    # A wildcard address is not one to open; this machine's loopback is.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return _admin_url(listen)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,12 @@ class Settings:
             log_format=log_format,
             poll_interval=_number(env, "OUTBOX_POLL_INTERVAL", 1.0, 0.01),
         )
+
+    @property
+    def admin_url(self) -> str:
+        """The admin server's URL from this machine (for `make run`'s hints); empty when
+        OUTBOX_API_LISTEN is off."""
+        return _admin_url(self.api_listen)
 
     @property
     def lease_seconds(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from functools import cache
 from pathlib import Path
 from typing import Any, LiteralString
@@ -10,7 +11,7 @@ from typing import Any, LiteralString
 import psycopg
 import structlog
 
-__all__ = ["SQL_DIR", "connect", "migrate", "query"]
+__all__ = ["SQL_DIR", "connect", "migrate", "missing_database", "query"]
 
 log = structlog.get_logger("outbox.db")
 
@@ -38,6 +39,33 @@ async def connect(url: str, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
     """An autocommit connection that names itself in pg_stat_activity."""
     return await psycopg.AsyncConnection.connect(
         url, autocommit=True, application_name="outbox", **kwargs
+    )
+
+
+_MISSING = re.compile(r'database "(?P<name>.*)" does not exist')
+
+
+def missing_database(exc: psycopg.OperationalError) -> str | None:
+    """For a connection refused because its database does not exist: one line saying so
+    and how to create it. None for any other failure."""
+    found = _MISSING.search(str(exc))
+    if found is None:
+        return None
+    pgconn = exc.pgconn
+    name = pgconn.db.decode() if pgconn and pgconn.db else found["name"]
+    options = []
+    if pgconn is not None:
+        if pgconn.host:
+            options += ["-h", pgconn.host.decode()]
+        if pgconn.port:
+            options += ["-p", pgconn.port.decode()]
+        if pgconn.user:
+            options += ["-U", pgconn.user.decode()]
+    createdb = shlex.join(["createdb", *options, name])
+    identifier = '"' + name.replace('"', '""') + '"'
+    return (
+        f"database {identifier} does not exist: create it with `{createdb}`"
+        f" (or CREATE DATABASE {identifier}; in psql), then run `outbox migrate`"
     )
 
 

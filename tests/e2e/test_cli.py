@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
+import os
+import re
 import subprocess
 import sys
 
 import pytest
 import standardwebhooks
 
+from outbox import db, tokens
 from outbox.events import EVENTS
-from tests.conftest import ROOT, SQL, sidecar_environment
+from tests.conftest import ROOT, SQL, sidecar_environment, wait_until
 from tests.receiver import Receiver, Reply
 
 
@@ -215,3 +220,109 @@ class TestEmitAndStatus:
         assert "up to date" in outbox("migrate").stdout
         bad = outbox("status", OUTBOX_HTTP_TIMEOUT="soon")
         assert bad.returncode == 2 and "OUTBOX_HTTP_TIMEOUT" in bad.stderr
+
+
+class TestMissingDatabase:
+    @pytest.mark.parametrize("command", [["migrate"], ["status"]])
+    def test_says_how_to_create_it(  # type: ignore[no-untyped-def]
+        self, outbox, database_url: str, command: list[str]
+    ) -> None:
+        """A database that does not exist: one line with the createdb command, exit 2."""
+        missing = database_url.rsplit("/", 1)[0] + "/outbox_never_created"
+        result = outbox(*command, OUTBOX_DATABASE_URL=missing)
+        assert result.returncode == 2, result.stderr
+        assert result.stdout == ""
+        (line,) = result.stderr.splitlines()
+        assert '"outbox_never_created" does not exist' in line
+        assert "createdb -h " in line and " outbox_never_created`" in line
+        assert 'CREATE DATABASE "outbox_never_created"' in line
+        assert "Traceback" not in result.stderr
+
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+class TestJsonTimes:
+    def test_webhooks_list_writes_times_as_the_api_does(  # type: ignore[no-untyped-def]
+        self, outbox, sql: SQL, sidecars, receiver: Receiver
+    ) -> None:
+        """`webhooks list --json` writes each time exactly as the admin API does: RFC 3339, UTC."""
+        sidecar = sidecars()
+        hook = sql.webhook(receiver.url())
+        sql.emit()
+        wait_until(
+            lambda: sql.one("SELECT last_delivery_at FROM outbox.webhook_status"),
+            what="the delivery to finish",
+        )
+        token = asyncio.run(_token(sql.url, "acct_1"))
+        conn = http.client.HTTPConnection("127.0.0.1", sidecar.api_port, timeout=30)
+        conn.request(
+            "GET", f"/api/v1/webhooks/{hook}", headers={"Authorization": f"Bearer {token}"}
+        )
+        from_api = json.load(conn.getresponse())
+        conn.close()
+
+        listed = outbox("webhooks", "list", "--account", "acct_1", "--json")
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        for field in ("created_at", "updated_at", "last_delivery_at"):
+            assert RFC3339_UTC.match(row[field]), (field, row[field])
+            assert row[field] == from_api[field], field
+
+    def test_tokens_list_too(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """`tokens list --json` writes its times the same way."""
+        asyncio.run(_token(sql.url, "acct_1"))
+        listed = outbox("tokens", "list", "--account", "acct_1", "--json")
+        (row,) = json.loads(listed.stdout)
+        assert RFC3339_UTC.match(row["created_at"]), row
+
+
+async def _token(url: str, account: str) -> str:
+    async with await db.connect(url) as conn:
+        return (await tokens.create(conn, account))[1]
+
+
+class TestClosedPipe:
+    def test_status_into_head(self, database_url: str, ca_file: str, sql: SQL) -> None:
+        """`outbox status | head -1` with more rows than a pipe holds: the header, no traceback."""
+        sql(
+            "INSERT INTO outbox.webhooks (account_id, name, url, event)"
+            " SELECT 'acct_' || (n / 10), 'hook ' || n, 'https://example.com/hooks/' || n,"
+            " 'lead.scored' FROM generate_series(0, 1999) AS n"
+        )
+        env = sidecar_environment(database_url, ca_file)
+        result = subprocess.run(
+            ["bash", "-c", f"{sys.executable} -m outbox status | head -1"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert result.stderr == ""
+        (header,) = result.stdout.splitlines()
+        assert header.split()[:3] == ["account_id", "id", "name"]
+
+    def test_output_to_a_closed_pipe(self, database_url: str, ca_file: str, sql: SQL) -> None:
+        """Output to a pipe nobody reads any more: exit 1 quietly, as Python's docs advise."""
+        for n in range(10):
+            sql.webhook(f"https://example.com/{n}")
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            for args in (["webhooks", "list", "--account", "acct_1"], ["status"]):
+                proc = subprocess.run(
+                    [sys.executable, "-m", "outbox", *args],
+                    stdout=write,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                    env=sidecar_environment(database_url, ca_file),
+                    timeout=60,
+                    check=False,
+                )
+                assert proc.stderr == "", args
+                assert proc.returncode == 1, args
+        finally:
+            os.close(write)

@@ -177,4 +177,4 @@ class TestDocument:
 def test_times_are_utc_with_z() -> None:
     """Every time in an answer is RFC 3339 in UTC, whatever the session's time zone."""
     at = datetime(2026, 11, 27, 14, 30, tzinfo=timezone(timedelta(hours=1)))
-    assert api._encode(at) == "2026-11-27T13:30:00Z"
+    assert api.json_default(at) == "2026-11-27T13:30:00Z"
