@@ -56,8 +56,7 @@ async def _sql(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    await sidecar.run(settings)
-    return 0
+    return await sidecar.run(settings)
 
 
 async def _emit(args: argparse.Namespace, settings: Settings) -> int:
@@ -378,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure(settings.log_format)
         func: Command = args.func
         return asyncio.run(func(args, settings))
-    except (UsageError, ConfigError, webhooks.Invalid, UnknownEvent) as exc:
+    except (UsageError, ConfigError, webhooks.Invalid, UnknownEvent, db.SchemaMismatch) as exc:
         print(f"outbox: {exc}", file=sys.stderr)
         return 2
     except webhooks.NotFound as exc:
