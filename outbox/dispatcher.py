@@ -11,6 +11,7 @@ per delivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import time
@@ -240,9 +241,10 @@ class Dispatcher:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self._results_ready.set()
-            try:
+            # The recorder may have been given up on, or may not manage within a lease.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(recorder, self._settings.lease_seconds)
-            except TimeoutError:
+            if self._results:
                 log.error(
                     "results not recorded; those deliveries are retried when their lease ends",
                     unrecorded=len(self._results),
