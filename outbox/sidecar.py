@@ -61,6 +61,11 @@ async def check_schema(settings: Settings) -> None:
             log.warning("database unavailable, retrying", error=str(exc), retry_in=pause)
             await asyncio.sleep(pause)
             pause = min(5.0, pause * 2)
+        except psycopg.errors.InsufficientPrivilege:
+            raise db.SchemaMismatch(
+                "this login may not read outbox.schema_migrations: log in as a role granted"
+                " outbox_sidecar (`outbox migrate` grants it what outbox run needs)"
+            ) from None
     problem = db.schema_problem(found, db.expected_version())
     if problem is not None:
         raise db.SchemaMismatch(problem)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,15 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from outbox import db
-from tests.conftest import ROOT, SQL, Sidecar, sidecar_environment, wait_until
+from tests.conftest import (
+    ROOT,
+    SQL,
+    Sidecar,
+    as_sidecar_role,
+    login_url,
+    sidecar_environment,
+    wait_until,
+)
 from tests.receiver import Receiver, Reply
 
 Start = Callable[..., Sidecar]
@@ -330,9 +339,27 @@ class TestSchemaFence:
         expected = db.expected_version()
         versions = {"older": expected - 1, "newer": expected + 1, "expected": expected}
         sql(change.format(**versions))
-        result = run_once(sidecar_env | {"OUTBOX_API_LISTEN": "off"})
+        url = as_sidecar_role(sidecar_env["OUTBOX_DATABASE_URL"])
+        result = run_once(sidecar_env | {"OUTBOX_DATABASE_URL": url, "OUTBOX_API_LISTEN": "off"})
         assert result.returncode == 2
         assert result.stderr.splitlines() == [message.format(**versions)]
+
+    def test_run_refuses_a_login_without_the_sidecar_role(
+        self, sql: SQL, sidecar_env: dict[str, str]
+    ) -> None:
+        """A login that may not even read the schema version is told which role it needs."""
+        role = f"outbox_nobody_{uuid.uuid4().hex[:8]}"
+        sql(f"CREATE ROLE {role} LOGIN")
+        try:
+            url = login_url(sidecar_env["OUTBOX_DATABASE_URL"], role)
+            result = run_once(sidecar_env | {"OUTBOX_DATABASE_URL": url})
+        finally:
+            sql(f"DROP ROLE {role}")
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            "outbox: this login may not read outbox.schema_migrations: log in as a role"
+            " granted outbox_sidecar (`outbox migrate` grants it what outbox run needs)"
+        ]
 
     def test_a_migrate_under_a_running_sidecar_stops_it_with_exit_3(
         self, sql: SQL, receiver: Receiver, sidecars: Start
@@ -363,7 +390,7 @@ class TestSchemaFence:
     ) -> None:
         """The schema check at start waits for a database that does not answer yet,
         like the dispatcher does, rather than give up."""
-        env = sidecar_environment(database_url, ca_file, OUTBOX_API_LISTEN="off")
+        env = sidecar_environment(as_sidecar_role(database_url), ca_file, OUTBOX_API_LISTEN="off")
         log_path = tmp_path / "waiting.log"
         with refusing_connections(sql), open(log_path, "ab") as log:
             proc = subprocess.Popen(
