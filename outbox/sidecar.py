@@ -106,7 +106,8 @@ async def run(settings: Settings) -> int:
         sender = await stack.enter_async_context(Sender(settings))
         runner = None
         if settings.api_listen is not None:
-            # Only the admin API uses the pool; the dispatcher has connections of its own.
+            # Only the admin server and the backlog gauges it serves use the pool; the
+            # dispatcher has connections of its own.
             connections = await stack.enter_async_context(pool(settings))
             test_sender = await stack.enter_async_context(
                 Sender(settings, limit=TEST_SEND_CONNECTIONS)
