@@ -76,6 +76,8 @@ async def watch_schema(settings: Settings, parts: Supervisor) -> None:
     `outbox migrate` of a newer version, a sidecar of this one may not keep claiming."""
     async with await db.connect(settings.database_url) as conn:
         while True:
+            # First after a pause: `run` has just checked it.
+            await asyncio.sleep(settings.schema_check_interval)
             found = await db.schema_version(conn)
             if found != db.expected_version():
                 log.error(
@@ -87,7 +89,6 @@ async def watch_schema(settings: Settings, parts: Supervisor) -> None:
                 parts.stop(EXIT_SCHEMA)
                 return
             parts.beat("schema")
-            await asyncio.sleep(settings.schema_check_interval)
 
 
 async def run(settings: Settings) -> int:
