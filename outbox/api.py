@@ -5,8 +5,9 @@ id that another account owns answers 404, exactly like an id that does not exist
 the API tells no one what other accounts have. Handlers raise; one middleware turns
 what they raise into the error shape ``{"error": {"code", "message"}}``. The rules for
 webhooks are the database's (see outbox.webhooks); this module only checks that values
-have the right JSON types before passing them on. ``GET /healthz`` and ``GET /metrics``
-need no token.
+have the right JSON types before passing them on. ``GET /healthz``, ``GET /readyz``
+and ``GET /metrics`` need no token: the first and the last answer from memory, and
+``/readyz`` runs one tiny query.
 
 The settings page (outbox.portal) calls the same routes with its session cookie
 instead of a token: the cookie's account is the request's account, and every change
@@ -34,6 +35,7 @@ from psycopg_pool import AsyncConnectionPool
 from outbox import db, metrics, openapi, portal, tokens, webhooks
 from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender
 from outbox.events import EVENTS, UnknownEvent, check_event
+from outbox.supervisor import Supervisor
 from outbox.throttle import Refused, Throttle
 
 __all__ = ["BODY_LIMIT", "json_default", "make_app"]
@@ -49,6 +51,9 @@ THROTTLE = web.AppKey("throttle", Throttle)
 # The admin server's address as people reach it, for portal links; "" for the
 # address each request came to.
 PUBLIC_URL = web.AppKey("public_url", str)
+PARTS = web.AppKey("parts", Supervisor)
+# How often the backlog gauges of /metrics are read from the database.
+BACKLOG_EVERY = 5.0
 # Set by the auth middleware on every /api/ request that got past it.
 _ACCOUNT = "outbox.account"
 # Set as well when that request was signed in by the settings page's session cookie.
@@ -357,29 +362,48 @@ async def _owned(
     raise webhooks.NotFound(f"webhook {webhook_id} not found")
 
 
+def _probe(ok: bool) -> web.Response:
+    # Never the reason: that is in the log, for those who may read it.
+    if ok:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "unavailable"}, status=503)
+
+
 async def healthz(request: web.Request) -> web.Response:
-    """200 while the database answers, 503 otherwise (no token needed)."""
-    pool: AsyncConnectionPool[Any] = request.app[POOL]
-    try:
-        async with asyncio.timeout(2):
-            async with pool.connection() as conn:
-                await conn.execute(db.query("ping"))
-    except (psycopg.Error, TimeoutError) as exc:
-        return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
-    return web.json_response({"status": "ok"})
+    """Liveness: 200 while every part of the sidecar runs and its loop goes round."""
+    return _probe(request.app[PARTS].alive())
 
 
-async def prometheus(request: web.Request) -> web.Response:
-    """Prometheus text format (no token needed). The pending gauges are read now; when
-    the database does not answer they keep their last values and up says why."""
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: alive, not stopping, and the database answers with the schema this
+    version runs against."""
+    parts = request.app[PARTS]
+    if not parts.alive() or parts.stopping.is_set():
+        return _probe(False)
     try:
         async with asyncio.timeout(2), request.app[POOL].connection() as conn:
+            found = await db.schema_version(conn)
+    except (psycopg.Error, TimeoutError):
+        return _probe(False)
+    return _probe(found == db.expected_version())
+
+
+async def refresh_backlog(pool: AsyncConnectionPool[Any], parts: Supervisor) -> None:
+    """Keep the backlog gauges of /metrics fresh: one count every BACKLOG_EVERY seconds,
+    so that scrapes, however many, never query (when the database does not answer, the
+    gauges keep their last values)."""
+    while True:
+        async with pool.connection() as conn:
             cur = await conn.execute(db.query("pending_stats"))
             row = await cur.fetchone()
         assert row is not None
         metrics.pending(row[0], row[1])
-    except (psycopg.Error, TimeoutError):
-        pass
+        parts.beat("backlog")
+        await asyncio.sleep(BACKLOG_EVERY)
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    """Prometheus text format (no token needed), from memory only."""
     body, content_type = metrics.exposition(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -704,20 +728,26 @@ async def static_file(request: web.Request) -> web.FileResponse:
 
 
 def make_app(
-    pool: AsyncConnectionPool[Any], test_sender: Sender, public_url: str = ""
+    pool: AsyncConnectionPool[Any],
+    test_sender: Sender,
+    public_url: str = "",
+    *,
+    parts: Supervisor,
 ) -> web.Application:
     """The admin server. ``test_sender`` makes the test sends: a Sender made with the
     dispatcher's settings (the same SSRF guard, timeout and TLS settings as deliveries)
     but not the dispatcher's own. Portal links start with ``public_url`` (default: the
-    address each request came to)."""
+    address each request came to). ``parts`` says whether the sidecar is alive."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_LIMIT)
     app[POOL] = pool
     app[TEST_SENDER] = test_sender
     app[THROTTLE] = Throttle(test_sender.timeout)
     app[PUBLIC_URL] = public_url
     app[LINK_KEYS] = portal.LinkKeys()
+    app[PARTS] = parts
     add = app.router.add_route
     add("GET", "/healthz", healthz)
+    add("GET", "/readyz", readyz)
     add("GET", "/metrics", prometheus)
     add("GET", "/api/v1/openapi.json", openapi_document)
     add("GET", "/api/v1/events", list_events)

@@ -57,8 +57,7 @@ async def _sql(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    await sidecar.run(settings)
-    return 0
+    return await sidecar.run(settings)
 
 
 def _port(raw: str) -> int:
@@ -404,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Written here, inside the try, so that a closed pipe is handled below.
         sys.stdout.flush()
         return code
-    except (UsageError, ConfigError, webhooks.Invalid, UnknownEvent) as exc:
+    except (UsageError, ConfigError, webhooks.Invalid, UnknownEvent, db.SchemaMismatch) as exc:
         print(f"outbox: {exc}", file=sys.stderr)
         return 2
     except webhooks.NotFound as exc:

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from outbox.supervisor import parse_faults
+
 __all__ = ["ConfigError", "Settings"]
 
 
@@ -54,6 +56,13 @@ def _delays(env: Mapping[str, str]) -> tuple[float, ...]:
             )
         delays.append(delay)
     return tuple(delays)
+
+
+def _faults(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    try:
+        return tuple(parse_faults(env.get("OUTBOX_TEST_FAULTS", "")).items())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _listen(env: Mapping[str, str]) -> tuple[str, int] | None:
@@ -103,6 +112,10 @@ class Settings:
     log_format: str = "json"
     # Not in the contract: how often an idle dispatcher looks without being woken.
     poll_interval: float = 1.0
+    # How often a running sidecar checks that the schema is still the one it knows.
+    schema_check_interval: float = 30.0
+    # Parts that fail at their first starts, for tests (outbox.supervisor.parse_faults).
+    test_faults: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -127,6 +140,8 @@ class Settings:
             public_url=_public_url(env, listen),
             log_format=log_format,
             poll_interval=_number(env, "OUTBOX_POLL_INTERVAL", 1.0, 0.01),
+            schema_check_interval=_number(env, "OUTBOX_SCHEMA_CHECK_INTERVAL", 30.0, 0.01),
+            test_faults=_faults(env),
         )
 
     @property

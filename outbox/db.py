@@ -11,7 +11,17 @@ from typing import Any, LiteralString
 import psycopg
 import structlog
 
-__all__ = ["SQL_DIR", "connect", "migrate", "missing_database", "query"]
+__all__ = [
+    "SQL_DIR",
+    "SchemaMismatch",
+    "connect",
+    "expected_version",
+    "migrate",
+    "missing_database",
+    "query",
+    "schema_problem",
+    "schema_version",
+]
 
 log = structlog.get_logger("outbox.db")
 
@@ -81,6 +91,43 @@ def migrations() -> list[tuple[int, str, Path]]:
         version, _, name = path.stem.partition("_")
         found.append((int(version), name, path))
     return found
+
+
+@cache
+def expected_version() -> int:
+    """The newest migration this version ships: the schema it runs against."""
+    return migrations()[-1][0]
+
+
+async def schema_version(conn: psycopg.AsyncConnection[Any]) -> int | None:
+    """The newest migration applied to the database; None when it has no outbox schema."""
+    try:
+        cur = await conn.execute(query("schema_version"))
+    except psycopg.errors.UndefinedTable:
+        return None
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+class SchemaMismatch(Exception):
+    """The database's outbox schema is not the one this version runs against."""
+
+
+def schema_problem(found: int | None, expected: int) -> str | None:
+    """What to do when the schema at version ``found`` is not ``expected``; else None."""
+    if found is None:
+        return "the database has no outbox schema: run `outbox migrate`"
+    if found < expected:
+        return (
+            f"the outbox schema is at version {found} and this outbox needs {expected}:"
+            " run `outbox migrate`"
+        )
+    if found > expected:
+        return (
+            f"the outbox schema is at version {found}, newer than this outbox knows"
+            f" ({expected}): upgrade outbox"
+        )
+    return None
 
 
 async def migrate(url: str) -> list[int]:

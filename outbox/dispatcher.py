@@ -11,13 +11,15 @@ per delivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
 import structlog
@@ -27,6 +29,7 @@ from outbox import db, metrics, wire
 from outbox.config import Settings
 from outbox.delivery import Attempt, Sender
 from outbox.retry import next_delay
+from outbox.supervisor import Supervisor
 
 __all__ = ["Dispatcher"]
 
@@ -92,8 +95,11 @@ class Doorbell:
     commit events, so there is about to be something to claim.
     """
 
-    def __init__(self, url: str, look: asyncio.Event, retry_in: float) -> None:
+    def __init__(
+        self, url: str, look: asyncio.Event, retry_in: float, beat: Callable[[], None]
+    ) -> None:
         self._url = url
+        self._beat = beat
         self._retry_in = retry_in
         self._look = look
         self._want = False
@@ -107,14 +113,14 @@ class Doorbell:
             self._changed.set()
 
     async def run(self) -> None:
-        conn: psycopg.AsyncConnection[Any] | None = None
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            try:
-                if conn is None or conn.closed:
-                    self._held = False
-                    conn = await db.connect(self._url)
+        """Until cancelled. A failure ends it with its connection closed, and so with the
+        lock let go; started again, it takes the lock anew if it is still wanted."""
+        self._held = False
+        self._changed.set()
+        async with await db.connect(self._url) as conn:
+            while True:
+                await self._changed.wait()
+                self._changed.clear()
                 if self._want and not self._held:
                     cur = await conn.execute(db.query("arm_doorbell"))
                     row = await cur.fetchone()
@@ -134,11 +140,7 @@ class Doorbell:
                 elif not self._want and self._held:
                     await conn.execute(db.query("disarm_doorbell"))
                     self._held = False
-            except psycopg.OperationalError as exc:
-                log.warning("doorbell connection lost", error=str(exc))
-                conn = None
-                await asyncio.sleep(self._retry_in)
-                self._changed.set()
+                self._beat()
 
 
 class Connection:
@@ -173,17 +175,33 @@ class Connection:
             self._planned_at = time.monotonic()
         return self._conn
 
+    async def execute(
+        self, query: LiteralString, params: dict[str, Any] | None = None, *, prepare: bool = True
+    ) -> psycopg.AsyncCursor[Any]:
+        """Run ``query``; after any failure the next one starts on a fresh connection."""
+        conn = await self.get()
+        try:
+            return await conn.execute(query, params, prepare=prepare)
+        except BaseException:
+            await self.close()
+            raise
+
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
 
 
 class Dispatcher:
-    """Delivers due deliveries until ``stop`` is set, then finishes what is in flight."""
+    """Delivers due deliveries until the sidecar stops, then finishes what is in flight.
 
-    def __init__(self, settings: Settings, sender: Sender):
+    Its four parts (loop, recorder, listener, doorbell) run under the sidecar's
+    supervisor, which starts each again after a failure.
+    """
+
+    def __init__(self, settings: Settings, sender: Sender, parts: Supervisor):
         self._settings = settings
         self._sender = sender
+        self._parts = parts
         self._tasks: set[asyncio.Task[None]] = set()
         # Attempts in flight by webhook, and by account: each has a share of the slots.
         self._in_flight: Counter[int] = Counter()
@@ -194,37 +212,43 @@ class Dispatcher:
         # How many free slots a finished attempt waits for before it wakes the loop
         # (0: the loop is not waiting for slots).
         self._wake_at_free = 0
-        self._doorbell = Doorbell(settings.database_url, self._wake, settings.poll_interval)
+        self._doorbell = Doorbell(
+            settings.database_url,
+            self._wake,
+            settings.poll_interval,
+            functools.partial(parts.beat, "doorbell"),
+        )
         self._last_help = 0.0
         self._claims = Connection(settings.database_url, *CLAIMS_SETUP)
         self._records = Connection(settings.database_url, *RECORDS_SETUP)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        background = [
-            asyncio.create_task(self._listen(), name="listen"),
-            asyncio.create_task(self._doorbell.run(), name="doorbell"),
-        ]
-        recorder = asyncio.create_task(self._record(stop), name="record")
+    async def run(self) -> None:
+        """Until the sidecar stops; its parts run under the supervisor, which ends them."""
+        stop = self._parts.stopping
+        self._parts.start("listen", self._listen)
+        self._parts.start("doorbell", self._doorbell.run)
+        recorder = self._parts.start("record", lambda: self._record(stop))
         stopper = asyncio.create_task(self._wake_on(stop), name="stop")
         log.info("dispatcher started", concurrency=self._settings.concurrency)
+        # Every wait of the loop is bounded: by the poll interval, the attempts' timeout
+        # (waiting for free slots) or the pause after a database error.
+        bound = self._settings.lease_seconds + self._settings.poll_interval
         try:
-            await self._loop(stop)
+            await self._parts.start("loop", lambda: self._loop(stop), beat_within=bound)
         finally:
             stopper.cancel()
             log.info("stopping: finishing attempts in flight", in_flight=len(self._tasks))
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self._results_ready.set()
-            try:
+            # The recorder may have been given up on, or may not manage within a lease.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(recorder, self._settings.lease_seconds)
-            except TimeoutError:
+            if self._results:
                 log.error(
                     "results not recorded; those deliveries are retried when their lease ends",
                     unrecorded=len(self._results),
                 )
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
             await self._claims.close()
             await self._records.close()
             log.info("dispatcher stopped")
@@ -251,6 +275,7 @@ class Dispatcher:
         batch_min = max(1, concurrency // 2)
         backoff = 0.0
         while not stop.is_set():
+            self._parts.beat("loop")
             # Cleared before looking, so whatever happens from here on wakes the sleep below.
             self._wake.clear()
             free = concurrency - len(self._tasks)
@@ -270,7 +295,6 @@ class Dispatcher:
                 due_in = await self._next_due()
                 backoff = 0.0
             except psycopg.OperationalError as exc:
-                await self._claims.close()
                 backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
                 log.warning("database unavailable, retrying", error=str(exc), retry_in=backoff)
                 metrics.dispatcher_up(False)
@@ -307,8 +331,7 @@ class Dispatcher:
             "lease_seconds": self._settings.lease_seconds,
             "lease": lease,
         }
-        conn = await self._claims.get()
-        cur = await conn.execute(db.query("claim"), params, prepare=True)
+        cur = await self._claims.execute(db.query("claim"), params)
         rows = await cur.fetchall()
         metrics.claimed(len(rows))
         jobs = []
@@ -335,8 +358,7 @@ class Dispatcher:
         return jobs, len(rows)
 
     async def _next_due(self) -> float | None:
-        conn = await self._claims.get()
-        cur = await conn.execute(db.query("next_due"), prepare=True)
+        cur = await self._claims.execute(db.query("next_due"))
         row = await cur.fetchone()
         return None if row is None else row[0]
 
@@ -344,8 +366,7 @@ class Dispatcher:
         now = time.monotonic()
         if now - self._last_help >= self._settings.poll_interval:
             self._last_help = now
-            conn = await self._claims.get()
-            await conn.execute(db.query("help"))
+            await self._claims.execute(db.query("help"), prepare=False)
 
     def _start(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -405,8 +426,12 @@ class Dispatcher:
         self._results_ready.set()
 
     async def _record(self, stop: asyncio.Event) -> None:
-        """Write results back in batches: whatever finished while the last write ran."""
-        backoff = 0.0
+        """Write results back in batches: whatever finished while the last write ran.
+
+        A batch that cannot be written is put back before the failure goes up to the
+        supervisor, so the part started again writes it: the leases outlast a short
+        outage, and nothing already sent waits for its lease to be sent again.
+        """
         while True:
             await self._results_ready.wait()
             self._results_ready.clear()
@@ -417,17 +442,14 @@ class Dispatcher:
             batch, self._results = self._results, []
             try:
                 await self._write(batch)
-                backoff = 0.0
-                if any(r.outcome == "pending" for r in batch):
-                    # A retry may now fall due before the loop's next look: let it look.
-                    self._wake.set()
-            except psycopg.OperationalError as exc:
-                await self._records.close()
-                # Keep the results: the leases outlast a short outage.
+            except BaseException:
                 self._results[:0] = batch
-                backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
-                log.warning("cannot record results yet", error=str(exc), pending=len(batch))
-                await asyncio.sleep(backoff)
+                self._results_ready.set()
+                raise
+            self._parts.beat("record")
+            if any(r.outcome == "pending" for r in batch):
+                # A retry may now fall due before the loop's next look: let it look.
+                self._wake.set()
             self._results_ready.set()
 
     async def _write(self, batch: list[Result]) -> None:
@@ -445,25 +467,18 @@ class Dispatcher:
             }
             for r in batch
         ]
-        conn = await self._records.get()
-        await conn.execute(db.query("record"), {"results": json.dumps(results)}, prepare=True)
+        await self._records.execute(db.query("record"), {"results": json.dumps(results)})
 
     async def _listen(self) -> None:
-        """Turn NOTIFYs into wake-ups, on a connection of its own (LESSONS #5)."""
-        backoff = 0.0
-        while True:
-            try:
-                async with await db.connect(self._settings.database_url) as conn:
-                    await conn.execute("LISTEN outbox_wake")
-                    backoff = 0.0
-                    # Anything committed while we were not listening is found by this poll.
+        """Turn NOTIFYs into wake-ups, on a connection of its own: waiting for
+        notifications holds a psycopg connection's lock, so no query could share it."""
+        async with await db.connect(self._settings.database_url) as conn:
+            await conn.execute("LISTEN outbox_wake")
+            # Anything committed while we were not listening is found by this poll.
+            self._wake.set()
+            while True:
+                self._parts.beat("listen")
+                async for _ in conn.notifies(timeout=30.0):
                     self._wake.set()
-                    while True:
-                        async for _ in conn.notifies(timeout=30.0):
-                            self._wake.set()
-                        # Quiet for a while: make sure the connection is still alive.
-                        await conn.execute(db.query("ping"))
-            except psycopg.OperationalError as exc:
-                backoff = min(BACKOFF_MAX, backoff * 2 or 0.1)
-                log.warning("listener connection lost", error=str(exc), retry_in=backoff)
-                await asyncio.sleep(backoff)
+                # Now and then, make sure the connection is still alive.
+                await conn.execute(db.query("ping"))

@@ -1,8 +1,8 @@
 """Prometheus metrics of one `outbox run` process, served at ``GET /metrics``.
 
 Counters and histograms are this process's own (sum them over replicas). The pending
-gauges describe the whole database, read when scraped, so every replica reports the
-same values (take the max, not the sum).
+gauges describe the whole database, read by the sidecar every few seconds (never by a
+scrape), so every replica reports about the same values (take the max, not the sum).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def dispatcher_up(up: bool) -> None:
 
 
 def pending(count: int, oldest_seconds: float | None) -> None:
-    """The database's pending deliveries, as read for a scrape."""
+    """The database's pending deliveries, as last read."""
     _PENDING.set(count)
     _OLDEST.set(oldest_seconds or 0.0)
 

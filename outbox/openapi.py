@@ -285,13 +285,28 @@ _PATHS: dict[str, Any] = {
     "/healthz": {
         "get": {
             "operationId": "healthz",
-            "summary": "Whether the database answers",
+            "summary": "Liveness: whether the sidecar's dispatcher is alive and working",
             "security": [],
             "responses": {
-                "200": _json(_object({"status": {"const": "ok"}}), "The database answers."),
+                "200": _json(_object({"status": {"const": "ok"}}), "Alive."),
                 "503": _json(
-                    _object({"status": {"const": "unavailable"}, "error": {"type": "string"}}),
-                    "The database does not answer.",
+                    _object({"status": {"const": "unavailable"}}),
+                    "A part of the sidecar is stuck or keeps failing; restart it.",
+                ),
+            },
+        }
+    },
+    "/readyz": {
+        "get": {
+            "operationId": "readyz",
+            "summary": "Readiness: alive, and the database answers with the expected schema",
+            "security": [],
+            "responses": {
+                "200": _json(_object({"status": {"const": "ok"}}), "Ready."),
+                "503": _json(
+                    _object({"status": {"const": "unavailable"}}),
+                    "Not alive, stopping, the database does not answer, or its schema is"
+                    " not the one this version runs against.",
                 ),
             },
         }

@@ -8,16 +8,18 @@ import gc
 import signal
 from typing import Any
 
+import psycopg
 import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api, metrics
+from outbox import api, db, metrics
 from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.dispatcher import Dispatcher
+from outbox.supervisor import EXIT_SCHEMA, Supervisor
 
-__all__ = ["run"]
+__all__ = ["check_schema", "run", "watch_schema"]
 
 log = structlog.get_logger("outbox")
 
@@ -44,34 +46,90 @@ def pool(settings: Settings, max_size: int = 4) -> AsyncConnectionPool[Any]:
     )
 
 
-async def run(settings: Settings) -> None:
+async def check_schema(settings: Settings) -> None:
+    """Raise SchemaMismatch unless the database has the schema this version runs against.
+
+    Waits for a database that does not answer yet, as the dispatcher would.
+    """
+    pause = 0.1
+    while True:
+        try:
+            async with await db.connect(settings.database_url) as conn:
+                found = await db.schema_version(conn)
+            break
+        except psycopg.OperationalError as exc:
+            log.warning("database unavailable, retrying", error=str(exc), retry_in=pause)
+            await asyncio.sleep(pause)
+            pause = min(5.0, pause * 2)
+        except psycopg.errors.InsufficientPrivilege:
+            raise db.SchemaMismatch(
+                "this login may not read outbox.schema_migrations: log in as a role granted"
+                " outbox_sidecar (`outbox migrate` grants it what outbox run needs)"
+            ) from None
+    problem = db.schema_problem(found, db.expected_version())
+    if problem is not None:
+        raise db.SchemaMismatch(problem)
+
+
+async def watch_schema(settings: Settings, parts: Supervisor) -> None:
+    """Stop the sidecar (exit 3) once the schema is no longer the one it knows: after
+    `outbox migrate` of a newer version, a sidecar of this one may not keep claiming."""
+    async with await db.connect(settings.database_url) as conn:
+        while True:
+            # First after a pause: `run` has just checked it.
+            await asyncio.sleep(settings.schema_check_interval)
+            found = await db.schema_version(conn)
+            if found != db.expected_version():
+                log.error(
+                    "the outbox schema changed: stopping, to be started again on a version"
+                    " that knows it",
+                    schema_version=found,
+                    expected=db.expected_version(),
+                )
+                parts.stop(EXIT_SCHEMA)
+                return
+            parts.beat("schema")
+
+
+async def run(settings: Settings) -> int:
+    """The sidecar until it stops; returns the exit status (see outbox.supervisor)."""
+    await check_schema(settings)
     # Every attempt allocates a few short-lived objects and no cycles to speak of: move
     # the start-up objects out of the collector's way and collect young objects rarely.
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
-    stop = asyncio.Event()
+    # A part failing for as long as a lease: what it holds is being sent again anyway.
+    parts = Supervisor(give_up_after=settings.lease_seconds, faults=dict(settings.test_faults))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, parts.stop)
     async with contextlib.AsyncExitStack() as stack:
         sender = await stack.enter_async_context(Sender(settings))
         runner = None
         if settings.api_listen is not None:
-            # Only the admin API uses the pool; the dispatcher has connections of its own.
+            # Only the admin server and the backlog gauges it serves use the pool; the
+            # dispatcher has connections of its own.
             connections = await stack.enter_async_context(pool(settings))
             test_sender = await stack.enter_async_context(
                 Sender(settings, limit=TEST_SEND_CONNECTIONS)
             )
             runner = web.AppRunner(
-                api.make_app(connections, test_sender, settings.public_url), access_log=None
+                api.make_app(connections, test_sender, settings.public_url, parts=parts),
+                access_log=None,
             )
             await runner.setup()
             host, port = settings.api_listen
             await web.TCPSite(runner, host, port).start()
             log.info("admin API listening", url=f"http://{host}:{port}")
+        # Its parts end first, before the pool and the sender they use are closed.
+        await stack.enter_async_context(parts)
+        parts.start("schema", lambda: watch_schema(settings, parts))
+        if settings.api_listen is not None:
+            parts.start("backlog", lambda: api.refresh_backlog(connections, parts))
         try:
-            await Dispatcher(settings, sender).run(stop)
+            await Dispatcher(settings, sender, parts).run()
         finally:
             metrics.dispatcher_up(False)
             if runner is not None:
                 await runner.cleanup()
+    return parts.exit_code

@@ -183,6 +183,10 @@ $$;
 -- ping --
 SELECT 1;
 
+-- schema_version --
+-- The newest migration applied (NULL when none is): a primary key's last entry.
+SELECT max(version) FROM outbox.schema_migrations;
+
 -- webhook_update --
 -- NULL leaves a field as it is; the secret, which may be set to NULL, has its own flag.
 UPDATE outbox.webhooks

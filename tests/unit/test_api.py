@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from outbox import api, metrics, openapi, tokens
 from outbox.config import Settings
 from outbox.delivery import Sender
+from outbox.supervisor import Supervisor
 from outbox.webhooks import Invalid
 
 
@@ -156,7 +157,7 @@ class TestDocument:
     def test_documents_exactly_the_routes_the_app_serves(self) -> None:
         """Adding a route without documenting it (or the reverse) fails here."""
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool("", open=False)
-        app = api.make_app(pool, Sender(Settings()))
+        app = api.make_app(pool, Sender(Settings()), parts=Supervisor(give_up_after=1))
         served = {
             (route.method, route.resource.canonical)
             for route in app.router.routes()
