@@ -596,5 +596,10 @@ def render(format: str, event: str, timestamp: str, data_json: str) -> bytes:
     except KeyError:
         valid = ", ".join(_RENDERERS)
         raise ValueError(f"no chat format {format!r}: chat formats are {valid}") from None
-    body = renderer(message(event, timestamp, parse_data(data_json)))
+    try:
+        body = renderer(message(event, timestamp, parse_data(data_json)))
+    except Exception:
+        # A delivery must always have a body: data that trips a reader here still
+        # gets a message, with the event's display name alone.
+        body = renderer(message(event, timestamp, {}))
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
