@@ -291,8 +291,7 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
             continue
         if key not in _WRITABLE:
             raise webhooks.Invalid(
-                f"unknown field {key!r}: a webhook has name, url, event, format, secret "
-                "and enabled"
+                f"unknown field {key!r}: a webhook has name, url, event, format, secret and enabled"
             )
     if not partial:
         for key in ("name", "url", "event"):
