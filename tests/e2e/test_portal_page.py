@@ -789,9 +789,9 @@ class TestAccessibility:
         assert unnamed == []
 
     def test_add_a_webhook_with_the_keyboard_alone(self, open_page: Opener, site: Site) -> None:
-        """Tab, Enter, arrows and Escape are enough: open Add Webhook, fill it in,
-        generate a secret, Create; then open and close the edit dialog, with the focus
-        back where it was."""
+        """Tab, Enter, arrows and Escape are enough: open Add Webhook, fill it in (the
+        Format select follows the URL), generate a secret, Create; then open and close
+        the edit dialog, with the focus back where it was."""
         account = site.account()
         page = open_page(account)
         add = page.get_by_role("button", name="Add Webhook")
@@ -802,6 +802,9 @@ class TestAccessibility:
         page.keyboard.press("Tab")
         expect(page.get_by_label("URL", exact=True)).to_be_focused()
         page.keyboard.type("https://example.com/keys")
+        page.keyboard.press("Tab")
+        expect(page.get_by_label("Format", exact=True)).to_be_focused()
+        expect(page.get_by_label("Format", exact=True)).to_have_value("json")
         page.keyboard.press("Tab")
         expect(page.get_by_label("Event", exact=True)).to_be_focused()
         page.keyboard.press("ArrowDown")
