@@ -91,4 +91,4 @@ clean:
 
 # Retake docs/settings-webhooks.png, the picture README shows.
 screenshot: setup chromium
-	OUTBOX_UPDATE_SCREENSHOT=1 $(BIN)/pytest -q tests/e2e/test_portal_page.py -k readme_screenshot
+	OUTBOX_UPDATE_SCREENSHOT=1 $(BIN)/pytest -q tests/e2e/test_portal_page.py tests/e2e/test_chat_preview.py -k "readme_screenshot or chat_preview"

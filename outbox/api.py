@@ -74,6 +74,7 @@ _WEBHOOK_FIELDS = (
     "name",
     "url",
     "event",
+    "format",
     "enabled",
     "has_secret",
     "previous_secret_expires_at",
@@ -84,7 +85,7 @@ _WEBHOOK_FIELDS = (
     "last_error",
     "pending",
 )
-_WRITABLE = ("name", "url", "event", "secret", "enabled")
+_WRITABLE = ("name", "url", "event", "format", "secret", "enabled")
 # A change may also end a rotated-out secret's overlap early, by setting this to null.
 _END_OVERLAP = "previous_secret_expires_at"
 
@@ -290,7 +291,7 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
             continue
         if key not in _WRITABLE:
             raise webhooks.Invalid(
-                f"unknown field {key!r}: a webhook has name, url, event, secret and enabled"
+                f"unknown field {key!r}: a webhook has name, url, event, format, secret and enabled"
             )
     if not partial:
         for key in ("name", "url", "event"):

@@ -99,6 +99,7 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
             event=args.event,
             secret=args.secret,
             enabled=not args.disabled,
+            format=args.format,
         )
     print(webhook_id)
     return 0
@@ -108,6 +109,7 @@ _COLUMNS = (
     "id",
     "name",
     "event",
+    "format",
     "enabled",
     "last_delivery_status",
     "last_delivery_at",
@@ -155,7 +157,7 @@ async def _update(args: argparse.Namespace, settings: Settings) -> int:
     fields: dict[str, Any] = {
         k: v
         for k, v in vars(args).items()
-        if k in ("name", "url", "event", "enabled") and v is not None
+        if k in ("name", "url", "event", "format", "enabled") and v is not None
     }
     if args.no_secret:
         fields["secret"] = None
@@ -163,7 +165,7 @@ async def _update(args: argparse.Namespace, settings: Settings) -> int:
         fields["secret"] = args.secret
     if not fields:
         raise UsageError(
-            "nothing to change: give --name, --url, --event, --secret, "
+            "nothing to change: give --name, --url, --event, --format, --secret, "
             "--no-secret, --enable or --disable"
         )
     async with await db.connect(settings.database_url) as conn:
@@ -283,6 +285,13 @@ async def _portal_signout(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# The database checks the value, so every path says the same about a bad one.
+_FORMAT_HELP = (
+    "json (the default), slack or discord: the body the receiver gets; "
+    "left out, a Slack or Discord webhook URL picks its own"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outbox", description="Postgres-native webhook delivery sidecar.")
     parser.add_argument("--version", action="version", version=f"outbox {__version__}")
@@ -310,6 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True)
     add.add_argument("--url", required=True)
     add.add_argument("--event", required=True, type=_event)
+    add.add_argument("--format", help=_FORMAT_HELP)
     add.add_argument("--secret")
     add.add_argument("--disabled", action="store_true")
     add.set_defaults(func=_add)
@@ -324,6 +334,7 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--name")
     update.add_argument("--url")
     update.add_argument("--event", type=_event)
+    update.add_argument("--format", help=_FORMAT_HELP)
     secret = update.add_mutually_exclusive_group()
     secret.add_argument("--secret")
     secret.add_argument("--no-secret", action="store_true")

@@ -65,6 +65,7 @@ class Job:
     lease: str
     retry_base: int
     previous_secret: str | None
+    format: str = "json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +339,7 @@ class Dispatcher:
         for id_, webhook, account, attempt, enabled, *job in rows:
             # The claim cancelled the others: their webhook was disabled.
             if enabled:
-                event, stamp, data, url, secret, base, old = job
+                event, stamp, data, url, secret, base, old, fmt = job
                 jobs.append(
                     Job(
                         id_,
@@ -353,6 +354,7 @@ class Dispatcher:
                         lease,
                         base,
                         old,
+                        fmt,
                     )
                 )
         return jobs, len(rows)
@@ -390,7 +392,7 @@ class Dispatcher:
             self._wake.set()
 
     async def _deliver(self, job: Job) -> None:
-        payload = wire.body(job.event, job.timestamp, job.data)
+        payload = wire.payload(job.format, job.event, job.timestamp, job.data)
         headers = wire.headers(
             message_id=str(job.id),
             event=job.event,

@@ -12,6 +12,7 @@ from typing import Any
 
 from outbox import __version__, portal
 from outbox.events import EVENTS
+from outbox.formats import FORMATS
 
 __all__ = ["DOCUMENT"]
 
@@ -46,6 +47,13 @@ def _responses(*codes: int, **ok: Any) -> dict[str, Any]:
 _TIME = {"type": "string", "format": "date-time"}
 _ID = {"type": "integer", "minimum": 1, "maximum": _BIGINT_MAX}
 _EVENT = {"type": "string", "enum": list(EVENTS)}
+_FORMAT = {
+    "type": "string",
+    "enum": list(FORMATS),
+    "description": "The body the receiver gets: json (event, timestamp, data), or a Slack "
+    "or Discord message about the event. Created without one, a webhook on a Slack or "
+    "Discord webhook URL gets that format, any other json.",
+}
 
 
 def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
@@ -66,6 +74,7 @@ _WEBHOOK_INPUT = {
         "description": "An absolute https:// URL with a host.",
     },
     "event": {**_EVENT, "description": "The one event this webhook receives."},
+    "format": _FORMAT,
     "secret": {
         "type": ["string", "null"],
         "minLength": 16,
@@ -101,6 +110,7 @@ _SCHEMAS: dict[str, Any] = {
             "name": {"type": "string"},
             "url": {"type": "string"},
             "event": _EVENT,
+            "format": _FORMAT,
             "enabled": {"type": "boolean"},
             "has_secret": {"type": "boolean"},
             "previous_secret_expires_at": {

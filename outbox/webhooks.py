@@ -87,7 +87,7 @@ async def emit(conn: psycopg.AsyncConnection[Any], account_id: str, event: str, 
 
 
 async def add(conn: psycopg.AsyncConnection[Any], **fields: Any) -> int:
-    params = {"secret": None, "enabled": True} | fields
+    params = {"secret": None, "enabled": True, "format": None} | fields
     async with _rules():
         cur = await conn.execute(db.query("webhook_add"), params)
         row = await cur.fetchone()
@@ -101,7 +101,14 @@ async def update(conn: psycopg.AsyncConnection[Any], webhook_id: int, **fields: 
     ``end_secret_overlap=True`` stops a rotated-out secret from signing now rather than
     24 hours after the change.
     """
-    params = {"id": webhook_id, "name": None, "url": None, "event": None, "enabled": None}
+    params = {
+        "id": webhook_id,
+        "name": None,
+        "url": None,
+        "event": None,
+        "enabled": None,
+        "format": None,
+    }
     params["end_secret_overlap"] = False
     params |= {k: v for k, v in fields.items() if k != "secret"}
     params["set_secret"] = "secret" in fields
@@ -137,10 +144,11 @@ async def status(
 
 
 async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = None) -> Attempt:
-    """Send one sample payload now, signed as a delivery would be; no retries, no record."""
+    """Send one sample payload now, in the webhook's format, signed as a delivery
+    would be; no retries, no record."""
     event = check_event(event or webhook["event"])
     timestamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-    payload = wire.body(event, timestamp, json.dumps(sample(event)))
+    payload = wire.payload(webhook["format"], event, timestamp, json.dumps(sample(event)))
     headers = wire.headers(
         message_id=f"test_{uuid.uuid4().hex}",
         event=event,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 
-from outbox import __version__
+from outbox import __version__, formats
 from outbox.signing import signature, standard_signature
 
-__all__ = ["USER_AGENT", "body", "headers"]
+__all__ = ["USER_AGENT", "body", "headers", "payload"]
 
 USER_AGENT = f"outbox/{__version__}"
 
@@ -23,6 +23,14 @@ def body(event: str, timestamp: str, data_json: str) -> bytes:
         f'{{"event": {json.dumps(event)}, "timestamp": {json.dumps(timestamp)}, '
         f'"data": {data_json}}}'
     ).encode()
+
+
+def payload(format: str, event: str, timestamp: str, data_json: str) -> bytes:
+    """The body for a webhook of ``format``: ``json`` gets ``body``; ``slack`` and
+    ``discord`` get a chat message about the event (outbox.formats)."""
+    if format == "json":
+        return body(event, timestamp, data_json)
+    return formats.render(format, event, timestamp, data_json)
 
 
 def headers(

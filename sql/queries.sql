@@ -65,7 +65,8 @@ RETURNING d.id, d.webhook_id, w.account_id, d.attempts + 1 AS attempt, w.enabled
           e.data::text AS data, w.url, w.secret, d.retry_base,
           -- A secret being rotated out signs beside the new one until it expires.
           CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret
-          END AS previous_secret;
+          END AS previous_secret,
+          w.format;
 
 -- record --
 -- Store a batch of attempt results in one round trip. The batch is one JSON array (one
@@ -145,15 +146,16 @@ SELECT pg_notify('outbox_wake', 'backlog');
 SELECT outbox.emit(%(account_id)s, %(event)s, %(data)s::jsonb);
 
 -- webhook_add --
-INSERT INTO outbox.webhooks (account_id, name, url, event, secret, enabled)
-VALUES (%(account_id)s, %(name)s, %(url)s, %(event)s, %(secret)s, %(enabled)s)
+-- A NULL format is the one the URL calls for (outbox.webhooks_guard()).
+INSERT INTO outbox.webhooks (account_id, name, url, event, secret, enabled, format)
+VALUES (%(account_id)s, %(name)s, %(url)s, %(event)s, %(secret)s, %(enabled)s, %(format)s)
 RETURNING id;
 
 -- webhook_get --
 SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled, w.secret,
        CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret
        END AS previous_secret,
-       w.created_at, w.updated_at
+       w.created_at, w.updated_at, w.format
 FROM outbox.webhooks w
 WHERE w.id = %(id)s;
 
@@ -163,7 +165,7 @@ DELETE FROM outbox.webhooks WHERE id = %(id)s RETURNING id;
 -- webhook_status --
 SELECT s.id, s.account_id, s.name, s.url, s.event, s.enabled, s.last_delivery_status,
        s.last_delivery_at, s.last_error, s.pending, w.secret IS NOT NULL AS has_secret,
-       w.previous_secret_expires_at, w.created_at, w.updated_at
+       w.previous_secret_expires_at, w.created_at, w.updated_at, s.format
 FROM outbox.webhook_status s
 JOIN outbox.webhooks w USING (id)
 WHERE %(account_id)s::text IS NULL OR s.account_id = %(account_id)s
@@ -194,6 +196,7 @@ SET name = coalesce(%(name)s, name),
     url = coalesce(%(url)s, url),
     event = coalesce(%(event)s, event),
     enabled = coalesce(%(enabled)s, enabled),
+    format = coalesce(%(format)s, format),
     secret = CASE WHEN %(set_secret)s THEN %(secret)s ELSE secret END,
     -- NULL ends a rotated-out secret's overlap (outbox.webhooks_guard() forgets it).
     previous_secret_expires_at = CASE WHEN %(end_secret_overlap)s THEN NULL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 
 import trustme
 from aiohttp import web
+
+from tests.chat import discord_error, slack_error
 
 
 @dataclass(frozen=True)
@@ -29,11 +32,19 @@ class Reply:
 
 
 class Receiver:
-    """Records every request; ``respond`` decides each answer (default 200)."""
+    """Records every request; ``respond`` decides each answer (default 200).
+
+    With ``chat`` set to "slack" or "discord" it first checks each body as that
+    service's webhook endpoint does, and refuses what the service would refuse with
+    a 400 like the service's (``no_text``, ``invalid_blocks``, Discord's JSON error);
+    ``refusals`` keeps the full reasons.
+    """
 
     def __init__(self, ca: trustme.CA) -> None:
         self.requests: list[Received] = []
         self.respond: Callable[[Received], Reply] = lambda _: Reply()
+        self.chat: str | None = None
+        self.refusals: list[str] = []
         self._lock = threading.Lock()
         cert = ca.issue_cert("localhost", "127.0.0.1")
         self._ssl = cert.configure_cert  # applied to the server context in start()
@@ -64,10 +75,31 @@ class Receiver:
         received = Received(request.path, dict(request.headers), await request.read(), time.time())
         with self._lock:
             self.requests.append(received)
+        refused = self._refuse(received.body)
+        if refused is not None:
+            return refused
         reply = self.respond(received)
         if reply.delay:
             await asyncio.sleep(reply.delay)
         return web.Response(status=reply.status, headers=reply.headers, text="ok")
+
+    def _refuse(self, body: bytes) -> web.Response | None:
+        if self.chat is None:
+            return None
+        try:
+            message = json.loads(body)
+        except ValueError:
+            message = None
+        check = slack_error if self.chat == "slack" else discord_error
+        error = check(message)
+        if error is None:
+            return None
+        with self._lock:
+            self.refusals.append(error)
+        if self.chat == "slack":
+            return web.Response(status=400, text=error.split(":")[0])
+        code = 50006 if error.startswith("Cannot send an empty message") else 50035
+        return web.json_response({"message": error, "code": code}, status=400)
 
     def stop(self) -> None:
         if self._runner is not None:

@@ -21,6 +21,7 @@
     webhooks: [],
     listSignature: "",
     editing: null, // the webhook in the edit dialog; null when adding
+    formatPicked: false, // the user chose the format in the dialog by hand
     deleting: null,
     log: { hook: null, deliveries: [], cursor: null, signature: "" },
     opener: null,
@@ -282,7 +283,14 @@
       "tr",
       { class: hook.enabled ? "enabled" : "disabled", data: { id: hook.id } },
       el("td", { class: "who" }, name, urlText(hook.url)),
-      el("td", { class: "event", text: displayName(hook.event) }),
+      el(
+        "td",
+        { class: "event" },
+        displayName(hook.event),
+        hook.format && hook.format !== "json"
+          ? el("span", { class: "badge format", text: FORMAT_NAMES[hook.format] || hook.format })
+          : null,
+      ),
       el("td", {}, toggle),
       el("td", { class: "last" }, ...statusCell(hook)),
       el("td", { class: "num pending", text: String(hook.pending) }),
@@ -324,7 +332,38 @@
 
   // ---------------------------------------------------------------- add and edit
 
-  const FIELDS = ["name", "url", "event", "secret", "enabled"];
+  const FIELDS = ["name", "url", "event", "format", "secret", "enabled"];
+
+  const FORMAT_NAMES = { json: "JSON", slack: "Slack", discord: "Discord" };
+  const FORMAT_HINTS = {
+    json: "Your endpoint gets the event as JSON: its name, a timestamp and the event's data.",
+    slack:
+      "Your Slack channel gets a message about the event (who, what, when), " +
+      "for a Slack incoming webhook URL.",
+    discord:
+      "Your Discord channel gets a message with a card about the event (who, what, when), " +
+      "for a Discord webhook URL.",
+  };
+
+  // The format a URL calls for: the same rule as the database's outbox.format_for_url(),
+  // which picks it for webhooks created without one.
+  function formatForUrl(url) {
+    if (/^https:\/\/([^/?#@]*@)?hooks\.slack\.com(:[0-9]+)?([/?#]|$)/i.test(url)) return "slack";
+    const discord =
+      /^https:\/\/([^/?#@]*@)?((ptb|canary)\.)?(discord|discordapp)\.com(:[0-9]+)?\/api\/(v[0-9]+\/)?webhooks\//i;
+    return discord.test(url) ? "discord" : "json";
+  }
+
+  function showFormatHint() {
+    $("f-format-hint").textContent = FORMAT_HINTS[$("f-format").value] || "";
+  }
+
+  // Until the user picks a format by hand, typing a Slack or Discord URL picks it.
+  function followUrl() {
+    if (state.formatPicked) return;
+    $("f-format").value = formatForUrl($("f-url").value.trim());
+    showFormatHint();
+  }
 
   // Which field an API message is about: the API's messages start with the field's
   // name ("url must be an absolute https:// URL with a host"), or say "unknown event".
@@ -392,6 +431,10 @@
     $("f-url").value = editing ? hook.url : "";
     fillEventSelect($("f-event"), !editing);
     $("f-event").value = editing ? hook.event : "";
+    $("f-format").value = editing ? hook.format : "json";
+    // A format that is not the one its URL calls for was picked by hand: keep it.
+    state.formatPicked = editing && hook.format !== formatForUrl(hook.url);
+    showFormatHint();
     $("f-secret").placeholder =
       editing && hook.has_secret ? "Leave blank to keep the current secret" : "";
     $("f-secret-hint").textContent =
@@ -423,6 +466,8 @@
     if (!hook || name !== hook.name) fields.name = name;
     if (!hook || url !== hook.url) fields.url = url;
     if (event && (!hook || event !== hook.event)) fields.event = event;
+    const format = $("f-format").value;
+    if (!hook || format !== hook.format) fields.format = format;
     if (hook && $("f-remove-secret").checked && !secret) fields.secret = null;
     else if (secret) fields.secret = secret;
     if (hook && $("f-enabled").checked !== hook.enabled) fields.enabled = $("f-enabled").checked;
@@ -713,6 +758,11 @@
       await loadList();
     });
     $("webhook-form").addEventListener("submit", submitForm);
+    $("f-url").addEventListener("input", followUrl);
+    $("f-format").addEventListener("change", () => {
+      state.formatPicked = true;
+      showFormatHint();
+    });
     $("generate-secret").addEventListener("click", generateSecret);
     $("f-secret").addEventListener("input", showRotation);
     $("copy-secret").addEventListener("click", copySecret);

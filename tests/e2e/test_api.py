@@ -437,6 +437,7 @@ class TestWebhooks:
             "name": "CRM Sync",
             "url": "https://example.com/webhooks",
             "event": "lead.scored",
+            "format": "json",
             "enabled": True,
             "has_secret": True,
             "previous_secret_expires_at": None,
@@ -500,6 +501,28 @@ class TestWebhooks:
             "POST", "/api/v1/webhooks", hook_body() | {"previous_secret_expires_at": None}
         )
         assert created.status == 422 and "unknown field" in created.error[1]
+
+    def test_format_on_create_and_change(self, api: Api, db: SQL) -> None:
+        """format is json by default, follows a Slack or Discord URL when left out,
+        changes by PATCH; a bad one is 422 naming the valid ones and changes nothing."""
+        plain = api("POST", "/api/v1/webhooks", hook_body()).json
+        assert plain["format"] == "json"
+        slack_url = "https://hooks.slack.com/services/T0/B0/secret"
+        slack = api("POST", "/api/v1/webhooks", hook_body(url=slack_url)).json
+        assert slack["format"] == "slack"
+        chosen = api("POST", "/api/v1/webhooks", hook_body(format="discord")).json
+        assert chosen["format"] == "discord"
+        path = f"/api/v1/webhooks/{plain['id']}"
+        assert api("PATCH", path, {"format": "slack"}).json["format"] == "slack"
+        assert api("GET", path).json["format"] == "slack"
+        for body, status in ((hook_body(format="teams"), 422), (hook_body(format=3), 422)):
+            answer = api("POST", "/api/v1/webhooks", body)
+            assert answer.status == status, answer
+        bad = api("PATCH", path, {"format": "Slack"})
+        assert bad.status == 422
+        assert bad.error == ("invalid", "format must be json, slack or discord, not 'Slack'")
+        assert api("GET", path).json["format"] == "slack"
+        assert api("PATCH", path, {"format": None}).status == 422
 
     def test_the_event_catalogue(self, api: Api) -> None:
         """Every wire name with its display name, in catalogue order."""
@@ -702,6 +725,21 @@ class TestSendTestPayload:
         assert other.json["ok"] is True
         assert receiver.received()[-1].headers["X-Webhook-Event"] == "meeting.booked"
         assert "meeting" in json.loads(receiver.received()[-1].body)["data"]
+
+    def test_in_the_webhooks_format(self, api: Api, db: SQL, receiver: Receiver) -> None:
+        """A Slack webhook's test send is a Slack message that a Slack-like endpoint
+        takes; signed over the body as sent."""
+        receiver.chat = "slack"
+        body = hook_body(url=receiver.url(), event="reply.received", format="slack")
+        hook = api("POST", "/api/v1/webhooks", body).json
+        answer = api("POST", f"/api/v1/webhooks/{hook['id']}/test")
+        assert answer.json["ok"] is True, (answer, receiver.refusals)
+        (got,) = receiver.received()
+        message = json.loads(got.body)
+        assert message["text"].startswith("Maren Okafor replied: “Timing is good")
+        assert message["blocks"][0]["text"]["text"] == "Reply Received: Maren Okafor"
+        signed = hmac.new(SECRET.encode(), got.body, hashlib.sha256).hexdigest()
+        assert got.headers["X-Webhook-Signature"] == "sha256=" + signed
 
     def test_to_a_5xx_target_is_one_request_and_no_retry(
         self, api: Api, db: SQL, receiver: Receiver

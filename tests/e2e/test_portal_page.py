@@ -570,6 +570,60 @@ class TestChanging:
         assert site.sql.one("SELECT count(*) FROM outbox.webhooks WHERE id = %s", (hook,)) == 0
 
 
+class TestFormat:
+    def test_the_format_follows_the_url_until_picked_by_hand(
+        self, open_page: Opener, site: Site
+    ) -> None:
+        """Typing a Slack or Discord webhook URL picks that format, with a hint of what
+        arrives; once the user picks one by hand, the URL no longer changes it. The list
+        shows the format where it is not JSON, and the edit dialog keeps it."""
+        account = site.account()
+        page = open_page(account)
+        page.get_by_role("button", name="Add Webhook").click()
+        url = page.get_by_label("URL", exact=True)
+        select = page.get_by_label("Format", exact=True)
+        hint = page.locator("#f-format-hint")
+        expect(select).to_have_value("json")
+        expect(hint).to_contain_text("as JSON")
+
+        url.fill("https://hooks.slack.com/services/T000/B000/XXXX")
+        expect(select).to_have_value("slack")
+        expect(hint).to_contain_text("Slack channel gets a message")
+        url.fill("https://discord.com/api/webhooks/123/abc")
+        expect(select).to_have_value("discord")
+        expect(hint).to_contain_text("Discord channel")
+        url.fill("https://crm.example.com/hooks")
+        expect(select).to_have_value("json")
+
+        select.select_option(label="Slack message")
+        url.fill("https://discord.com/api/webhooks/123/abc")
+        expect(select).to_have_value("slack")
+        page.get_by_label("Name", exact=True).fill("Deal alerts")
+        page.get_by_label("Event", exact=True).select_option(label="Meeting Booked")
+        page.get_by_role("button", name="Create").click()
+        expect(page.get_by_role("dialog", name="Add Webhook")).to_be_hidden()
+
+        line = row(page, "Deal alerts")
+        expect(line.locator(".badge.format")).to_have_text("Slack")
+        stored = site.sql(
+            "SELECT format FROM outbox.webhooks WHERE account_id = %s AND name = %s",
+            (account, "Deal alerts"),
+        )
+        assert stored == [("slack",)]
+        site.hook(account, name="CRM Sync")
+        page.get_by_role("button", name="Refresh").click()
+        expect(row(page, "CRM Sync").locator("td.event")).to_have_text("Lead Scored")
+        expect(row(page, "CRM Sync").locator(".badge")).to_have_count(0)
+
+        row(page, "Deal alerts").get_by_role("button", name="Edit").click()
+        expect(select).to_have_value("slack")
+        url.fill("https://crm.example.com/hooks")
+        expect(select).to_have_value("slack")
+        select.select_option(label="JSON")
+        page.get_by_role("button", name="Save").click()
+        expect(row(page, "Deal alerts").locator(".badge")).to_have_count(0)
+
+
 class TestDeliveries:
     def test_send_test_payload_to_a_working_then_a_failing_endpoint(
         self, open_page: Opener, site: Site
@@ -735,9 +789,9 @@ class TestAccessibility:
         assert unnamed == []
 
     def test_add_a_webhook_with_the_keyboard_alone(self, open_page: Opener, site: Site) -> None:
-        """Tab, Enter, arrows and Escape are enough: open Add Webhook, fill it in,
-        generate a secret, Create; then open and close the edit dialog, with the focus
-        back where it was."""
+        """Tab, Enter, arrows and Escape are enough: open Add Webhook, fill it in (the
+        Format select follows the URL), generate a secret, Create; then open and close
+        the edit dialog, with the focus back where it was."""
         account = site.account()
         page = open_page(account)
         add = page.get_by_role("button", name="Add Webhook")
@@ -748,6 +802,9 @@ class TestAccessibility:
         page.keyboard.press("Tab")
         expect(page.get_by_label("URL", exact=True)).to_be_focused()
         page.keyboard.type("https://example.com/keys")
+        page.keyboard.press("Tab")
+        expect(page.get_by_label("Format", exact=True)).to_be_focused()
+        expect(page.get_by_label("Format", exact=True)).to_have_value("json")
         page.keyboard.press("Tab")
         expect(page.get_by_label("Event", exact=True)).to_be_focused()
         page.keyboard.press("ArrowDown")
