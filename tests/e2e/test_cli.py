@@ -348,7 +348,7 @@ def old_and_young(sql: SQL) -> tuple[int, int]:
 class TestPrune:
     def test_prune_older_than_prints_what_it_deleted(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
         """--older-than deletes what finished before then, and says how much of each."""
-        old, young = old_and_young(sql)
+        _, young = old_and_young(sql)
         result = outbox("prune", "--older-than", "1h")
         assert result.returncode == 0, result.stderr
         assert result.stdout == "deleted 1 deliveries, 1 attempts, 1 events\n"

@@ -20,7 +20,8 @@ class TestBackgroundRetention:
         sql.webhook(receiver.url("/up"), event="lead.scored")
         sql.webhook(receiver.url("/down"), event="lead.created")
         sidecar = sidecars(OUTBOX_RETENTION="1s", OUTBOX_RETRY_DELAYS="600")
-        delivered = [sql.emit(event="lead.scored") for _ in range(5)]
+        for _ in range(5):
+            sql.emit(event="lead.scored")
         waiting = sql.emit(event="lead.created")
         receiver.wait_for(5, "/up")
         receiver.wait_for(1, "/down")
