@@ -9,6 +9,7 @@ OUTBOX_LISTEN_DATABASE_URL, a direct connection (or, without one, it polls).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import pwd
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,6 +26,7 @@ import pytest
 
 from outbox import db, localpg
 from tests.conftest import ROOT, SQL, Sidecar, free_port, sidecar_environment, wait_until
+from tests.e2e.test_api import make_token
 from tests.receiver import Receiver
 
 Start = Callable[..., Sidecar]
@@ -239,6 +242,33 @@ class TestBehindPgBouncer:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout == "deleted 0 deliveries, 0 attempts, 1 events\n"
+
+    def test_the_admin_api_works_through_pgbouncer(
+        self, sql: SQL, sidecars: Start, pooled_url: str, database_url: str
+    ) -> None:
+        """The admin API's connection pool prepares nothing: many requests, several at
+        once, on one server connection, all answered."""
+        sql.webhook("https://example.com/hook")
+        token = make_token(sql, "acct_1")
+        sidecar = sidecars(
+            OUTBOX_DATABASE_URL=pooled_url,
+            OUTBOX_DATABASE_POOLER="pgbouncer",
+            OUTBOX_LISTEN_DATABASE_URL=database_url,
+        )
+
+        def get(_: int) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", sidecar.api_port, timeout=30)
+            auth = {"Authorization": f"Bearer {token}"}
+            try:
+                conn.request("GET", "/api/v1/webhooks", headers=auth)
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(get, range(40))) == [200] * 40
+        assert sidecar.stop() == 0
+        assert "prepared statement" not in sidecar.log()
 
 
 class TestMigrateThroughPgBouncer:
