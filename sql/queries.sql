@@ -379,18 +379,18 @@ SELECT pg_advisory_xact_lock(%(lock)s, 0);
 -- Delete finished deliveries older than the cutoff with their attempts, oldest first,
 -- at most %(rows)s rows in all (a delivery and each of its attempts count one each):
 -- deliveries_finished gives them in order, so no statement reads more than it deletes.
--- Rows locked by a replay are skipped, and one replayed since it was found (pending
--- again) is no longer a candidate once locked. The foreign key would delete the
--- attempts too; deleting them here counts them. The rows to delete are handed over as
--- an array (= ANY) rather than joined: a join may be planned as a hash join that reads
--- all of a table, an array always looks each id up in the primary key.
+-- No row is locked before it is deleted (a lock is one more WAL record per row): the
+-- DELETE checks status and age again on a row that changed meanwhile, so a delivery
+-- replayed since it was found (pending again) stays, and so do its attempts. The
+-- foreign key would delete the attempts too; deleting them here counts them. The rows
+-- go to each DELETE as an array (= ANY) rather than by a join: a join may be planned
+-- as a hash join that reads all of a table, an array is looked up in the primary key.
 WITH candidate AS MATERIALIZED (
     SELECT d.id, d.finished_at, d.attempts
     FROM outbox.deliveries d
     WHERE d.status <> 'pending' AND d.finished_at < %(cutoff)s
     ORDER BY d.finished_at
     LIMIT %(rows)s
-    FOR UPDATE SKIP LOCKED
 ),
 doomed AS (
     SELECT array_agg(c.id) AS ids
@@ -402,14 +402,15 @@ doomed AS (
     -- The first one always, so a delivery with more attempts than a batch still goes.
     WHERE c.rows_so_far <= %(rows)s OR c.n = 1
 ),
-attempts AS (
-    DELETE FROM outbox.delivery_attempts a
-    WHERE a.delivery_id = ANY ((SELECT ids FROM doomed)::bigint[])
-    RETURNING 1
-),
 deliveries AS (
     DELETE FROM outbox.deliveries d
     WHERE d.id = ANY ((SELECT ids FROM doomed)::bigint[])
+      AND d.status <> 'pending' AND d.finished_at < %(cutoff)s
+    RETURNING d.id
+),
+attempts AS (
+    DELETE FROM outbox.delivery_attempts a
+    WHERE a.delivery_id = ANY ((SELECT array_agg(id) FROM deliveries)::bigint[])
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM deliveries), (SELECT count(*) FROM attempts);
