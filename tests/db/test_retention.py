@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -13,7 +14,7 @@ import pytest
 
 from outbox import db, retention
 from outbox.retention import Pruned
-from tests.conftest import SQL
+from tests.conftest import SQL, wait_until
 from tests.db.helpers import HTTPS
 
 DAY = 86400.0
@@ -178,6 +179,31 @@ class TestWhatIsDeleted:
 
         assert prune(database_url).deliveries == 0
         assert ids(sql, "deliveries") == {delivery}
+
+    def test_a_delivery_replayed_while_being_pruned_is_kept(
+        self, sql: SQL, database_url: str
+    ) -> None:
+        """A replay that commits while prune waits for its row: the DELETE looks at the
+        row again, finds it pending, and keeps it and its attempts."""
+        sql.webhook(HTTPS)
+        delivery = delivery_of(sql, sql.emit())
+        finish(sql, [delivery], "failed", "2 days")
+        with psycopg.connect(database_url) as replay:
+            replay.execute(db.query("delivery_retry"), {"id": delivery, "account_id": None})
+            with ThreadPoolExecutor(1) as pool:
+                pruning = pool.submit(prune, database_url)
+                wait_until(
+                    lambda: sql.one(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    ),
+                    what="prune to wait for the replay's row",
+                )
+                replay.commit()
+                pruned = pruning.result(30)
+        assert (pruned.deliveries, pruned.attempts) == (0, 0)
+        assert sql.one("SELECT status FROM outbox.deliveries") == "pending"
+        assert ids(sql, "delivery_attempts") == {delivery}
 
 
 class TestBatches:
