@@ -25,7 +25,15 @@ import psycopg
 import pytest
 
 from outbox import db, localpg
-from tests.conftest import ROOT, SQL, Sidecar, free_port, sidecar_environment, wait_until
+from tests.conftest import (
+    ROOT,
+    SIDECAR_LOGIN,
+    SQL,
+    Sidecar,
+    free_port,
+    sidecar_environment,
+    wait_until,
+)
 from tests.e2e.test_api import make_token
 from tests.receiver import Receiver
 
@@ -42,7 +50,7 @@ class PgBouncer:
         self.dir = Path(tempfile.mkdtemp(prefix="outbox-pgbouncer-"))
         self.dir.chmod(0o755)
         self.port = free_port()
-        (self.dir / "users.txt").write_text(f'"{server.user}" ""\n')
+        (self.dir / "users.txt").write_text(f'"{server.user}" ""\n"{SIDECAR_LOGIN}" ""\n')
         (self.dir / "pgbouncer.ini").write_text(
             "[databases]\n"
             f"* = host={server.host} port={server.port}\n"
