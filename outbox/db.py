@@ -169,6 +169,9 @@ async def migrate(url: str) -> list[int]:
             log.info("migrated", version=version, name=name)
             applied.append(version)
         # migrate creates this table itself, so its grant is made here: the sidecar's
-        # role reads the schema version to know whether it may run.
-        await conn.execute(query("schema_version_grant"))
+        # role reads the schema version to know whether it may run. (Under the lock:
+        # two GRANTs on one table at once fail with "tuple concurrently updated".)
+        async with conn.transaction():
+            await conn.execute(_MIGRATE_LOCK)
+            await conn.execute(query("schema_version_grant"))
     return applied
