@@ -98,6 +98,7 @@ def _latency(values: list[float]) -> dict[str, Any]:
     return {
         "transactions": len(values),
         "p50_ms": percentile(values, 50),
+        "p95_ms": percentile(values, 95),
         "p99_ms": percentile(values, 99),
         "max_ms": values[-1] if values else None,
     }

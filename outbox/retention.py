@@ -2,8 +2,8 @@
 deleted once older than OUTBOX_RETENTION, in small batches, by one process at a time.
 
 Each batch is one short statement in a transaction of its own (at most BATCH_ROWS rows,
-found through an index), and the pruner rests after each batch for as long as the batch
-took: a backlog of millions is worked off in the background without ever holding locks,
+found through an index), and the pruner rests after each batch for twice as long as the
+batch took: a backlog of millions is worked off in the background without ever holding locks,
 the disk or a core long enough for producers to notice.
 """
 
@@ -31,7 +31,9 @@ log = structlog.get_logger("outbox.retention")
 LOCK = 1886549358
 # Rows deleted by one statement at most.
 BATCH_ROWS = 10_000
-# The least rest between two batches; otherwise as long as the last batch took.
+# The rest after a batch, as a multiple of the time it took (so pruning takes a third
+# of the database's time at most), and at least REST_MIN.
+REST_FACTOR = 2.0
 REST_MIN = 0.01
 # How often a running sidecar prunes, at most; more often for a retention shorter.
 EVERY_MAX = 30.0
@@ -74,7 +76,7 @@ async def _batch(
         took = time.monotonic() - start
     pruned.statements += 1
     pruned.longest_seconds = max(pruned.longest_seconds, took)
-    await asyncio.sleep(max(REST_MIN, took))
+    await asyncio.sleep(max(REST_MIN, REST_FACTOR * took))
     return row
 
 
