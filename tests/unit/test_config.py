@@ -259,6 +259,7 @@ class TestDerived:
         if concurrency >= 4:
             assert s.per_account_limit < concurrency
 
+
 class TestDurations:
     """`parse_duration` and the settings that take a DURATION."""
 
