@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint format bench clean db-url chromium screenshot verifiers image-test
+.PHONY: setup run test lint format bench clean db-url chromium pgbouncer screenshot verifiers image-test
 
 setup: $(VENV)/.installed
 
@@ -36,7 +36,7 @@ run: setup
 	echo; \
 	exec $(BIN)/outbox run
 
-test: setup chromium verifiers
+test: setup chromium pgbouncer verifiers
 	$(BIN)/pytest -q
 
 # A second, independent Standard Webhooks verifier: the npm package, run by Node.js.
@@ -69,6 +69,21 @@ OUTBOX_IMAGE ?= localhost/outbox:test
 image-test: setup
 	tests/image/build.sh $(OUTBOX_IMAGE)
 	OUTBOX_IMAGE=$(OUTBOX_IMAGE) $(BIN)/pytest -q tests/image
+
+# The tests behind PgBouncer (transaction mode) start Debian's pgbouncer in front of the
+# test database. Installed here when missing and we are root (only the program is
+# needed: the service the package sets up is turned off); else those tests skip.
+pgbouncer:
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's pgbouncer for the tests behind a pooler"; \
+		apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			pgbouncer >/dev/null || { echo "could not install pgbouncer" >&2; exit 1; }; \
+		systemctl disable --now pgbouncer >/dev/null 2>&1 || true; \
+	else \
+		echo "the PgBouncer tests will skip: sudo apt-get install pgbouncer" >&2; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .

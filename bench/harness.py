@@ -95,6 +95,7 @@ class Sizes:
     backlog_large: int = 1_000_000
     backlog_window: float = 20.0
     two_sidecars: int = 20_000
+    retention_backlog: int = 1_000_000
 
 
 QUICK = Sizes(
@@ -105,6 +106,7 @@ QUICK = Sizes(
     backlog_large=50_000,
     backlog_window=4.0,
     two_sidecars=5_000,
+    retention_backlog=50_000,
 )
 
 # pgbench's variables (-D): a 2 KB domain row and the event's data, the same ~2 KB object.

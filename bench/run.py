@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import backlog, latency, overhead, profiling, throughput, two_sidecars
+from bench import backlog, latency, overhead, profiling, retention, throughput, two_sidecars
 from bench.common import CONCURRENCY, CPUS, PROCS, ROOT, say
 from bench.harness import QUICK, Bench, Sizes
 from bench.report import (
@@ -41,7 +41,14 @@ from bench.services import Cluster, Receiver
 from outbox import __version__ as outbox_version
 
 # The figures, in the order they run and appear in the summary and the table.
-FIGURES: tuple[Section, ...] = (throughput, overhead, latency, backlog, two_sidecars)
+FIGURES: tuple[Section, ...] = (
+    throughput,
+    overhead,
+    latency,
+    backlog,
+    two_sidecars,
+    retention,
+)
 SECTIONS = (*(section.NAME for section in FIGURES), profiling.NAME)
 
 

@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from outbox import __version__, api, db, listen, portal, sidecar, tokens, webhooks
-from outbox.config import ConfigError, Settings
+from outbox import __version__, api, db, listen, portal, retention, sidecar, tokens, webhooks
+from outbox.config import ConfigError, Settings, parse_duration
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent
 from outbox.log import configure
@@ -292,6 +292,27 @@ _FORMAT_HELP = (
 )
 
 
+def _duration(raw: str) -> float:
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def _prune(args: argparse.Namespace, settings: Settings) -> int:
+    older_than = args.older_than if args.older_than is not None else settings.retention
+    if older_than is None:
+        print("OUTBOX_RETENTION is off: nothing to do (give --older-than to prune anyway)")
+        return 0
+    async with await db.connect(settings.database_url, **settings.connect_options) as conn:
+        pruned = await retention.prune(conn, older_than, wait=True)
+    print(
+        f"deleted {pruned.deliveries} deliveries, {pruned.attempts} attempts,"
+        f" {pruned.events} events"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outbox", description="Postgres-native webhook delivery sidecar.")
     parser.add_argument("--version", action="version", version=f"outbox {__version__}")
@@ -401,6 +422,17 @@ def _parser() -> argparse.ArgumentParser:
     receiver.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     receiver.add_argument("--secret", help="check each request's signatures with this secret")
     receiver.set_defaults(func=_listen)
+
+    prune = commands.add_parser(
+        "prune", help="delete finished deliveries and their events older than the retention"
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_duration,
+        metavar="DURATION",
+        help="90s, 15m, 12h, 30d or seconds (default: OUTBOX_RETENTION)",
+    )
+    prune.set_defaults(func=_prune)
     return parser
 
 

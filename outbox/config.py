@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from outbox.supervisor import parse_faults
 
-__all__ = ["ConfigError", "Settings"]
+__all__ = ["ConfigError", "Settings", "parse_duration"]
 
 
 class ConfigError(ValueError):
@@ -29,6 +31,43 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
     if not math.isfinite(value) or value < minimum:
         raise ConfigError(f"{name}: {raw!r} must be a finite number, at least {minimum:g}")
     return value
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(raw: str) -> float:
+    """Seconds in a DURATION: a number of seconds, or a number with s, m, h or d.
+
+    Raises ValueError with a message that says what is wrong with ``raw``.
+    """
+    match = _DURATION.fullmatch(raw.strip().lower())
+    if match is None:
+        raise ValueError(f"{raw!r} is not a duration like 90s, 15m, 12h, 30d or seconds")
+    seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"{raw!r} is not a duration of more than 0 seconds")
+    return seconds
+
+
+def _retention(env: Mapping[str, str]) -> float | None:
+    raw = env.get("OUTBOX_RETENTION", "").strip() or "30d"
+    if raw.lower() == "off":
+        return None
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise ConfigError(f"OUTBOX_RETENTION: {exc}, or off") from None
+
+
+def _pooler(env: Mapping[str, str]) -> str:
+    raw = env.get("OUTBOX_DATABASE_POOLER", "").strip().lower()
+    if raw in ("", "none"):
+        return ""
+    if raw != "pgbouncer":
+        raise ConfigError(f"OUTBOX_DATABASE_POOLER: {raw!r} is not none or pgbouncer")
+    return raw
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -116,6 +155,12 @@ class Settings:
     schema_check_interval: float = 30.0
     # Parts that fail at their first starts, for tests (outbox.supervisor.parse_faults).
     test_faults: tuple[tuple[str, int], ...] = ()
+    # Seconds finished deliveries and their events are kept; None keeps everything.
+    retention: float | None = 30 * 86400.0
+    # "pgbouncer" when database_url goes through PgBouncer in transaction mode.
+    database_pooler: str = ""
+    # A direct connection (no pooler) for LISTEN and the doorbell's session lock.
+    listen_database_url: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -142,6 +187,9 @@ class Settings:
             poll_interval=_number(env, "OUTBOX_POLL_INTERVAL", 1.0, 0.01),
             schema_check_interval=_number(env, "OUTBOX_SCHEMA_CHECK_INTERVAL", 30.0, 0.01),
             test_faults=_faults(env),
+            retention=_retention(env),
+            database_pooler=_pooler(env),
+            listen_database_url=env.get("OUTBOX_LISTEN_DATABASE_URL", "").strip(),
         )
 
     @property
@@ -149,6 +197,29 @@ class Settings:
         """The admin server's URL from this machine (for `make run`'s hints); empty when
         OUTBOX_API_LISTEN is off."""
         return _admin_url(self.api_listen)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether database_url reaches Postgres through a transaction pooler, where a
+        session (its settings, prepared statements, advisory locks, LISTEN) does not last
+        from one transaction to the next."""
+        return bool(self.database_pooler)
+
+    @property
+    def listen_url(self) -> str | None:
+        """Where the dispatcher LISTENs and holds the doorbell: a connection of its own
+        for a whole session. None when the only way in is through a transaction pooler,
+        so the dispatcher polls."""
+        if self.listen_database_url:
+            return self.listen_database_url
+        return None if self.pooled else self.database_url
+
+    @property
+    def connect_options(self) -> dict[str, Any]:
+        """psycopg connection options for connections to database_url: through a
+        transaction pooler, a statement prepared in one transaction may be gone in the
+        next (PgBouncer before 1.21 cannot keep them), so none is prepared."""
+        return {"prepare_threshold": None} if self.pooled else {}
 
     @property
     def lease_seconds(self) -> float:

@@ -29,8 +29,10 @@ log = structlog.get_logger("outbox.db")
 _PACKAGED = Path(__file__).with_name("sql")
 SQL_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).parent.parent / "sql"
 
-# Session-level lock that makes concurrent `outbox migrate` runs take turns.
-_MIGRATE_LOCK = "SELECT pg_advisory_lock(1869968482, 0)"
+# Makes concurrent `outbox migrate` runs take turns, one transaction at a time. Not a
+# session lock: through a transaction pooler it would be taken on one server connection
+# and stay there, held, after this client has gone.
+_MIGRATE_LOCK = "SELECT pg_advisory_xact_lock(1869968482, 0)"
 
 
 @cache
@@ -134,25 +136,31 @@ async def migrate(url: str) -> list[int]:
     """Apply the migrations the database lacks; return the versions applied.
 
     Safe to run twice and concurrently: runs take turns under an advisory lock, and each
-    migration commits together with its row in outbox.schema_migrations.
+    migration commits together with its row in outbox.schema_migrations, checked for
+    under the same lock.
     """
     applied: list[int] = []
-    async with await connect(url) as conn:
+    # Nothing prepared: through a transaction pooler the next run of a statement may be
+    # on another server connection, or on one where another client prepared it.
+    async with await connect(url, prepare_threshold=None) as conn:
         # A migrating user who may not create roles is told so, and the rest goes on.
         conn.add_notice_handler(_warn)
-        await conn.execute(_MIGRATE_LOCK)
-        await conn.execute("CREATE SCHEMA IF NOT EXISTS outbox")
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS outbox.schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        cur = await conn.execute("SELECT version FROM outbox.schema_migrations")
-        done = {row[0] for row in await cur.fetchall()}
+        async with conn.transaction():
+            await conn.execute(_MIGRATE_LOCK)
+            await conn.execute("CREATE SCHEMA IF NOT EXISTS outbox")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS outbox.schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
         for version, name, path in migrations():
-            if version in done:
-                continue
             async with conn.transaction():
+                await conn.execute(_MIGRATE_LOCK)
+                cur = await conn.execute(
+                    "SELECT FROM outbox.schema_migrations WHERE version = %s", (version,)
+                )
+                if await cur.fetchone() is not None:
+                    continue
                 await conn.execute(path.read_text())
                 await conn.execute(
                     "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, %s)",
@@ -161,6 +169,9 @@ async def migrate(url: str) -> list[int]:
             log.info("migrated", version=version, name=name)
             applied.append(version)
         # migrate creates this table itself, so its grant is made here: the sidecar's
-        # role reads the schema version to know whether it may run.
-        await conn.execute(query("schema_version_grant"))
+        # role reads the schema version to know whether it may run. (Under the lock:
+        # two GRANTs on one table at once fail with "tuple concurrently updated".)
+        async with conn.transaction():
+            await conn.execute(_MIGRATE_LOCK)
+            await conn.execute(query("schema_version_grant"))
     return applied

@@ -152,17 +152,21 @@ class Connection:
     ``setup`` queries, from sql/queries.sql) and plans them once. A plan is only as good
     as the table sizes it was made for, and a plan made while a table was empty scans
     all of it once it has grown, so the plans are made again every REPLAN_SECONDS.
+    Through a transaction pooler there is no setup (a session setting would stay on a
+    server connection that other clients get next) and nothing is prepared, so every
+    run is planned anew.
     """
 
-    def __init__(self, url: str, *setup: str) -> None:
+    def __init__(self, url: str, *setup: str, options: dict[str, Any] | None = None) -> None:
         self._url = url
         self._setup = setup
+        self._options = options or {}
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._planned_at = 0.0
 
     async def get(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
-            conn = await db.connect(self._url)
+            conn = await db.connect(self._url, **self._options)
             # Every Python int goes as a bigint: psycopg would otherwise pick int2, int4
             # or int8 by value, each a different prepared statement of the same query.
             conn.adapters.register_dumper(int, Int8Dumper)
@@ -171,7 +175,7 @@ class Connection:
                 await conn.execute(db.query(name))
             self._conn = conn
             self._planned_at = time.monotonic()
-        elif time.monotonic() - self._planned_at >= REPLAN_SECONDS:
+        elif self._setup and time.monotonic() - self._planned_at >= REPLAN_SECONDS:
             await self._conn.execute("DISCARD PLANS")
             self._planned_at = time.monotonic()
         return self._conn
@@ -196,7 +200,8 @@ class Dispatcher:
     """Delivers due deliveries until the sidecar stops, then finishes what is in flight.
 
     Its four parts (loop, recorder, listener, doorbell) run under the sidecar's
-    supervisor, which starts each again after a failure.
+    supervisor, which starts each again after a failure; behind a transaction pooler
+    with no direct connection, only the first two.
     """
 
     def __init__(self, settings: Settings, sender: Sender, parts: Supervisor):
@@ -213,21 +218,34 @@ class Dispatcher:
         # How many free slots a finished attempt waits for before it wakes the loop
         # (0: the loop is not waiting for slots).
         self._wake_at_free = 0
+        # LISTEN and the doorbell's lock need a session of their own: behind a transaction
+        # pooler with no direct connection given, the dispatcher only polls.
+        self._listen_url = settings.listen_url
         self._doorbell = Doorbell(
-            settings.database_url,
+            self._listen_url or "",
             self._wake,
             settings.poll_interval,
             functools.partial(parts.beat, "doorbell"),
         )
         self._last_help = 0.0
-        self._claims = Connection(settings.database_url, *CLAIMS_SETUP)
-        self._records = Connection(settings.database_url, *RECORDS_SETUP)
+        pooled = settings.pooled
+        options = settings.connect_options
+        url = settings.database_url
+        self._claims = Connection(url, *(() if pooled else CLAIMS_SETUP), options=options)
+        self._records = Connection(url, *(() if pooled else RECORDS_SETUP), options=options)
 
     async def run(self) -> None:
         """Until the sidecar stops; its parts run under the supervisor, which ends them."""
         stop = self._parts.stopping
-        self._parts.start("listen", self._listen)
-        self._parts.start("doorbell", self._doorbell.run)
+        if self._listen_url is not None:
+            self._parts.start("listen", self._listen)
+            self._parts.start("doorbell", self._doorbell.run)
+        else:
+            log.warning(
+                "poll-only: OUTBOX_DATABASE_POOLER is set and no OUTBOX_LISTEN_DATABASE_URL,"
+                " so nothing wakes the dispatcher between polls",
+                poll_interval=self._settings.poll_interval,
+            )
         recorder = self._parts.start("record", lambda: self._record(stop))
         stopper = asyncio.create_task(self._wake_on(stop), name="stop")
         log.info("dispatcher started", concurrency=self._settings.concurrency)
@@ -474,7 +492,8 @@ class Dispatcher:
     async def _listen(self) -> None:
         """Turn NOTIFYs into wake-ups, on a connection of its own: waiting for
         notifications holds a psycopg connection's lock, so no query could share it."""
-        async with await db.connect(self._settings.database_url) as conn:
+        assert self._listen_url is not None
+        async with await db.connect(self._listen_url) as conn:
             await conn.execute("LISTEN outbox_wake")
             # Anything committed while we were not listening is found by this poll.
             self._wake.set()

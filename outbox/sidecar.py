@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api, db, metrics
+from outbox import api, db, metrics, retention
 from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.dispatcher import Dispatcher
@@ -35,7 +35,7 @@ def pool(settings: Settings, max_size: int = 4) -> AsyncConnectionPool[Any]:
         settings.database_url,
         min_size=1,
         max_size=max_size,
-        kwargs={"autocommit": True, "application_name": "outbox"},
+        kwargs={"autocommit": True, "application_name": "outbox", **settings.connect_options},
         # No check= callback: with it a pool whose connections were terminated can stall
         # for its whole timeout (psycopg issue #1123). A dead connection fails its query
         # instead, the pool discards it, and the caller retries on a fresh one.
@@ -54,7 +54,7 @@ async def check_schema(settings: Settings) -> None:
     pause = 0.1
     while True:
         try:
-            async with await db.connect(settings.database_url) as conn:
+            async with await db.connect(settings.database_url, **settings.connect_options) as conn:
                 found = await db.schema_version(conn)
             break
         except psycopg.OperationalError as exc:
@@ -74,7 +74,7 @@ async def check_schema(settings: Settings) -> None:
 async def watch_schema(settings: Settings, parts: Supervisor) -> None:
     """Stop the sidecar (exit 3) once the schema is no longer the one it knows: after
     `outbox migrate` of a newer version, a sidecar of this one may not keep claiming."""
-    async with await db.connect(settings.database_url) as conn:
+    async with await db.connect(settings.database_url, **settings.connect_options) as conn:
         while True:
             # First after a pause: `run` has just checked it.
             await asyncio.sleep(settings.schema_check_interval)
@@ -124,6 +124,8 @@ async def run(settings: Settings) -> int:
         # Its parts end first, before the pool and the sender they use are closed.
         await stack.enter_async_context(parts)
         parts.start("schema", lambda: watch_schema(settings, parts))
+        if settings.retention is not None:
+            parts.start("retention", lambda: retention.run(settings, parts))
         if settings.api_listen is not None:
             parts.start("backlog", lambda: api.refresh_backlog(connections, parts))
         try:

@@ -361,3 +361,90 @@ WITH ended AS (
     RETURNING expires_at
 )
 SELECT count(*) FILTER (WHERE expires_at > now()) FROM ended;
+
+-- prune_cutoff --
+-- Retention deletes what finished before this moment; fixed for a whole round, so that
+-- a round ends even while deliveries keep finishing.
+SELECT now() - make_interval(secs => %(older_than)s);
+
+-- prune_lock --
+-- One pruner at a time, batch by batch: each batch's transaction tries this lock first,
+-- and a sidecar that finds it taken leaves the round to the one pruning. A transaction
+-- lock, not a session lock, because a transaction pooler gives each transaction
+-- whichever server connection is free.
+SELECT pg_try_advisory_xact_lock(%(lock)s, 0);
+
+-- prune_lock_wait --
+-- `outbox prune` waits its turn (a batch is short) rather than give up.
+SELECT pg_advisory_xact_lock(%(lock)s, 0);
+
+-- prune_deliveries --
+-- Delete finished deliveries older than the cutoff with their attempts, oldest first,
+-- at most %(rows)s rows in all (a delivery and each of its attempts count one each):
+-- deliveries_finished gives them in order, so no statement reads more than it deletes.
+-- No row is locked before it is deleted (a lock is one more WAL record per row): the
+-- DELETE checks status and age again on a row that changed meanwhile, so a delivery
+-- replayed since it was found (pending again) stays, and so do its attempts. The
+-- foreign key would delete the attempts too; deleting them here counts them. The rows
+-- go to each DELETE as an array (= ANY) rather than by a join: a join may be planned
+-- as a hash join that reads all of a table, an array is looked up in the primary key.
+WITH candidate AS MATERIALIZED (
+    SELECT d.id, d.finished_at, d.attempts
+    FROM outbox.deliveries d
+    WHERE d.status <> 'pending' AND d.finished_at < %(cutoff)s
+    ORDER BY d.finished_at
+    LIMIT %(rows)s
+),
+doomed AS (
+    SELECT array_agg(c.id) AS ids
+    FROM (SELECT id,
+                 row_number() OVER w AS n,
+                 sum(1 + attempts) OVER w AS rows_so_far
+          FROM candidate
+          WINDOW w AS (ORDER BY finished_at, id)) c
+    -- The first one always, so a delivery with more attempts than a batch still goes.
+    WHERE c.rows_so_far <= %(rows)s OR c.n = 1
+),
+deliveries AS (
+    DELETE FROM outbox.deliveries d
+    WHERE d.id = ANY ((SELECT ids FROM doomed)::bigint[])
+      AND d.status <> 'pending' AND d.finished_at < %(cutoff)s
+    RETURNING d.id
+),
+attempts AS (
+    DELETE FROM outbox.delivery_attempts a
+    WHERE a.delivery_id = ANY ((SELECT array_agg(id) FROM deliveries)::bigint[])
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM deliveries), (SELECT count(*) FROM attempts);
+
+-- prune_events --
+-- Delete events older than the cutoff that have no delivery left, among the next
+-- %(rows)s events in id order after %(after)s: one bounded range of the primary key,
+-- whatever the table's size (events has no index on time, to keep the producer's
+-- INSERT cheap). Ids follow insertion, and occurred_at defaults to the insertion time,
+-- so the old events come first; the caller goes on to the next range while a range had
+-- old events in it. Returns how many were deleted, the last id read, and how many of
+-- the range were old. Each old event's deliveries are looked up one event at a time
+-- (a subquery with LIMIT), never by reading all of deliveries; the doomed ids go to
+-- the DELETE as an array, as in prune_deliveries.
+WITH scanned AS MATERIALIZED (
+    SELECT e.id, e.occurred_at
+    FROM outbox.events e
+    WHERE e.id > %(after)s
+    ORDER BY e.id
+    LIMIT %(rows)s
+),
+doomed AS (
+    SELECT array_agg(s.id) AS ids
+    FROM scanned s
+    WHERE s.occurred_at < %(cutoff)s
+      AND (SELECT 1 FROM outbox.deliveries d WHERE d.event_id = s.id LIMIT 1) IS NULL
+),
+deleted AS (
+    DELETE FROM outbox.events e
+    WHERE e.id = ANY ((SELECT ids FROM doomed)::bigint[])
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM deleted), max(id), count(*) FILTER (WHERE occurred_at < %(cutoff)s)
+FROM scanned;

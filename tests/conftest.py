@@ -218,7 +218,11 @@ class Sidecar:
 
     def start(self) -> Sidecar:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
-        env = self.env | {"OUTBOX_DATABASE_URL": as_sidecar_role(self.env["OUTBOX_DATABASE_URL"])}
+        env = self.env | {
+            name: as_sidecar_role(self.env[name])
+            for name in ("OUTBOX_DATABASE_URL", "OUTBOX_LISTEN_DATABASE_URL")
+            if self.env.get(name)
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "outbox", "run"],
             env=env,

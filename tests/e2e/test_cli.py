@@ -326,3 +326,65 @@ class TestClosedPipe:
                 assert proc.returncode == 1, args
         finally:
             os.close(write)
+
+
+def old_and_young(sql: SQL) -> tuple[int, int]:
+    """Two delivered events: one finished two hours ago (event as old), one just now."""
+    sql.webhook("https://example.com/hook")
+    old, young = sql.emit(), sql.emit()
+    sql(
+        "UPDATE outbox.deliveries SET status = 'succeeded', attempts = 1, finished_at = now()"
+        " - CASE WHEN event_id = %s THEN interval '2 hours' ELSE interval '0' END",
+        (old,),
+    )
+    sql(
+        "INSERT INTO outbox.delivery_attempts (delivery_id, attempt, started_at, duration_ms)"
+        " SELECT id, 1, finished_at, 5 FROM outbox.deliveries"
+    )
+    sql("UPDATE outbox.events SET occurred_at = now() - interval '3 hours' WHERE id = %s", (old,))
+    return old, young
+
+
+class TestPrune:
+    def test_prune_older_than_prints_what_it_deleted(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """--older-than deletes what finished before then, and says how much of each."""
+        _, young = old_and_young(sql)
+        result = outbox("prune", "--older-than", "1h")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "deleted 1 deliveries, 1 attempts, 1 events\n"
+        assert [r[0] for r in sql("SELECT id FROM outbox.events")] == [young]
+        assert sql.one("SELECT count(*) FROM outbox.delivery_attempts") == 1
+
+    def test_prune_defaults_to_the_retention_setting(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """Without --older-than, OUTBOX_RETENTION says what is old; the default keeps 30 days."""
+        old_and_young(sql)
+        kept = outbox("prune")
+        assert kept.stdout == "deleted 0 deliveries, 0 attempts, 0 events\n"
+        pruned = outbox("prune", OUTBOX_RETENTION="90m")
+        assert pruned.stdout == "deleted 1 deliveries, 1 attempts, 1 events\n"
+
+    def test_prune_with_retention_off_does_nothing(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """With OUTBOX_RETENTION=off, prune says there is nothing to do and deletes nothing."""
+        old_and_young(sql)
+        result = outbox("prune", OUTBOX_RETENTION="off")
+        assert result.returncode == 0 and "nothing to do" in result.stdout
+        assert sql.one("SELECT count(*) FROM outbox.deliveries") == 2
+
+    @pytest.mark.parametrize(
+        ("args", "env", "says"),
+        [
+            (["--older-than", "5x"], {}, "'5x' is not a duration"),
+            (["--older-than", "0"], {}, "more than 0"),
+            (["--older-than"], {}, "--older-than"),
+            ([], {"OUTBOX_RETENTION": "forever"}, "OUTBOX_RETENTION"),
+        ],
+    )
+    def test_bad_durations_are_one_line_exit_2(  # type: ignore[no-untyped-def]
+        self, outbox, sql: SQL, args: list[str], env: dict[str, str], says: str
+    ) -> None:
+        """A duration that is not one is named on one stderr line, exit 2, nothing deleted."""
+        old_and_young(sql)
+        result = outbox("prune", *args, **env)
+        assert result.returncode == 2 and result.stdout == ""
+        assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr
+        assert sql.one("SELECT count(*) FROM outbox.deliveries") == 2

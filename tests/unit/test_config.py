@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from outbox.config import ConfigError, Settings
+from outbox.config import ConfigError, Settings, parse_duration
 
 
 class _Stream(io.StringIO):
@@ -257,3 +258,72 @@ class TestDerived:
         assert (s.per_webhook_limit, s.per_account_limit) == (per_webhook, per_account)
         if concurrency >= 4:
             assert s.per_account_limit < concurrency
+
+
+class TestDurations:
+    """`parse_duration` and the settings that take a DURATION."""
+
+    @pytest.mark.parametrize(
+        ("raw", "seconds"),
+        [("90s", 90), ("15m", 900), ("12h", 43200), ("30d", 2592000), ("45", 45), ("1.5h", 5400)],
+    )
+    def test_forms(self, raw: str, seconds: float) -> None:
+        """Seconds alone, or a number with s, m, h or d."""
+        assert parse_duration(raw) == seconds
+
+    @pytest.mark.parametrize("raw", ["", "5x", "-1d", "1 week", "d", "0", "0s", "1e3"])
+    def test_not_durations(self, raw: str) -> None:
+        """Anything else is refused with the input quoted."""
+        with pytest.raises(ValueError, match=re.escape(repr(raw))):
+            parse_duration(raw)
+
+    def test_retention_default_and_off(self) -> None:
+        """OUTBOX_RETENTION keeps 30 days by default; off keeps everything (None)."""
+        assert Settings.from_env({"OUTBOX_LOG_FORMAT": "json"}).retention == 30 * 86400
+        env = {"OUTBOX_RETENTION": "OFF", "OUTBOX_LOG_FORMAT": "json"}
+        assert Settings.from_env(env).retention is None
+        env["OUTBOX_RETENTION"] = "12h"
+        assert Settings.from_env(env).retention == 43200
+
+    def test_bad_retention_names_the_variable(self) -> None:
+        """A bad OUTBOX_RETENTION is named, with the forms it takes."""
+        with pytest.raises(ConfigError, match="OUTBOX_RETENTION: 'forever' is not a duration"):
+            Settings.from_env({"OUTBOX_RETENTION": "forever", "OUTBOX_LOG_FORMAT": "json"})
+
+
+class TestPooler:
+    """OUTBOX_DATABASE_POOLER and OUTBOX_LISTEN_DATABASE_URL."""
+
+    BASE = {"OUTBOX_DATABASE_URL": "postgresql://pooler:6432/app", "OUTBOX_LOG_FORMAT": "json"}
+
+    def test_direct_by_default(self) -> None:
+        """Without a pooler, everything, LISTEN too, goes to OUTBOX_DATABASE_URL."""
+        s = Settings.from_env(self.BASE)
+        assert not s.pooled and s.connect_options == {}
+        assert s.listen_url == "postgresql://pooler:6432/app"
+
+    def test_pgbouncer_without_a_direct_url_polls(self) -> None:
+        """Behind PgBouncer with no direct URL there is nowhere to LISTEN (None), and
+        nothing is prepared."""
+        s = Settings.from_env({**self.BASE, "OUTBOX_DATABASE_POOLER": "pgbouncer"})
+        assert s.pooled and s.listen_url is None
+        assert s.connect_options == {"prepare_threshold": None}
+
+    def test_pgbouncer_with_a_direct_url_listens_there(self) -> None:
+        """OUTBOX_LISTEN_DATABASE_URL is where LISTEN goes, pooled or not."""
+        env = {
+            **self.BASE,
+            "OUTBOX_DATABASE_POOLER": "pgbouncer",
+            "OUTBOX_LISTEN_DATABASE_URL": "postgresql://db:5432/app",
+        }
+        assert Settings.from_env(env).listen_url == "postgresql://db:5432/app"
+
+    @pytest.mark.parametrize("raw", ["", "none", "NONE"])
+    def test_no_pooler(self, raw: str) -> None:
+        """Empty or none: no pooler."""
+        assert not Settings.from_env({**self.BASE, "OUTBOX_DATABASE_POOLER": raw}).pooled
+
+    def test_unknown_pooler_is_named(self) -> None:
+        """A pooler we do not know is refused, with the values we do."""
+        with pytest.raises(ConfigError, match="OUTBOX_DATABASE_POOLER: 'pgpool' is not none or"):
+            Settings.from_env({**self.BASE, "OUTBOX_DATABASE_POOLER": "pgpool"})
