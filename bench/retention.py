@@ -143,7 +143,7 @@ def measure(bench: Bench) -> dict[str, Any]:
         def gate() -> None:
             with psycopg.connect(url) as conn:
                 while not done.is_set():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (retention.LOCK,))
+                    conn.execute("SELECT pg_advisory_xact_lock(outbox.lock_key(), 2)")
                     done.wait(GATE_SECONDS)
                     conn.commit()
                     opened = time.time()

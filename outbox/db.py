@@ -12,6 +12,7 @@ import psycopg
 import structlog
 
 __all__ = [
+    "LOCK_KEY",
     "SQL_DIR",
     "SchemaMismatch",
     "connect",
@@ -29,10 +30,13 @@ log = structlog.get_logger("outbox.db")
 _PACKAGED = Path(__file__).with_name("sql")
 SQL_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).parent.parent / "sql"
 
-# Makes concurrent `outbox migrate` runs take turns, one transaction at a time. Not a
-# session lock: through a transaction pooler it would be taken on one server connection
-# and stay there, held, after this client has gone.
-_MIGRATE_LOCK = "SELECT pg_advisory_xact_lock(1869968482, 0)"
+# The key of every advisory lock outbox takes, as outbox.lock_key() returns it (which
+# migrate cannot call: the schema may not exist yet). With 0 it makes concurrent
+# `outbox migrate` runs take turns, one transaction at a time. Not a session lock:
+# through a transaction pooler it would be taken on one server connection and stay
+# there, held, after this client has gone.
+LOCK_KEY = 1869968482
+_MIGRATE_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_KEY}, 0)"
 
 
 @cache

@@ -22,13 +22,10 @@ from outbox import db
 from outbox.config import Settings
 from outbox.supervisor import Supervisor
 
-__all__ = ["BATCH_ROWS", "LOCK", "Pruned", "prune", "run"]
+__all__ = ["BATCH_ROWS", "Pruned", "prune", "run"]
 
 log = structlog.get_logger("outbox.retention")
 
-# The advisory lock that makes pruners take turns. The doorbell and migrate use
-# 1869968482 ("outb" in ASCII); this is "prun".
-LOCK = 1886549358
 # Rows deleted by one statement at most.
 BATCH_ROWS = 10_000
 # The rest after a batch, as a multiple of the time it took (so pruning takes a third
@@ -63,9 +60,9 @@ async def _batch(
     """Run one batch under the pruners' lock; None when another pruner holds it."""
     async with conn.transaction():
         if wait:
-            await conn.execute(db.query("prune_lock_wait"), {"lock": LOCK})
+            await conn.execute(db.query("prune_lock_wait"))
         else:
-            cur = await conn.execute(db.query("prune_lock"), {"lock": LOCK})
+            cur = await conn.execute(db.query("prune_lock"))
             row = await cur.fetchone()
             if row is None or not row[0]:
                 pruned.yielded = True

@@ -2,71 +2,14 @@
 -- Parameters are psycopg's %(name)s placeholders.
 
 -- claim --
--- Take up to %(limit)s due deliveries under a lease. Rows another dispatcher holds
--- are skipped, not waited for. Each webhook and each account has a share of this
--- dispatcher's attempts in flight: webhooks and accounts already at theirs are left
--- out, and none gets more than what is left of its share, so neither one slow endpoint
--- nor one account's many webhooks can fill every slot. Locked rows that are not picked
--- are released when this commits.
-WITH due AS MATERIALIZED (
-    SELECT d.id, d.webhook_id, w.account_id, d.next_attempt_at
-    FROM outbox.deliveries d
-    -- Outer: a delivery whose webhook is gone (account_id NULL) is deleted below.
-    LEFT JOIN outbox.webhooks w ON w.id = d.webhook_id
-    WHERE d.status = 'pending'
-      AND d.next_attempt_at <= now()
-      AND d.webhook_id <> ALL (%(full_webhooks)s::bigint[])
-      AND (w.account_id IS NULL OR w.account_id <> ALL (%(full_accounts)s::text[]))
-    ORDER BY d.next_attempt_at
-    LIMIT %(window)s
-    FOR UPDATE OF d SKIP LOCKED
-),
-orphaned AS (
-    -- A producer that fanned out to a webhook while it was being deleted left a
-    -- delivery with no webhook (deliveries have no foreign key; see the schema).
-    DELETE FROM outbox.deliveries d
-    USING due
-    WHERE d.id = due.id
-      AND due.account_id IS NULL
-),
-within_webhook AS (
-    SELECT r.id, r.account_id, r.next_attempt_at,
-           row_number() OVER (PARTITION BY r.account_id ORDER BY r.next_attempt_at, r.id)
-               AS account_rank
-    FROM (SELECT id, next_attempt_at, webhook_id, account_id,
-                 row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rank
-          FROM due
-          WHERE account_id IS NOT NULL) r
-    LEFT JOIN unnest(%(busy_webhooks)s::bigint[], %(busy_counts)s::bigint[])
-        AS busy (webhook_id, in_flight) USING (webhook_id)
-    WHERE r.rank <= %(per_webhook)s - coalesce(busy.in_flight, 0)
-),
-picked AS (
-    SELECT r.id
-    FROM within_webhook r
-    LEFT JOIN unnest(%(busy_accounts)s::text[], %(busy_account_counts)s::bigint[])
-        AS busy (account_id, in_flight) USING (account_id)
-    WHERE r.account_rank <= %(per_account)s - coalesce(busy.in_flight, 0)
-    ORDER BY r.next_attempt_at
-    LIMIT %(limit)s
-)
-UPDATE outbox.deliveries d
-SET next_attempt_at = now() + make_interval(secs => %(lease_seconds)s),
-    lease = %(lease)s,
-    -- A concurrent producer can add a delivery for a webhook being disabled; it is
-    -- cancelled here rather than sent.
-    status = CASE WHEN w.enabled THEN 'pending' ELSE 'cancelled' END,
-    finished_at = CASE WHEN w.enabled THEN NULL ELSE now() END,
-    last_error = CASE WHEN w.enabled THEN d.last_error ELSE 'webhook disabled' END
-FROM picked p, outbox.events e, outbox.webhooks w
-WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.webhook_id
-RETURNING d.id, d.webhook_id, w.account_id, d.attempts + 1 AS attempt, w.enabled, e.event,
-          to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS timestamp,
-          e.data::text AS data, w.url, w.secret, d.retry_base,
-          -- A secret being rotated out signs beside the new one until it expires.
-          CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret
-          END AS previous_secret,
-          w.format;
+-- Take up to %(limit)s due deliveries under a lease, within each webhook's and each
+-- account's share of this dispatcher's slots (see outbox.claim_v1()).
+SELECT * FROM outbox.claim_v1(
+    %(limit)s::integer, %(window)s::integer, %(lease)s::uuid, %(lease_seconds)s::float8,
+    %(per_webhook)s::integer, %(full_webhooks)s::bigint[], %(busy_webhooks)s::bigint[],
+    %(busy_counts)s::bigint[],
+    %(per_account)s::integer, %(full_accounts)s::text[], %(busy_accounts)s::text[],
+    %(busy_account_counts)s::bigint[]);
 
 -- record --
 -- Store a batch of attempt results in one round trip. The batch is one JSON array (one
@@ -128,15 +71,12 @@ FROM outbox.deliveries
 WHERE status = 'pending';
 
 -- arm_doorbell --
--- Held while the dispatcher sleeps: producers that see it NOTIFY. It is only tried,
--- never waited for: a waiting request would make every producer's shared try fail, so
--- all of them would NOTIFY. Taking it succeeds only once no producer holds it shared,
--- i.e. every producer that did not ring has committed, so the poll that follows sees
--- their rows.
-SELECT pg_try_advisory_lock(1869968482, 1);
+-- Held while the dispatcher sleeps, so that producers ring (the doorbell's protocol is
+-- described where it is implemented, beside outbox.fan_out() in sql/schema.sql).
+SELECT outbox.arm_doorbell_v1();
 
 -- disarm_doorbell --
-SELECT pg_advisory_unlock(1869968482, 1);
+SELECT outbox.disarm_doorbell_v1();
 
 -- help --
 -- A dispatcher with a backlog wakes its idle peers; this costs producers nothing.
@@ -266,41 +206,12 @@ WHERE delivery_id = ANY (%(ids)s::bigint[])
 ORDER BY delivery_id, attempt;
 
 -- delivery_retry --
--- Re-queue one finished delivery as a new series of attempts: the same row (so the
--- same X-Webhook-Id), due now, with retry_base moved up to the attempts made so far.
--- last_error stays until the next attempt replaces it. Pending deliveries, and those of
--- a disabled webhook (the claim would cancel them at once), are left alone; the caller
--- learns why from the status and enabled columns.
-WITH target AS (
-    SELECT d.id, d.status, w.enabled
-    FROM outbox.deliveries d
-    JOIN outbox.webhooks w ON w.id = d.webhook_id
-    WHERE d.id = %(id)s
-      AND (%(account_id)s::text IS NULL OR w.account_id = %(account_id)s::text)
-    FOR UPDATE OF d
-),
-requeued AS (
-    UPDATE outbox.deliveries d
-    SET status = 'pending', next_attempt_at = now(), retry_base = d.attempts,
-        finished_at = NULL, lease = NULL
-    FROM target t
-    WHERE d.id = t.id AND t.enabled AND t.status <> 'pending'
-    RETURNING d.id
-)
-SELECT t.status, t.enabled, r.id IS NOT NULL AS requeued
-FROM target t
-LEFT JOIN requeued r USING (id);
+-- Re-queue one finished delivery as a new series of attempts (outbox.replay_v1()).
+SELECT * FROM outbox.replay_v1(%(id)s::bigint, %(account_id)s::text);
 
 -- webhook_recover --
--- Re-queue every delivery of one enabled webhook that failed at or after %(since)s,
--- each as a new series of attempts (see delivery_retry).
-UPDATE outbox.deliveries d
-SET status = 'pending', next_attempt_at = now(), retry_base = d.attempts,
-    finished_at = NULL, lease = NULL
-FROM outbox.webhooks w
-WHERE w.id = %(webhook_id)s AND w.enabled
-  AND d.webhook_id = w.id AND d.status = 'failed' AND d.finished_at >= %(since)s
-RETURNING d.id;
+-- Re-queue every delivery of one enabled webhook that failed at or after %(since)s.
+SELECT outbox.recover_v1(%(webhook_id)s::bigint, %(since)s::timestamptz);
 
 -- wake --
 -- Replayed deliveries are due now: tell the dispatchers rather than wait for a poll.
@@ -372,11 +283,11 @@ SELECT now() - make_interval(secs => %(older_than)s);
 -- and a sidecar that finds it taken leaves the round to the one pruning. A transaction
 -- lock, not a session lock, because a transaction pooler gives each transaction
 -- whichever server connection is free.
-SELECT pg_try_advisory_xact_lock(%(lock)s, 0);
+SELECT pg_try_advisory_xact_lock(outbox.lock_key(), 2);
 
 -- prune_lock_wait --
 -- `outbox prune` waits its turn (a batch is short) rather than give up.
-SELECT pg_advisory_xact_lock(%(lock)s, 0);
+SELECT pg_advisory_xact_lock(outbox.lock_key(), 2);
 
 -- prune_deliveries --
 -- Delete finished deliveries older than the cutoff with their attempts, oldest first,

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from outbox import db
 from tests.conftest import SQL, wait_until
 from tests.db.helpers import EVENTS, HTTPS, claim, raises
 
@@ -52,6 +53,10 @@ class TestEventName:
         ):
             insert_event(sql, "acct_1", "lead.deleted")
         assert sql.one("SELECT count(*) FROM outbox.events") == 0
+
+    def test_one_lock_key(self, sql: SQL) -> None:
+        """outbox.lock_key(), which every advisory lock uses, is what migrate uses too."""
+        assert sql.one("SELECT outbox.lock_key()") == db.LOCK_KEY
 
     def test_the_database_enforces_the_python_catalogue(self, sql: SQL) -> None:
         """outbox.event_names() is outbox.events.EVENTS, in the same order."""

@@ -249,7 +249,7 @@ class TestOneAtATime:
         nothing and says it yielded."""
         bulk(sql, 10, attempts=1)
         with psycopg.connect(database_url) as other:
-            other.execute("SELECT pg_advisory_xact_lock(%s, 0)", (retention.LOCK,))
+            other.execute("SELECT pg_advisory_xact_lock(outbox.lock_key(), 2)")
             pruned = prune(database_url)
         assert pruned.yielded and pruned.deliveries == 0
         assert prune(database_url).deliveries == 10
