@@ -30,13 +30,10 @@ log = structlog.get_logger("outbox.db")
 _PACKAGED = Path(__file__).with_name("sql")
 SQL_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).parent.parent / "sql"
 
-# The key of every advisory lock outbox takes, as outbox.lock_key() returns it (which
-# migrate cannot call: the schema may not exist yet). With 0 it makes concurrent
-# `outbox migrate` runs take turns, one transaction at a time. Not a session lock:
-# through a transaction pooler it would be taken on one server connection and stay
-# there, held, after this client has gone.
+# The key of every advisory lock outbox takes, as outbox.lock_key() returns it; migrate
+# cannot call that (the schema may not exist yet), so sql/queries.sql's migrate_lock
+# names the number itself, and a test holds the three equal.
 LOCK_KEY = 1869968482
-_MIGRATE_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_KEY}, 0)"
 
 
 @cache
@@ -150,32 +147,22 @@ async def migrate(url: str) -> list[int]:
         # A migrating user who may not create roles is told so, and the rest goes on.
         conn.add_notice_handler(_warn)
         async with conn.transaction():
-            await conn.execute(_MIGRATE_LOCK)
-            await conn.execute("CREATE SCHEMA IF NOT EXISTS outbox")
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS outbox.schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
+            await conn.execute(query("migrate_lock"))
+            await conn.execute(query("migrations_table"))
         for version, name, path in migrations():
             async with conn.transaction():
-                await conn.execute(_MIGRATE_LOCK)
-                cur = await conn.execute(
-                    "SELECT FROM outbox.schema_migrations WHERE version = %s", (version,)
-                )
+                await conn.execute(query("migrate_lock"))
+                cur = await conn.execute(query("migration_applied"), {"version": version})
                 if await cur.fetchone() is not None:
                     continue
                 await conn.execute(path.read_text())
-                await conn.execute(
-                    "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, %s)",
-                    (version, name),
-                )
+                await conn.execute(query("migration_record"), {"version": version, "name": name})
             log.info("migrated", version=version, name=name)
             applied.append(version)
         # migrate creates this table itself, so its grant is made here: the sidecar's
         # role reads the schema version to know whether it may run. (Under the lock:
         # two GRANTs on one table at once fail with "tuple concurrently updated".)
         async with conn.transaction():
-            await conn.execute(_MIGRATE_LOCK)
+            await conn.execute(query("migrate_lock"))
             await conn.execute(query("schema_version_grant"))
     return applied

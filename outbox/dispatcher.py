@@ -176,7 +176,7 @@ class Connection:
             self._conn = conn
             self._planned_at = time.monotonic()
         elif self._setup and time.monotonic() - self._planned_at >= REPLAN_SECONDS:
-            await self._conn.execute("DISCARD PLANS")
+            await self._conn.execute(db.query("replan"))
             self._planned_at = time.monotonic()
         return self._conn
 
@@ -494,7 +494,7 @@ class Dispatcher:
         notifications holds a psycopg connection's lock, so no query could share it."""
         assert self._listen_url is not None
         async with await db.connect(self._listen_url) as conn:
-            await conn.execute("LISTEN outbox_wake")
+            await conn.execute(db.query("listen"))
             # Anything committed while we were not listening is found by this poll.
             self._wake.set()
             while True:

@@ -111,6 +111,28 @@ JOIN outbox.webhooks w USING (id)
 WHERE %(account_id)s::text IS NULL OR s.account_id = %(account_id)s
 ORDER BY s.account_id, s.id;
 
+-- migrate_lock --
+-- Makes concurrent `outbox migrate` runs take turns, one transaction at a time: the key
+-- of outbox.lock_key(), written out because the schema may not exist yet. Not a
+-- session lock: through a transaction pooler it would be taken on one server
+-- connection and stay there, held, after this client has gone.
+SELECT pg_advisory_xact_lock(1869968482, 0);
+
+-- migrations_table --
+-- Which migrations a database has had; `migrate` makes it before anything else.
+CREATE SCHEMA IF NOT EXISTS outbox;
+CREATE TABLE IF NOT EXISTS outbox.schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- migration_applied --
+SELECT FROM outbox.schema_migrations WHERE version = %(version)s;
+
+-- migration_record --
+INSERT INTO outbox.schema_migrations (version, name) VALUES (%(version)s, %(name)s);
+
 -- schema_version_grant --
 -- Run by migrate after the migrations: outbox_sidecar (when it exists) reads the
 -- schema version, in the table migrate itself creates.
@@ -121,6 +143,15 @@ BEGIN
     END IF;
 END
 $$;
+
+-- replan --
+-- The dispatcher's connections make their plans again now and then (see
+-- dispatcher_session).
+DISCARD PLANS;
+
+-- listen --
+-- The listener's connection: producers and peers NOTIFY here to wake idle dispatchers.
+LISTEN outbox_wake;
 
 -- ping --
 SELECT 1;

@@ -57,6 +57,7 @@ class TestEventName:
     def test_one_lock_key(self, sql: SQL) -> None:
         """outbox.lock_key(), which every advisory lock uses, is what migrate uses too."""
         assert sql.one("SELECT outbox.lock_key()") == db.LOCK_KEY
+        assert f"({db.LOCK_KEY}, 0)" in db.query("migrate_lock")
 
     def test_the_database_enforces_the_python_catalogue(self, sql: SQL) -> None:
         """outbox.event_names() is outbox.events.EVENTS, in the same order."""
