@@ -32,9 +32,9 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, metrics, openapi, portal, tokens, webhooks
+from outbox import db, errors, metrics, openapi, portal, tokens, webhooks
 from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender
-from outbox.events import EVENTS, UnknownEvent, check_event
+from outbox.events import EVENTS, check_event
 from outbox.supervisor import Supervisor
 from outbox.throttle import Refused, Throttle
 
@@ -126,11 +126,10 @@ def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None
 
 # Errors raised by outbox.webhooks and outbox.events, as (status, code).
 _DOMAIN_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
-    (webhooks.NotFound, 404, "not_found"),
-    (webhooks.LimitReached, 409, "limit_reached"),
-    (webhooks.Conflict, 409, "conflict"),
-    (webhooks.Invalid, 422, "invalid"),
-    (UnknownEvent, 422, "invalid"),
+    (errors.NotFound, 404, "not_found"),
+    (errors.LimitReached, 409, "limit_reached"),
+    (errors.Conflict, 409, "conflict"),
+    (errors.Invalid, 422, "invalid"),
 )
 _HTTP_CODES = {
     400: "bad_request",
@@ -233,7 +232,7 @@ def _id(request: web.Request, kind: str) -> int:
     raw = request.match_info["id"]
     if raw.isascii() and raw.isdigit() and 0 < int(raw) <= _BIGINT_MAX:
         return int(raw)
-    raise webhooks.NotFound(f"{kind} {raw} not found")
+    raise errors.NotFound(f"{kind} {raw} not found")
 
 
 async def _body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
@@ -270,13 +269,13 @@ def _too_large() -> ApiError:
 def _text(key: str, value: Any) -> str:
     """A JSON string that Postgres can store as text."""
     if not isinstance(value, str):
-        raise webhooks.Invalid(f"{key} must be a string")
+        raise errors.Invalid(f"{key} must be a string")
     if "\x00" in value:
-        raise webhooks.Invalid(f"{key} must not contain NUL characters")
+        raise errors.Invalid(f"{key} must not contain NUL characters")
     try:
         value.encode()
     except UnicodeEncodeError:
-        raise webhooks.Invalid(f"{key} must be valid Unicode text") from None
+        raise errors.Invalid(f"{key} must be valid Unicode text") from None
     return value
 
 
@@ -290,28 +289,28 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
         if key == _END_OVERLAP and partial:
             continue
         if key not in _WRITABLE:
-            raise webhooks.Invalid(
+            raise errors.Invalid(
                 f"unknown field {key!r}: a webhook has name, url, event, format, secret and enabled"
             )
     if not partial:
         for key in ("name", "url", "event"):
             if body.get(key) is None:
-                raise webhooks.Invalid(f"{key} is required")
+                raise errors.Invalid(f"{key} is required")
     fields: dict[str, Any] = {}
     for key, value in body.items():
         if key == _END_OVERLAP:
             if value is not None:
-                raise webhooks.Invalid(
+                raise errors.Invalid(
                     f"{_END_OVERLAP} can only be set to null, which ends the old secret's "
                     "overlap now"
                 )
             fields["end_secret_overlap"] = True
         elif key == "enabled":
             if not isinstance(value, bool):
-                raise webhooks.Invalid("enabled must be true or false")
+                raise errors.Invalid("enabled must be true or false")
         elif value is None:
             if key != "secret":
-                raise webhooks.Invalid(f"{key} must not be null")
+                raise errors.Invalid(f"{key} must not be null")
         else:
             value = _text(key, value)
         fields[key] = value
@@ -321,13 +320,13 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
 def parse_since(value: Any) -> datetime:
     """An ISO 8601 / RFC 3339 time with its offset: ``2026-11-27T10:00:00Z``."""
     if not isinstance(value, str):
-        raise webhooks.Invalid("since is required: an ISO 8601 time, e.g. 2026-11-27T10:00:00Z")
+        raise errors.Invalid("since is required: an ISO 8601 time, e.g. 2026-11-27T10:00:00Z")
     try:
         since = datetime.fromisoformat(value.strip().upper())
     except ValueError:
         since = None
     if since is None or since.tzinfo is None:
-        raise webhooks.Invalid(
+        raise errors.Invalid(
             f"since must be an ISO 8601 time with a UTC offset, e.g. 2026-11-27T10:00:00Z, "
             f"not {value!r}"
         )
@@ -360,7 +359,7 @@ async def _owned(
     for row in await webhooks.status(conn, account):
         if row["id"] == webhook_id:
             return row
-    raise webhooks.NotFound(f"webhook {webhook_id} not found")
+    raise errors.NotFound(f"webhook {webhook_id} not found")
 
 
 def _probe(ok: bool) -> web.Response:
@@ -472,7 +471,7 @@ async def test_webhook(request: web.Request) -> web.Response:
     body = await _body(request, required=False)
     for key in body:
         if key != "event":
-            raise webhooks.Invalid(f"unknown field {key!r}: a test send takes only event")
+            raise errors.Invalid(f"unknown field {key!r}: a test send takes only event")
     event = body.get("event")
     if event is not None:
         check_event(_text("event", event))
@@ -541,7 +540,7 @@ async def recover_webhook(request: web.Request) -> web.Response:
     body = await _body(request)
     for key in body:
         if key != "since":
-            raise webhooks.Invalid(f"unknown field {key!r}: recover takes only since")
+            raise errors.Invalid(f"unknown field {key!r}: recover takes only since")
     since = parse_since(body.get("since"))
     async with _connection(request) as conn:
         await _owned(conn, account, webhook_id)
@@ -560,10 +559,10 @@ async def create_portal_link(request: web.Request) -> web.Response:
     body = await _body(request, required=False)
     for key in body:
         if key != "ttl":
-            raise webhooks.Invalid(f"unknown field {key!r}: a portal link takes only ttl")
+            raise errors.Invalid(f"unknown field {key!r}: a portal link takes only ttl")
     ttl = body.get("ttl", portal.LINK_SECONDS)
     if type(ttl) is not int or not 1 <= ttl <= portal.LINK_SECONDS_MAX:
-        raise webhooks.Invalid(
+        raise errors.Invalid(
             f"ttl must be a whole number of seconds from 1 to {portal.LINK_SECONDS_MAX}"
         )
     base_url = request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
@@ -719,7 +718,7 @@ async def static_file(request: web.Request) -> web.FileResponse:
     name = request.match_info["name"]
     path = portal.static_path(name)
     if path is None:
-        raise webhooks.NotFound(f"file {name} not found")
+        raise errors.NotFound(f"file {name} not found")
     headers = {
         **portal.PAGE_HEADERS,
         "Content-Type": portal.STATIC_FILES[name],

@@ -13,7 +13,18 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from outbox import __version__, api, db, listen, portal, retention, sidecar, tokens, webhooks
+from outbox import (
+    __version__,
+    api,
+    db,
+    errors,
+    listen,
+    portal,
+    retention,
+    sidecar,
+    tokens,
+    webhooks,
+)
 from outbox.config import ConfigError, Settings, parse_duration
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent
@@ -204,7 +215,7 @@ def _id(kind: str) -> Callable[[str], int]:
 def _since(raw: str) -> datetime:
     try:
         return api.parse_since(raw)
-    except webhooks.Invalid as exc:
+    except errors.Invalid as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -256,7 +267,7 @@ async def _recover(args: argparse.Namespace, settings: Settings) -> int:
 def _ttl(raw: str) -> int:
     try:
         return portal.parse_ttl(raw)
-    except webhooks.Invalid as exc:
+    except errors.Invalid as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -446,10 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Written here, inside the try, so that a closed pipe is handled below.
         sys.stdout.flush()
         return code
-    except (UsageError, ConfigError, webhooks.Invalid, UnknownEvent, db.SchemaMismatch) as exc:
+    except (UsageError, ConfigError, errors.Invalid, db.SchemaMismatch) as exc:
         print(f"outbox: {exc}", file=sys.stderr)
         return 2
-    except webhooks.NotFound as exc:
+    except errors.NotFound as exc:
         print(f"outbox: {exc}", file=sys.stderr)
         return 2
     except psycopg.OperationalError as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 
+from outbox import errors
+
 __all__ = ["EVENTS", "UnknownEvent", "check_event", "sample"]
 
 EVENTS: dict[str, str] = {
@@ -23,7 +25,7 @@ EVENTS: dict[str, str] = {
 }
 
 
-class UnknownEvent(ValueError):
+class UnknownEvent(errors.Invalid):
     """Raised when an event name is not in the catalogue."""
 
     def __init__(self, name: str) -> None:

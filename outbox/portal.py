@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 import psycopg
 
 from outbox import db
-from outbox.webhooks import Invalid
+from outbox.errors import Invalid
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",

@@ -15,7 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from outbox import db
-from outbox.webhooks import Invalid
+from outbox.errors import Invalid
 
 __all__ = ["PREFIX", "account", "create", "digest", "for_account", "generate", "revoke"]
 

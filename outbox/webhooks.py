@@ -17,15 +17,11 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from outbox import db, wire
+from outbox import db, errors, wire
 from outbox.delivery import Attempt, Sender
 from outbox.events import check_event, sample
 
 __all__ = [
-    "Conflict",
-    "Invalid",
-    "LimitReached",
-    "NotFound",
     "add",
     "delete",
     "deliveries",
@@ -43,36 +39,19 @@ __all__ = [
 LIMIT_SQLSTATE = "OB409"
 
 
-class Invalid(ValueError):
-    """Input that breaks a rule of the contract; the message names the rule."""
-
-
-class LimitReached(Invalid):
-    """The account already has the most webhooks allowed."""
-
-
-class NotFound(LookupError):
-    """No such webhook."""
-
-
-class Conflict(Invalid):
-    """Valid input that the current state does not allow, e.g. replaying a delivery that
-    is still pending."""
-
-
 @asynccontextmanager
 async def _rules() -> AsyncIterator[None]:
     try:
         yield
     except psycopg.errors.CheckViolation as exc:
-        raise Invalid(exc.diag.message_primary or str(exc)) from None
+        raise errors.Invalid(exc.diag.message_primary or str(exc)) from None
     except psycopg.errors.NotNullViolation as exc:
-        raise Invalid(f"{exc.diag.column_name} is required") from None
+        raise errors.Invalid(f"{exc.diag.column_name} is required") from None
     except psycopg.errors.InvalidTextRepresentation as exc:
-        raise Invalid(exc.diag.message_primary or str(exc)) from None
+        raise errors.Invalid(exc.diag.message_primary or str(exc)) from None
     except psycopg.Error as exc:
         if exc.sqlstate == LIMIT_SQLSTATE:
-            raise LimitReached(exc.diag.message_primary or str(exc)) from None
+            raise errors.LimitReached(exc.diag.message_primary or str(exc)) from None
         raise
 
 
@@ -116,13 +95,13 @@ async def update(conn: psycopg.AsyncConnection[Any], webhook_id: int, **fields: 
     async with _rules():
         cur = await conn.execute(db.query("webhook_update"), params)
         if await cur.fetchone() is None:
-            raise NotFound(f"webhook {webhook_id} not found")
+            raise errors.NotFound(f"webhook {webhook_id} not found")
 
 
 async def delete(conn: psycopg.AsyncConnection[Any], webhook_id: int) -> None:
     cur = await conn.execute(db.query("webhook_delete"), {"id": webhook_id})
     if await cur.fetchone() is None:
-        raise NotFound(f"webhook {webhook_id} not found")
+        raise errors.NotFound(f"webhook {webhook_id} not found")
 
 
 async def get(conn: psycopg.AsyncConnection[Any], webhook_id: int) -> dict[str, Any]:
@@ -130,7 +109,7 @@ async def get(conn: psycopg.AsyncConnection[Any], webhook_id: int) -> dict[str, 
         await cur.execute(db.query("webhook_get"), {"id": webhook_id})
         row = await cur.fetchone()
     if row is None:
-        raise NotFound(f"webhook {webhook_id} not found")
+        raise errors.NotFound(f"webhook {webhook_id} not found")
     return row
 
 
@@ -195,7 +174,7 @@ async def delivery(
         await cur.execute(db.query("delivery_get"), {"id": delivery_id, "account_id": account_id})
         row = await cur.fetchone()
     if row is None:
-        raise NotFound(f"delivery {delivery_id} not found")
+        raise errors.NotFound(f"delivery {delivery_id} not found")
     return (await _with_attempts(conn, [row]))[0]
 
 
@@ -209,13 +188,17 @@ async def retry(
     )
     row = await cur.fetchone()
     if row is None:
-        raise NotFound(f"delivery {delivery_id} not found")
+        raise errors.NotFound(f"delivery {delivery_id} not found")
     status, enabled, requeued = row
     if not requeued:
         if status == "pending":
-            raise Conflict(f"delivery {delivery_id} is still pending; only finished ones replay")
+            raise errors.Conflict(
+                f"delivery {delivery_id} is still pending; only finished ones replay"
+            )
         assert not enabled
-        raise Conflict(f"delivery {delivery_id} belongs to a disabled webhook; enable it first")
+        raise errors.Conflict(
+            f"delivery {delivery_id} belongs to a disabled webhook; enable it first"
+        )
     await conn.execute(db.query("wake"))
 
 
@@ -223,7 +206,7 @@ async def recover(conn: psycopg.AsyncConnection[Any], webhook_id: int, since: da
     """Re-queue every delivery of the webhook that failed at or after ``since``; how many."""
     webhook = await get(conn, webhook_id)
     if not webhook["enabled"]:
-        raise Conflict(f"webhook {webhook_id} is disabled; enable it first")
+        raise errors.Conflict(f"webhook {webhook_id} is disabled; enable it first")
     cur = await conn.execute(
         db.query("webhook_recover"), {"webhook_id": webhook_id, "since": since}
     )

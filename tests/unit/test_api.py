@@ -13,8 +13,8 @@ from psycopg_pool import AsyncConnectionPool
 from outbox import api, metrics, openapi, tokens
 from outbox.config import Settings
 from outbox.delivery import Sender
+from outbox.errors import Invalid
 from outbox.supervisor import Supervisor
-from outbox.webhooks import Invalid
 
 
 class TestWebhookFields:

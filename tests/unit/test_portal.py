@@ -17,7 +17,7 @@ import pytest
 
 from outbox import db, portal
 from outbox.config import ConfigError, Settings
-from outbox.webhooks import Invalid
+from outbox.errors import Invalid
 
 KEY = b"k" * 32
 CLAIMS = portal.Claims("acct_1", 1_900_000_000, "nonce")
