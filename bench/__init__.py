@@ -1,1 +1,1 @@
-"""The benchmark suite of issue #5: `make bench` runs `python -m bench.run`."""
+"""The benchmark suite: `make bench` runs `python -m bench.run`."""

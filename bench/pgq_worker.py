@@ -4,7 +4,8 @@
     python -m bench.pgq_worker load --dsn DSN --count N [--webhooks 100]
     python -m bench.pgq_worker work --dsn DSN --base URL --ca CA --batch B [--concurrency 64]
 
-pgqueuer 1.6 with its asyncpg driver (its fast one: see shared/LESSONS.md #5). A job's
+pgqueuer 1.6 with its asyncpg driver (its fast one: with its psycopg driver every
+query waits on the listener). A job's
 payload is the event's body (the same ~2 KB as the outbox's), its headers name the
 webhook; the job signs the body with the webhook's secret and POSTs it with the same
 aiohttp settings, asyncio loop and concurrency as `outbox run` (pgqueuer's

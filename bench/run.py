@@ -1,4 +1,4 @@
-"""`make bench`: the benchmark suite of issue #5 (see bench/README.md).
+"""`make bench`: the benchmark suite (see bench/README.md).
 
     python -m bench.run [--reps 3] [--only throughput,overhead,...] [--no-profile] [--quick]
 

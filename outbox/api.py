@@ -1,4 +1,4 @@
-"""The admin HTTP API (aiohttp.web), contract section 9.
+"""The admin HTTP API (aiohttp.web).
 
 Every ``/api/`` call is made for one account: the one its bearer token belongs to. An
 id that another account owns answers 404, exactly like an id that does not exist, so

@@ -1,4 +1,4 @@
-"""Settings, read once from the environment (contract section 8)."""
+"""Settings, read once from the environment."""
 
 from __future__ import annotations
 

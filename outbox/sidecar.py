@@ -37,7 +37,7 @@ def pool(settings: Settings, max_size: int = 4) -> AsyncConnectionPool[Any]:
         max_size=max_size,
         kwargs={"autocommit": True, "application_name": "outbox", **settings.connect_options},
         # No check= callback: with it a pool whose connections were terminated can stall
-        # for its whole timeout (psycopg issue #1123). A dead connection fails its query
+        # for its whole timeout (a known psycopg_pool behaviour). A dead connection fails its query
         # instead, the pool discards it, and the caller retries on a fresh one.
         timeout=5.0,
         # Keep trying for as long as the database is away; the dispatcher waits.

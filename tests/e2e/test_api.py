@@ -1,4 +1,4 @@
-"""The admin API against a real `outbox run` process and a real database (contract 9).
+"""The admin API against a real `outbox run` process and a real database.
 
 Most tests share one sidecar and database per module: each test works as two accounts
 of its own, and the API's isolation between accounts keeps the tests apart. The

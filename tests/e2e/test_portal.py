@@ -1,6 +1,5 @@
-"""Portal links and the settings page's sessions, over HTTP, against a real `outbox run`
-(contract sections 7, 9 and 10). What a browser does with them is in
-test_portal_page.py.
+"""Portal links and the settings page's sessions, over HTTP, against a real `outbox run`.
+What a browser does with them is in test_portal_page.py.
 
 One sidecar and database per module, as in test_api.py: each test works as accounts
 of its own.

@@ -1,5 +1,5 @@
 """Settings > Webhooks in a real browser: Debian's Chromium driven by Playwright, against
-a real `outbox run`, a real database and a real HTTPS receiver (contract section 10).
+a real `outbox run`, a real database and a real HTTPS receiver.
 
 One sidecar, one receiver and one browser for the module; each test signs in to an
 account of its own in a browser context of its own. Every test also fails if the page

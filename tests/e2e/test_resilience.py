@@ -1,4 +1,4 @@
-"""Several dispatchers, crashes, lost connections, restarts and signals (contract section 6)."""
+"""Several dispatchers, crashes, lost connections, restarts and signals."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for outbox.config: settings from the environment (contract section 8)."""
+"""Tests for outbox.config: settings from the environment."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for outbox.retry: retry schedule, jitter and Retry-After (contract section 5)."""
+"""Tests for outbox.retry: retry schedule, jitter and Retry-After."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for outbox.signing: the two signatures a receiver checks (contract section 5)."""
+"""Tests for outbox.signing: the two signatures a receiver checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for outbox.wire: the body and headers a receiver gets (contract section 5)."""
+"""Tests for outbox.wire: the body and headers a receiver gets."""
 
 from __future__ import annotations
 
