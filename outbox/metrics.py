@@ -17,7 +17,15 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
-__all__ = ["REGISTRY", "attempt", "claimed", "dispatcher_up", "exposition", "pending"]
+__all__ = [
+    "REGISTRY",
+    "attempt",
+    "auto_disabled",
+    "claimed",
+    "dispatcher_up",
+    "exposition",
+    "pending",
+]
 
 # The *_created series only repeat the process start time.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -59,6 +67,12 @@ _OLDEST = Gauge(
     "Age of the oldest pending delivery (since it was enqueued); 0 when none is pending.",
     registry=REGISTRY,
 )
+_AUTO_DISABLED = Counter(
+    "outbox_webhooks_auto_disabled",
+    "Webhooks this process disabled because their deliveries kept failing and none "
+    "succeeded for OUTBOX_AUTO_DISABLE_AFTER.",
+    registry=REGISTRY,
+)
 _UP = Gauge(
     "outbox_dispatcher_up",
     "1 while this process's dispatcher runs and reaches the database, else 0.",
@@ -79,6 +93,11 @@ def attempt(outcome: str, seconds: float) -> None:
     finished = _DELIVERIES_BY.get(outcome)
     if finished is not None:
         finished.inc()
+
+
+def auto_disabled() -> None:
+    """A webhook was disabled for failing too long."""
+    _AUTO_DISABLED.inc()
 
 
 def claimed(count: int) -> None:
