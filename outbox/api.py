@@ -84,6 +84,13 @@ _WEBHOOK_FIELDS = (
     "last_delivery_at",
     "last_error",
     "pending",
+    "retrying",
+    "last_attempt_at",
+    "last_attempt_status",
+    "last_attempt_error",
+    "next_retry_at",
+    "next_retry_attempt",
+    "disabled_reason",
 )
 _WRITABLE = ("name", "url", "event", "format", "secret", "enabled")
 # A change may also end a rotated-out secret's overlap early, by setting this to null.

@@ -292,11 +292,17 @@ SELECT account_id FROM token;
 -- delivery_page --
 -- One page of a webhook's delivery log, newest first; %(before)s is the cursor (the
 -- last id of the previous page). next_attempt_at only means something while pending.
+-- The wire_ columns rebuild the requests that were sent (outbox.webhooks.sent_request).
 SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
-       d.last_error, d.last_response_status, d.created_at, d.finished_at
+       d.last_error, d.last_response_status, d.created_at, d.finished_at,
+       to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+           AS wire_timestamp,
+       e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
+       w.updated_at AS wire_updated_at
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id
+JOIN outbox.webhooks w ON w.id = d.webhook_id
 WHERE d.webhook_id = %(webhook_id)s
   AND (%(before)s::bigint IS NULL OR d.id < %(before)s::bigint)
 ORDER BY d.id DESC
@@ -306,7 +312,11 @@ LIMIT %(limit)s;
 -- One delivery, for an account (or for anyone when %(account_id)s is NULL).
 SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
-       d.last_error, d.last_response_status, d.created_at, d.finished_at
+       d.last_error, d.last_response_status, d.created_at, d.finished_at,
+       to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+           AS wire_timestamp,
+       e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
+       w.updated_at AS wire_updated_at
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id
 JOIN outbox.webhooks w ON w.id = d.webhook_id
@@ -314,7 +324,7 @@ WHERE d.id = %(id)s
   AND (%(account_id)s::text IS NULL OR w.account_id = %(account_id)s::text);
 
 -- delivery_attempts --
-SELECT delivery_id, attempt, started_at, duration_ms, response_status, error
+SELECT delivery_id, attempt, started_at, duration_ms, response_status, error, response_body
 FROM outbox.delivery_attempts
 WHERE delivery_id = ANY (%(ids)s::bigint[])
 ORDER BY delivery_id, attempt;
