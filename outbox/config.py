@@ -114,8 +114,6 @@ def _faults(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
         raise ConfigError(str(exc)) from None
 
 
-
-
 def _listen(env: Mapping[str, str]) -> tuple[str, int] | None:
     raw = env.get("OUTBOX_API_LISTEN", "127.0.0.1:8080").strip()
     if raw.lower() == "off":

@@ -264,6 +264,11 @@ class Sender:
         """Seconds one attempt may take, all of it (OUTBOX_HTTP_TIMEOUT)."""
         return self._settings.http_timeout
 
+    @property
+    def settings(self) -> Settings:
+        """The settings attempts are made with (the settings page describes them)."""
+        return self._settings
+
     async def __aenter__(self) -> Sender:
         context = ssl.create_default_context()
         if self._settings.ca_file:
