@@ -155,6 +155,9 @@ def sent_request(delivery: Mapping[str, Any], attempt: Mapping[str, Any]) -> dic
     webhook's secret while the webhook is unchanged since the attempt; the secret
     itself is never part of it."""
     started_at: datetime = attempt["started_at"]
+    # A secret being rotated out signed beside the current one until it expired.
+    expires = delivery["wire_previous_secret_expires_at"]
+    previous = delivery["wire_previous_secret"] if expires and expires > started_at else None
     headers = wire.headers(
         message_id=str(delivery["id"]),
         event=delivery["event"],
@@ -162,6 +165,7 @@ def sent_request(delivery: Mapping[str, Any], attempt: Mapping[str, Any]) -> dic
         payload=request_body(delivery),
         secret=delivery["wire_secret"],
         now=int(started_at.timestamp()),
+        previous_secret=previous,
     )
     if delivery["wire_updated_at"] > started_at:
         for name in _SIGNATURES:

@@ -299,6 +299,8 @@ SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
            AS wire_timestamp,
        e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
+       w.previous_secret AS wire_previous_secret,
+       w.previous_secret_expires_at AS wire_previous_secret_expires_at,
        w.updated_at AS wire_updated_at
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id
@@ -316,6 +318,8 @@ SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
            AS wire_timestamp,
        e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
+       w.previous_secret AS wire_previous_secret,
+       w.previous_secret_expires_at AS wire_previous_secret_expires_at,
        w.updated_at AS wire_updated_at
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id

@@ -162,8 +162,8 @@ class TestDeliveryLog:
         """The API's delivery log gives each attempt its answer (status, body, duration)
         and the request exactly as the receiver got it, headers and body, with signatures
         but never the secret."""
-        answers = iter([Reply(503, body=MAINTENANCE), Reply(200, body=b"thanks")])
-        receiver.respond = lambda _: next(answers)
+        answers = [Reply(503, body=MAINTENANCE), Reply(200, body=b"thanks")]
+        receiver.respond = lambda _: answers.pop(0) if len(answers) > 1 else answers[0]
         sidecar = sidecars(OUTBOX_RETRY_DELAYS="0.1")
         api = new_api(sidecar, sql)
         hook = hook_as(api, sql, receiver.url())
@@ -197,6 +197,15 @@ class TestDeliveryLog:
         assert headers["X-Webhook-Signature"].startswith("(not shown")
         assert headers["webhook-signature"].startswith("(not shown")
         assert headers["webhook-timestamp"] == first["request"]["headers"]["webhook-timestamp"]
+
+        # While the old secret still signs beside the new one, both signatures show.
+        emit(sql, api.main, {"lead": {"id": 8}})
+        rotated = receiver.wait_for(3)[2]
+        wait_until(lambda: view(sql, hook)["pending"] == 0)
+        newest = api("GET", f"/api/v1/webhooks/{hook}/deliveries").json["deliveries"][0]
+        shown = newest["attempt_log"][0]["request"]["headers"]
+        assert shown["webhook-signature"] == rotated.headers["webhook-signature"]
+        assert len(shown["webhook-signature"].split()) == 2
 
 
 # Headers the HTTP client adds itself, not part of what the sidecar chose to send.
