@@ -683,7 +683,7 @@ async def settings_page(request: web.Request) -> web.Response:
             "Settings > Webhooks again to get a new link."
         )
         return _page(portal.message_page("You are not signed in", message), 401)
-    return _page(portal.settings_page(current, request.app[SENDER].settings))
+    return _page(portal.settings_page(current, request.app[TEST_SENDER].settings))
 
 
 async def sign_out(request: web.Request) -> web.Response:
