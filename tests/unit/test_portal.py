@@ -334,7 +334,7 @@ class TestPages:
     def test_the_settings_page_signs_out_with_its_csrf_token(self) -> None:
         """Sign out is a form that posts the session's CSRF token to ../settings/signout."""
         session = portal.Session("acct_1", "csrf-token_1", datetime.now(UTC))
-        page = _parse(portal.settings_page(session))
+        page = _parse(portal.settings_page(session, Settings()))
         forms = [a for t, a in page.tags if t == "form" and a.get("method") == "post"]
         assert forms == [{"method": "post", "action": "signout"}]
         hidden = [a for t, a in page.tags if t == "input" and a.get("type") == "hidden"]
