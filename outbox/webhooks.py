@@ -175,8 +175,13 @@ def sent_request(delivery: Mapping[str, Any], attempt: Mapping[str, Any]) -> dic
 
 
 def request_body(delivery: Mapping[str, Any]) -> bytes:
-    """The body every attempt of the delivery sent."""
-    return wire.body(delivery["event"], delivery["wire_timestamp"], delivery["wire_data"])
+    """The body every attempt of the delivery sent (in the webhook's format now)."""
+    return wire.payload(
+        delivery["wire_format"],
+        delivery["event"],
+        delivery["wire_timestamp"],
+        delivery["wire_data"],
+    )
 
 
 async def _with_attempts(

@@ -301,7 +301,7 @@ SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
        w.previous_secret AS wire_previous_secret,
        w.previous_secret_expires_at AS wire_previous_secret_expires_at,
-       w.updated_at AS wire_updated_at
+       w.format AS wire_format, w.updated_at AS wire_updated_at
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id
 JOIN outbox.webhooks w ON w.id = d.webhook_id
@@ -320,7 +320,7 @@ SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
        w.previous_secret AS wire_previous_secret,
        w.previous_secret_expires_at AS wire_previous_secret_expires_at,
-       w.updated_at AS wire_updated_at
+       w.format AS wire_format, w.updated_at AS wire_updated_at
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id
 JOIN outbox.webhooks w ON w.id = d.webhook_id

@@ -207,6 +207,21 @@ class TestDeliveryLog:
         assert shown["webhook-signature"] == rotated.headers["webhook-signature"]
         assert len(shown["webhook-signature"].split()) == 2
 
+    def test_the_request_body_is_in_the_webhooks_format(
+        self, sql: SQL, receiver: Receiver, sidecars: Start
+    ) -> None:
+        """A Slack webhook's log shows the Slack message it sent, not the JSON body."""
+        sidecar = sidecars()
+        api = new_api(sidecar, sql)
+        hook = hook_as(api, sql, receiver.url())
+        sql("UPDATE outbox.webhooks SET format = 'slack' WHERE id = %s", (hook,))
+        emit(sql, api.main)
+        (got,) = receiver.wait_for(1)
+        wait_until(lambda: view(sql, hook)["last_delivery_status"] == "succeeded")
+        (delivery,) = api("GET", f"/api/v1/webhooks/{hook}/deliveries").json["deliveries"]
+        assert delivery["request_body"].encode() == got.body
+        assert "blocks" in json.loads(got.body) or "text" in json.loads(got.body)
+
 
 # Headers the HTTP client adds itself, not part of what the sidecar chose to send.
 _TRANSPORT = {"Host", "Content-Length", "Accept"}
