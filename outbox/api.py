@@ -84,6 +84,13 @@ _WEBHOOK_FIELDS = (
     "last_delivery_at",
     "last_error",
     "pending",
+    "retrying",
+    "last_attempt_at",
+    "last_attempt_status",
+    "last_attempt_error",
+    "next_retry_at",
+    "next_retry_attempt",
+    "disabled_reason",
 )
 _WRITABLE = ("name", "url", "event", "format", "secret", "enabled")
 # A change may also end a rotated-out secret's overlap early, by setting this to null.
@@ -676,7 +683,7 @@ async def settings_page(request: web.Request) -> web.Response:
             "Settings > Webhooks again to get a new link."
         )
         return _page(portal.message_page("You are not signed in", message), 401)
-    return _page(portal.settings_page(current))
+    return _page(portal.settings_page(current, request.app[TEST_SENDER].settings))
 
 
 async def sign_out(request: web.Request) -> web.Response:

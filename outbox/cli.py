@@ -125,8 +125,14 @@ _COLUMNS = (
     "last_delivery_status",
     "last_delivery_at",
     "pending",
+    "retrying",
+    "next_retry_at",
+    "last_attempt_status",
+    "last_attempt_at",
     "url",
     "last_error",
+    "last_attempt_error",
+    "disabled_reason",
 )
 
 

@@ -61,6 +61,16 @@ def _retention(env: Mapping[str, str]) -> float | None:
         raise ConfigError(f"OUTBOX_RETENTION: {exc}, or off") from None
 
 
+def _auto_disable_after(env: Mapping[str, str]) -> float | None:
+    raw = env.get("OUTBOX_AUTO_DISABLE_AFTER", "").strip() or "5d"
+    if raw.lower() == "off":
+        return None
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise ConfigError(f"OUTBOX_AUTO_DISABLE_AFTER: {exc}, or off") from None
+
+
 def _pooler(env: Mapping[str, str]) -> str:
     raw = env.get("OUTBOX_DATABASE_POOLER", "").strip().lower()
     if raw in ("", "none"):
@@ -161,6 +171,9 @@ class Settings:
     database_pooler: str = ""
     # A direct connection (no pooler) for LISTEN and the doorbell's session lock.
     listen_database_url: str = ""
+    # Seconds without a successful attempt after which a failing webhook is disabled;
+    # None: never.
+    auto_disable_after: float | None = 5 * 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -190,6 +203,7 @@ class Settings:
             retention=_retention(env),
             database_pooler=_pooler(env),
             listen_database_url=env.get("OUTBOX_LISTEN_DATABASE_URL", "").strip(),
+            auto_disable_after=_auto_disable_after(env),
         )
 
     @property

@@ -22,10 +22,19 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from outbox.config import Settings
 from outbox.retry import parse_retry_after
 
-__all__ = ["BLOCKED_WITHOUT_ADDRESS", "Attempt", "Blocked", "Sender", "is_public"]
+__all__ = [
+    "BLOCKED_WITHOUT_ADDRESS",
+    "BODY_KEPT",
+    "Attempt",
+    "Blocked",
+    "Sender",
+    "body_text",
+    "is_public",
+]
 
-# Response bodies are read (so the connection can be reused) but never kept whole.
-_BODY_CAP = 64 * 1024
+# How much of each answer is kept, for the delivery log. No more is read: the rest of
+# a larger (or slow) body is left unread, and the connection closed rather than reused.
+BODY_KEPT = 1024
 
 
 class Blocked(OSError):
@@ -189,6 +198,8 @@ class Attempt:
     retry_after: float | None = None
     # The SSRF guard refused the target (error names the address).
     blocked: bool = False
+    # The first BODY_KEPT bytes of the answer as text; None when there was no answer.
+    response_body: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -253,6 +264,11 @@ class Sender:
         """Seconds one attempt may take, all of it (OUTBOX_HTTP_TIMEOUT)."""
         return self._settings.http_timeout
 
+    @property
+    def settings(self) -> Settings:
+        """The settings attempts are made with (the settings page describes them)."""
+        return self._settings
+
     async def __aenter__(self) -> Sender:
         context = ssl.create_default_context()
         if self._settings.ca_file:
@@ -277,14 +293,21 @@ class Sender:
         if self._session is not None:
             await self._session.close()
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
-        """POST once; never raises for anything the target or the network does."""
+    async def post(
+        self, url: str, body: bytes, headers: dict[str, str], started_at: datetime | None = None
+    ) -> Attempt:
+        """POST once; never raises for anything the target or the network does.
+
+        ``started_at`` is the send time the headers were made with, when they carry one,
+        so that the delivery log can show the request exactly as it was sent.
+        """
         assert self._session is not None, "use Sender as an async context manager"
-        started_at = datetime.now(UTC)
+        started_at = started_at or datetime.now(UTC)
         start = time.perf_counter()
         status: int | None = None
         retry_after: float | None = None
         blocked = False
+        head = bytearray()
         # One budget for all of it: waiting for a free connection, the lookup, connecting,
         # TLS, sending and reading. Once it is spent, the attempt is a timeout, whatever
         # aiohttp made of the cancellation on its way out.
@@ -297,7 +320,11 @@ class Sender:
                     url, data=body, headers=headers, allow_redirects=False
                 ) as response:
                     status = response.status
-                    await response.content.read(_BODY_CAP)
+                    while len(head) < BODY_KEPT:
+                        chunk = await response.content.read(BODY_KEPT - len(head))
+                        if not chunk:
+                            break
+                        head += chunk
                     if status in (429, 503):
                         retry_after = parse_retry_after(
                             response.headers.get("Retry-After"), datetime.now(UTC)
@@ -313,7 +340,8 @@ class Sender:
             # Whatever else goes wrong is still an attempt to record, not a lost delivery.
             error = f"internal error: {exc.__class__.__name__}: {exc}"
         duration_ms = round((time.perf_counter() - start) * 1000)
-        return Attempt(started_at, duration_ms, status, error, retry_after, blocked)
+        answer = None if status is None else body_text(bytes(head))
+        return Attempt(started_at, duration_ms, status, error, retry_after, blocked, answer)
 
     @staticmethod
     def _check_literal(url: str) -> None:
@@ -324,6 +352,12 @@ class Sender:
         except ValueError:
             return
         _check_address(host)
+
+
+def body_text(head: bytes) -> str:
+    """An answer's first bytes as text: invalid UTF-8 (also a character cut in two at the
+    end) replaced, and NUL, which Postgres text cannot hold, too."""
+    return head.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 def _http_reason(status: int, headers: Mapping[str, str]) -> str:

@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
@@ -28,7 +29,7 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 from outbox import db, metrics, wire
 from outbox.config import Settings
 from outbox.delivery import Attempt, Sender
-from outbox.retry import next_delay
+from outbox.retry import duration_words, next_delay
 from outbox.supervisor import Supervisor
 
 __all__ = ["Dispatcher"]
@@ -411,16 +412,19 @@ class Dispatcher:
 
     async def _deliver(self, job: Job) -> None:
         payload = wire.payload(job.format, job.event, job.timestamp, job.data)
+        # One clock reading for the header and the record: the delivery log rebuilds
+        # webhook-timestamp from started_at.
+        sent_at = datetime.now(UTC)
         headers = wire.headers(
             message_id=str(job.id),
             event=job.event,
             attempt=job.attempt,
             payload=payload,
             secret=job.secret,
-            now=int(time.time()),
+            now=int(sent_at.timestamp()),
             previous_secret=job.previous_secret,
         )
-        attempt = await self._sender.post(job.url, payload, headers)
+        attempt = await self._sender.post(job.url, payload, headers, started_at=sent_at)
         retry_in = None
         if attempt.ok:
             outcome = "succeeded"
@@ -484,10 +488,38 @@ class Dispatcher:
                 "error": r.attempt.error,
                 "outcome": r.outcome,
                 "retry_in": r.retry_in,
+                "response_body": r.attempt.response_body,
             }
             for r in batch
         ]
-        await self._records.execute(db.query("record"), {"results": json.dumps(results)})
+        cur = await self._records.execute(db.query("record"), {"results": json.dumps(results)})
+        failed_for_good = [row[0] for row in await cur.fetchall()]
+        after = self._settings.auto_disable_after
+        if failed_for_good and after is not None:
+            await self._auto_disable(failed_for_good, after)
+
+    async def _auto_disable(self, webhook_ids: list[int], after: float) -> None:
+        """Disable those of the webhooks that have not succeeded for ``after`` seconds."""
+        params = {
+            "webhook_ids": webhook_ids,
+            "after_seconds": after,
+            "after_text": duration_words(after),
+        }
+        try:
+            cur = await self._records.execute(db.query("auto_disable"), params)
+            disabled = await cur.fetchall()
+        except psycopg.Error as exc:
+            # The results are recorded; the next delivery that fails for good asks again.
+            log.warning("cannot disable failing webhooks now", error=str(exc))
+            return
+        for webhook_id, account_id, reason in disabled:
+            metrics.auto_disabled()
+            log.warning(
+                "webhook disabled: it kept failing",
+                webhook_id=webhook_id,
+                account_id=account_id,
+                reason=reason,
+            )
 
     async def _listen(self) -> None:
         """Turn NOTIFYs into wake-ups, on a connection of its own: waiting for

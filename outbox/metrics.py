@@ -17,7 +17,15 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
-__all__ = ["REGISTRY", "attempt", "claimed", "dispatcher_up", "exposition", "pending"]
+__all__ = [
+    "REGISTRY",
+    "attempt",
+    "auto_disabled",
+    "claimed",
+    "dispatcher_up",
+    "exposition",
+    "pending",
+]
 
 # The *_created series only repeat the process start time.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -39,7 +47,8 @@ _DELIVERIES = Counter(
 )
 _DURATION = Histogram(
     "outbox_attempt_duration_seconds",
-    "How long each HTTP attempt took, from connecting to the end of the response.",
+    "How long each HTTP attempt took, from connecting to the end of the response (or "
+    "its first 1024 bytes, all that is read).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
@@ -57,6 +66,12 @@ _PENDING = Gauge(
 _OLDEST = Gauge(
     "outbox_oldest_pending_age_seconds",
     "Age of the oldest pending delivery (since it was enqueued); 0 when none is pending.",
+    registry=REGISTRY,
+)
+_AUTO_DISABLED = Counter(
+    "outbox_webhooks_auto_disabled",
+    "Webhooks this process disabled because their deliveries kept failing and none "
+    "succeeded for OUTBOX_AUTO_DISABLE_AFTER.",
     registry=REGISTRY,
 )
 _UP = Gauge(
@@ -79,6 +94,11 @@ def attempt(outcome: str, seconds: float) -> None:
     finished = _DELIVERIES_BY.get(outcome)
     if finished is not None:
         finished.inc()
+
+
+def auto_disabled() -> None:
+    """A webhook was disabled for failing too long."""
+    _AUTO_DISABLED.inc()
 
 
 def claimed(count: int) -> None:

@@ -131,6 +131,40 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "Why the last finished delivery failed; null after a success.",
             },
             "pending": {"type": "integer", "minimum": 0},
+            "retrying": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Pending deliveries that have had at least one failed attempt.",
+            },
+            "last_attempt_at": {
+                **_nullable(_TIME),
+                "description": "When the newest attempt of any delivery started.",
+            },
+            "last_attempt_status": {
+                "type": ["string", "null"],
+                "enum": ["succeeded", "failed", None],
+                "description": "Of the newest attempt; null before the first one. Shows a "
+                "failing endpoint while its retries still run.",
+            },
+            "last_attempt_error": {
+                "type": ["string", "null"],
+                "description": "Why the newest attempt failed; null when it succeeded.",
+            },
+            "next_retry_at": {
+                **_nullable(_TIME),
+                "description": "The soonest next attempt of a retrying delivery.",
+            },
+            "next_retry_attempt": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "description": "Which attempt (1 + retries) that one will be, counted in "
+                "its series; there are 1 + len(OUTBOX_RETRY_DELAYS) in a series.",
+            },
+            "disabled_reason": {
+                "type": ["string", "null"],
+                "description": "Why the product disabled this webhook itself (it kept "
+                "failing); null otherwise. Enabling the webhook clears it.",
+            },
         }
     ),
     "WebhookCreate": _object(_WEBHOOK_INPUT, required=["name", "url", "event"]),
@@ -155,6 +189,24 @@ _SCHEMAS: dict[str, Any] = {
             "duration_ms": {"type": "integer", "minimum": 0},
             "response_status": {"type": ["integer", "null"]},
             "error": {"type": ["string", "null"]},
+            "response_body": {
+                "type": ["string", "null"],
+                "description": "The first 1024 bytes of the answer, as text (invalid UTF-8 "
+                "replaced); null when there was no answer.",
+            },
+            "request": _object(
+                {
+                    "method": {"type": "string", "enum": ["POST"]},
+                    "url": {"type": "string", "description": "The webhook's URL now."},
+                    "headers": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string"},
+                        "description": "The headers outbox set (not those the HTTP client "
+                        "adds: Host, Content-Length, Accept). Signatures are shown while "
+                        "the webhook is unchanged since the attempt; secrets never.",
+                    },
+                }
+            ),
         }
     ),
     "Delivery": _object(
@@ -170,6 +222,10 @@ _SCHEMAS: dict[str, Any] = {
             "last_response_status": {"type": ["integer", "null"]},
             "created_at": _TIME,
             "finished_at": _nullable(_TIME),
+            "request_body": {
+                "type": "string",
+                "description": "The body every attempt sent, rebuilt from the event.",
+            },
             "attempt_log": {"type": "array", "items": _ref("Attempt")},
         }
     ),

@@ -53,7 +53,9 @@ from urllib.parse import urlsplit
 import psycopg
 
 from outbox import db
+from outbox.config import Settings
 from outbox.errors import Invalid
+from outbox.retry import duration_words
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
@@ -81,6 +83,7 @@ __all__ = [
     "mint",
     "open_link",
     "parse_ttl",
+    "retry_note",
     "same_origin",
     "session",
     "settings_page",
@@ -468,9 +471,52 @@ def _fill(name: str, **values: str) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: html.escape(values[m[1]]), _template(name))
 
 
-def settings_page(current: Session) -> str:
-    """The Settings > Webhooks page for a signed-in browser."""
-    return _fill("webhooks.html", account=current.account_id, csrf_token=current.csrf_token)
+def settings_page(current: Session, settings: Settings) -> str:
+    """The Settings > Webhooks page for a signed-in browser; what it says about retries
+    comes from the settings in force."""
+    return _fill(
+        "webhooks.html",
+        account=current.account_id,
+        csrf_token=current.csrf_token,
+        max_attempts=str(len(settings.retry_delays) + 1),
+        retry_note=retry_note(settings),
+    )
+
+
+def _series(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def retry_note(settings: Settings) -> str:
+    """What happens to a delivery that fails, and to an endpoint that keeps failing."""
+    delays = settings.retry_delays
+    if delays:
+        times = "once" if len(delays) == 1 else f"up to {len(delays)} times"
+        retries = (
+            f"A delivery that fails is retried {times}: after about "
+            f"{_series([duration_words(d) for d in delays])}."
+        )
+    else:
+        retries = "A delivery that fails is not retried."
+    shown = (
+        "While a delivery is being retried its webhook shows Retrying with the reason; if "
+        "every attempt fails, it shows Failed, and its delivery log shows every attempt "
+        "with your endpoint's answer."
+        if delays
+        else "The webhook then shows Failed with the reason, and its delivery log shows "
+        "the attempt with your endpoint's answer."
+    )
+    note = (
+        f"{retries} Each attempt waits up to {duration_words(settings.http_timeout)} for "
+        f"an answer. {shown}"
+    )
+    if settings.auto_disable_after is not None:
+        note += (
+            " A webhook whose deliveries keep failing, with none succeeding for "
+            f"{duration_words(settings.auto_disable_after)}, is disabled; fix the endpoint, "
+            "then enable the webhook again."
+        )
+    return note
 
 
 def continue_page(claims: Claims) -> str:

@@ -7,7 +7,7 @@ import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-__all__ = ["JITTER", "next_delay", "parse_retry_after"]
+__all__ = ["JITTER", "duration_words", "next_delay", "parse_retry_after"]
 
 JITTER = 0.2
 
@@ -48,3 +48,18 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
         # HTTP dates are always GMT, whatever form (asctime, "-0000") they come in.
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - now).total_seconds())
+
+
+_UNITS = ((86400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
+
+
+def duration_words(seconds: float) -> str:
+    """A duration as people say it: ``5 days``, ``1 hour``, ``90 seconds``, ``0.2 seconds``.
+
+    The largest unit that divides it exactly, so nothing is rounded away.
+    """
+    for size, unit in _UNITS:
+        count = seconds / size
+        if count >= 1 and count == int(count):
+            return f"{int(count)} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds:g} seconds"

@@ -29,7 +29,9 @@ __all__ = [
     "emit",
     "get",
     "recover",
+    "request_body",
     "retry",
+    "sent_request",
     "status",
     "test",
     "update",
@@ -141,17 +143,67 @@ async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = N
     return await sender.post(webhook["url"], payload, headers)
 
 
+# Shown for a signature the delivery log cannot rebuild: the webhook (maybe its secret)
+# changed after the attempt, and what it was signed with is not kept.
+SIGNATURE_UNKNOWN = "(not shown: the webhook was changed after this attempt)"
+_SIGNATURES = ("X-Webhook-Signature", "webhook-signature")
+
+
+def sent_request(delivery: Mapping[str, Any], attempt: Mapping[str, Any]) -> dict[str, Any]:
+    """The request of one attempt, rebuilt from the event as it was sent (the body is
+    not stored twice): method, url and headers. Signatures are computed again with the
+    webhook's secret while the webhook is unchanged since the attempt; the secret
+    itself is never part of it."""
+    started_at: datetime = attempt["started_at"]
+    # A secret being rotated out signed beside the current one until it expired.
+    expires = delivery["wire_previous_secret_expires_at"]
+    previous = delivery["wire_previous_secret"] if expires and expires > started_at else None
+    headers = wire.headers(
+        message_id=str(delivery["id"]),
+        event=delivery["event"],
+        attempt=attempt["attempt"],
+        payload=request_body(delivery),
+        secret=delivery["wire_secret"],
+        now=int(started_at.timestamp()),
+        previous_secret=previous,
+    )
+    if delivery["wire_updated_at"] > started_at:
+        for name in _SIGNATURES:
+            if name in headers:
+                headers[name] = SIGNATURE_UNKNOWN
+    return {"method": "POST", "url": delivery["wire_url"], "headers": headers}
+
+
+def request_body(delivery: Mapping[str, Any]) -> bytes:
+    """The body every attempt of the delivery sent (in the webhook's format now)."""
+    return wire.payload(
+        delivery["wire_format"],
+        delivery["event"],
+        delivery["wire_timestamp"],
+        delivery["wire_data"],
+    )
+
+
 async def _with_attempts(
     conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Give each delivery row its ``attempt_log``: every attempt, oldest first."""
+    """Give each delivery row its ``request_body`` and ``attempt_log``: every attempt,
+    oldest first, each with the ``request`` it sent and the answer it got."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(db.query("delivery_attempts"), {"ids": [r["id"] for r in rows]})
         attempts = await cur.fetchall()
     by_delivery: dict[int, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
+    rows_by_id = {r["id"]: r for r in rows}
     for attempt in attempts:
-        by_delivery[attempt.pop("delivery_id")].append(attempt)
-    return [row | {"attempt_log": by_delivery[row["id"]]} for row in rows]
+        delivery = rows_by_id[attempt.pop("delivery_id")]
+        attempt["request"] = sent_request(delivery, attempt)
+        by_delivery[delivery["id"]].append(attempt)
+    shown = []
+    for row in rows:
+        body = request_body(row).decode()
+        visible = {k: v for k, v in row.items() if not k.startswith("wire_")}
+        shown.append(visible | {"request_body": body, "attempt_log": by_delivery[row["id"]]})
+    return shown
 
 
 async def deliveries(

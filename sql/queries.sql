@@ -15,12 +15,14 @@ SELECT * FROM outbox.claim_v1(
 -- Store a batch of attempt results in one round trip. The batch is one JSON array (one
 -- object per result): one parameter is far cheaper to send than nine arrays. A result
 -- counts only while its claim still holds the row: after a lost lease, the new holder's
--- result wins.
+-- result wins. Answers the webhooks of deliveries that failed for good in this batch,
+-- for the auto-disable rule (auto_disable).
 WITH result AS (
     SELECT *
     FROM json_to_recordset(%(results)s::json)
         AS r (id bigint, lease uuid, attempt int, started_at timestamptz, duration_ms int,
-              response_status int, error text, outcome text, retry_in float8)
+              response_status int, error text, outcome text, retry_in float8,
+              response_body text)
 ),
 recorded AS (
     UPDATE outbox.deliveries d
@@ -36,13 +38,83 @@ recorded AS (
         lease = NULL
     FROM result r
     WHERE d.id = r.id AND d.lease = r.lease
-    RETURNING d.id
+    RETURNING d.id, d.webhook_id, d.status
+),
+attempts AS (
+    INSERT INTO outbox.delivery_attempts
+        (delivery_id, attempt, started_at, duration_ms, response_status, error, response_body)
+    SELECT r.id, r.attempt, r.started_at, r.duration_ms, r.response_status, r.error,
+           r.response_body
+    FROM result r JOIN recorded USING (id)
+    ON CONFLICT DO NOTHING
+),
+newest AS (
+    -- Per webhook, the batch's newest attempt and its newest success. Sorted by webhook
+    -- so that concurrent batches lock health rows in the same order.
+    SELECT DISTINCT ON (rec.webhook_id)
+           rec.webhook_id, r.started_at, r.outcome, r.error,
+           max(r.started_at) FILTER (WHERE r.outcome = 'succeeded')
+               OVER (PARTITION BY rec.webhook_id) AS success_at
+    FROM result r JOIN recorded rec USING (id)
+    ORDER BY rec.webhook_id, r.started_at DESC, r.id DESC
+),
+health AS (
+    -- A result that arrives late (an older attempt than the one stored) never moves
+    -- the newest attempt back.
+    INSERT INTO outbox.webhook_health AS h
+        (webhook_id, last_attempt_at, last_attempt_status, last_attempt_error,
+         last_success_at)
+    SELECT webhook_id, started_at,
+           CASE WHEN outcome = 'succeeded' THEN 'succeeded' ELSE 'failed' END,
+           CASE WHEN outcome = 'succeeded' THEN NULL ELSE error END,
+           success_at
+    FROM newest
+    ORDER BY webhook_id
+    ON CONFLICT (webhook_id) DO UPDATE
+    SET last_attempt_at = greatest(h.last_attempt_at, excluded.last_attempt_at),
+        last_attempt_status = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
+                                   THEN excluded.last_attempt_status
+                                   ELSE h.last_attempt_status END,
+        last_attempt_error = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
+                                  THEN excluded.last_attempt_error
+                                  ELSE h.last_attempt_error END,
+        last_success_at = greatest(h.last_success_at, excluded.last_success_at)
 )
-INSERT INTO outbox.delivery_attempts
-    (delivery_id, attempt, started_at, duration_ms, response_status, error)
-SELECT r.id, r.attempt, r.started_at, r.duration_ms, r.response_status, r.error
-FROM result r JOIN recorded USING (id)
-ON CONFLICT DO NOTHING;
+SELECT DISTINCT rec.webhook_id
+FROM recorded rec
+WHERE rec.status = 'failed';
+
+-- auto_disable --
+-- Disable the given webhooks that have not had a successful attempt for
+-- %(after_seconds)s (counted from their creation when they never had one), saying why.
+-- Run right after a record that answered them, as a statement of its own, so that the
+-- record never holds delivery rows while it waits for a webhook's row lock (an edit
+-- of the webhook holds that lock and may be cancelling those very deliveries). The
+-- trigger outbox.webhooks_disabled() cancels their pending deliveries.
+WITH target AS (
+    -- Locked in id order, so that dispatchers disabling the same webhooks take turns.
+    SELECT w.id
+    FROM outbox.webhooks w
+    WHERE w.id = ANY (%(webhook_ids)s::bigint[]) AND w.enabled
+    ORDER BY w.id
+    FOR UPDATE
+)
+UPDATE outbox.webhooks w
+SET enabled = false,
+    disabled_reason = format(
+        'disabled automatically at %%s: deliveries kept failing and none succeeded for %%s '
+        '(last success: %%s)',
+        to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+        %(after_text)s::text,
+        coalesce(to_char(h.last_success_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                 'never'))
+FROM target t
+LEFT JOIN outbox.webhook_health h ON h.webhook_id = t.id
+WHERE w.id = t.id
+  AND w.enabled
+  AND coalesce(h.last_success_at, w.created_at)
+      <= now() - make_interval(secs => %(after_seconds)s)
+RETURNING w.id, w.account_id, w.disabled_reason;
 
 -- dispatcher_session --
 -- Set on each of a dispatcher's own connections, which run the claim and record
@@ -103,11 +175,22 @@ WHERE w.id = %(id)s;
 DELETE FROM outbox.webhooks WHERE id = %(id)s RETURNING id;
 
 -- webhook_status --
+-- next_retry_attempt: the number, within its series, of the attempt due at
+-- next_retry_at (found among the webhook's pending deliveries only).
 SELECT s.id, s.account_id, s.name, s.url, s.event, s.enabled, s.last_delivery_status,
        s.last_delivery_at, s.last_error, s.pending, w.secret IS NOT NULL AS has_secret,
-       w.previous_secret_expires_at, w.created_at, w.updated_at, s.format
+       w.previous_secret_expires_at, w.created_at, w.updated_at, s.format,
+       s.retrying, s.last_attempt_at, s.last_attempt_status, s.last_attempt_error,
+       s.next_retry_at, s.disabled_reason, retry.next_retry_attempt
 FROM outbox.webhook_status s
 JOIN outbox.webhooks w USING (id)
+LEFT JOIN LATERAL (
+    SELECT p.attempts - p.retry_base + 1 AS next_retry_attempt
+    FROM outbox.deliveries p
+    WHERE p.webhook_id = s.id AND p.status = 'pending' AND p.attempts > 0
+    ORDER BY p.next_attempt_at, p.id
+    LIMIT 1
+) retry ON true
 WHERE %(account_id)s::text IS NULL OR s.account_id = %(account_id)s
 ORDER BY s.account_id, s.id;
 
@@ -209,11 +292,19 @@ SELECT account_id FROM token;
 -- delivery_page --
 -- One page of a webhook's delivery log, newest first; %(before)s is the cursor (the
 -- last id of the previous page). next_attempt_at only means something while pending.
+-- The wire_ columns rebuild the requests that were sent (outbox.webhooks.sent_request).
 SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
-       d.last_error, d.last_response_status, d.created_at, d.finished_at
+       d.last_error, d.last_response_status, d.created_at, d.finished_at,
+       to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+           AS wire_timestamp,
+       e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
+       w.previous_secret AS wire_previous_secret,
+       w.previous_secret_expires_at AS wire_previous_secret_expires_at,
+       w.format AS wire_format, w.updated_at AS wire_updated_at
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id
+JOIN outbox.webhooks w ON w.id = d.webhook_id
 WHERE d.webhook_id = %(webhook_id)s
   AND (%(before)s::bigint IS NULL OR d.id < %(before)s::bigint)
 ORDER BY d.id DESC
@@ -223,7 +314,13 @@ LIMIT %(limit)s;
 -- One delivery, for an account (or for anyone when %(account_id)s is NULL).
 SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
-       d.last_error, d.last_response_status, d.created_at, d.finished_at
+       d.last_error, d.last_response_status, d.created_at, d.finished_at,
+       to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+           AS wire_timestamp,
+       e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
+       w.previous_secret AS wire_previous_secret,
+       w.previous_secret_expires_at AS wire_previous_secret_expires_at,
+       w.format AS wire_format, w.updated_at AS wire_updated_at
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id
 JOIN outbox.webhooks w ON w.id = d.webhook_id
@@ -231,7 +328,7 @@ WHERE d.id = %(id)s
   AND (%(account_id)s::text IS NULL OR w.account_id = %(account_id)s::text);
 
 -- delivery_attempts --
-SELECT delivery_id, attempt, started_at, duration_ms, response_status, error
+SELECT delivery_id, attempt, started_at, duration_ms, response_status, error, response_body
 FROM outbox.delivery_attempts
 WHERE delivery_id = ANY (%(ids)s::bigint[])
 ORDER BY delivery_id, attempt;

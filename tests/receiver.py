@@ -29,6 +29,11 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    body: bytes = b"ok"
+    # A body slow to finish: ``body`` is sent at once, then ``rest`` once ``release``
+    # is set (or the client has gone).
+    rest: bytes = b""
+    release: threading.Event | None = None
 
 
 class Receiver:
@@ -42,6 +47,8 @@ class Receiver:
 
     def __init__(self, ca: trustme.CA) -> None:
         self.requests: list[Received] = []
+        # Paths of slow answers whose client closed the connection before the rest came.
+        self.left_early: list[str] = []
         self.respond: Callable[[Received], Reply] = lambda _: Reply()
         self.chat: str | None = None
         self.refusals: list[str] = []
@@ -81,7 +88,22 @@ class Receiver:
         reply = self.respond(received)
         if reply.delay:
             await asyncio.sleep(reply.delay)
-        return web.Response(status=reply.status, headers=reply.headers, text="ok")
+        headers = {"Content-Type": "text/plain; charset=utf-8"} | reply.headers
+        if reply.release is None:
+            return web.Response(status=reply.status, headers=headers, body=reply.body)
+        response = web.StreamResponse(status=reply.status, headers=headers)
+        await response.prepare(request)
+        await response.write(reply.body)
+        transport = request.transport
+        while not reply.release.is_set() and transport is not None and not transport.is_closing():
+            await asyncio.sleep(0.01)
+        if transport is None or transport.is_closing():
+            with self._lock:
+                self.left_early.append(request.path)
+            return response
+        await response.write(reply.rest)
+        await response.write_eof()
+        return response
 
     def _refuse(self, body: bytes) -> web.Response | None:
         if self.chat is None:

@@ -13,6 +13,8 @@
   const LIST_POLL_MS = 5000;
   const LOG_POLL_MS = 3000;
   const csrfToken = document.querySelector('meta[name="outbox-csrf-token"]').content;
+  // Attempts in one series of a delivery: the first and its retries (OUTBOX_RETRY_DELAYS).
+  const MAX_ATTEMPTS = Number(document.querySelector('meta[name="outbox-max-attempts"]').content);
 
   const $ = (id) => document.getElementById(id);
 
@@ -80,6 +82,10 @@
     if (size < 45 * 60) return relative.format(Math.round(seconds / 60), "minute");
     if (size < 22 * 3600) return relative.format(Math.round(seconds / 3600), "hour");
     return relative.format(Math.round(seconds / 86400), "day");
+  }
+
+  function agoOrNone(iso) {
+    return iso ? ago(iso) : "";
   }
 
   function timeEl(iso, prefix) {
@@ -203,7 +209,9 @@
     // Relative times change by themselves, so they are part of what is compared.
     const signature =
       JSON.stringify(state.webhooks) +
-      state.webhooks.map((h) => h.last_delivery_at && ago(h.last_delivery_at)).join();
+      state.webhooks
+        .map((h) => [h.last_delivery_at, h.last_attempt_at, h.next_retry_at].map(agoOrNone))
+        .join();
     if (signature === state.listSignature) return;
     state.listSignature = signature;
 
@@ -217,7 +225,45 @@
     replaceKeepingFocus($("webhook-rows"), state.webhooks.map(row));
   }
 
+  // "next attempt in 9 minutes (attempt 3 of 4)": the soonest retry of the webhook's
+  // deliveries, and which attempt of its series it will be.
+  function nextRetryText(hook) {
+    if (!hook.next_retry_at) return "";
+    const due = Date.parse(hook.next_retry_at) <= Date.now();
+    const when = due ? "next attempt now" : `next attempt ${ago(hook.next_retry_at)}`;
+    if (!hook.next_retry_attempt) return when;
+    return `${when} (attempt ${hook.next_retry_attempt} of ${MAX_ATTEMPTS})`;
+  }
+
   function statusCell(hook) {
+    if (!hook.enabled && hook.disabled_reason) {
+      return [
+        el("span", { class: "status failed", text: "Disabled: kept failing" }),
+        el("span", { class: "reason", text: hook.disabled_reason }),
+        el("span", {
+          class: "how-back",
+          text:
+            "Fix the endpoint, then switch Enabled back on. Deliveries that failed " +
+            "meanwhile can be sent again from the delivery log.",
+        }),
+      ];
+    }
+    if (hook.retrying > 0) {
+      const words = [];
+      if (hook.last_attempt_status === "failed" && hook.last_attempt_error) {
+        words.push(hook.last_attempt_error);
+      }
+      const next = nextRetryText(hook);
+      if (next) words.push(next);
+      const parts = [
+        el("span", { class: "status retrying", text: "Retrying" }),
+        words.length
+          ? el("span", { class: "reason retrying-reason", text: words.join(" · ") })
+          : null,
+      ];
+      if (hook.last_attempt_at) parts.push(timeEl(hook.last_attempt_at, "Last attempt"));
+      return parts;
+    }
     if (!hook.last_delivery_status) {
       return [el("span", { class: "status none", text: "None yet" })];
     }
@@ -650,7 +696,14 @@
     show($("log-empty"), log.deliveries.length === 0);
     if (signature === log.signature) return;
     log.signature = signature;
-    replaceKeepingFocus($("log-list"), log.deliveries.map(deliveryItem));
+    // A request someone unfolded stays unfolded when the log is refreshed.
+    const list = $("log-list");
+    const unfolded = [...list.querySelectorAll("details[open]")].map((d) => d.dataset.key);
+    replaceKeepingFocus(list, log.deliveries.map(deliveryItem));
+    for (const key of unfolded) {
+      const again = list.querySelector(`details[data-key="${CSS.escape(key)}"]`);
+      if (again) again.open = true;
+    }
   }
 
   function deliveryItem(delivery) {
@@ -685,8 +738,62 @@
     if (delivery.last_error && delivery.status !== "succeeded") {
       parts.push(el("span", { class: "reason", text: delivery.last_error }));
     }
-    if (delivery.attempt_log.length) parts.push(attemptsTable(delivery));
+    if (delivery.attempt_log.length) {
+      parts.push(
+        attemptsTable(delivery),
+        el(
+          "div",
+          { class: "exchanges" },
+          ...delivery.attempt_log.map((attempt) => exchange(delivery, attempt)),
+        ),
+      );
+    }
     return el("li", { class: `delivery ${delivery.status}`, data: { id: delivery.id } }, ...parts);
+  }
+
+  function headerLines(headers) {
+    return Object.entries(headers)
+      .map(([name, value]) => `${name}: ${value}`)
+      .join("\n");
+  }
+
+  // The request an attempt sent and the answer it got, folded away under its row.
+  function exchange(delivery, attempt) {
+    const request = attempt.request;
+    const response =
+      attempt.response_status === null
+        ? [el("p", { class: "no-answer", text: `No answer: ${attempt.error || "no response"}` })]
+        : [
+            el("p", { class: "response-line", text: `HTTP ${attempt.response_status}` }),
+            el("pre", {
+              class: "response-body",
+              text: attempt.response_body === "" ? "(empty body)" : attempt.response_body,
+            }),
+          ];
+    return el(
+      "details",
+      { class: "exchange", data: { key: `exchange-${delivery.id}-${attempt.attempt}` } },
+      el("summary", { text: `Request and response of attempt ${attempt.attempt}` }),
+      el(
+        "div",
+        { class: "exchange-parts" },
+        el(
+          "section",
+          { class: "request", "aria-label": `Request of attempt ${attempt.attempt}` },
+          el("h4", { text: "Request" }),
+          el("p", { class: "request-line", text: `${request.method} ${request.url}` }),
+          el("pre", { class: "request-headers", text: headerLines(request.headers) }),
+          el("pre", { class: "request-body", text: delivery.request_body }),
+        ),
+        el(
+          "section",
+          { class: "response", "aria-label": `Response to attempt ${attempt.attempt}` },
+          el("h4", { text: "Response" }),
+          ...response,
+          el("p", { class: "duration", text: `${attempt.duration_ms} ms` }),
+        ),
+      ),
+    );
   }
 
   function attemptsTable(delivery) {
@@ -702,6 +809,7 @@
         }),
         el("td", { class: "num", text: `${attempt.duration_ms} ms` }),
         el("td", { class: "error", text: attempt.error || "" }),
+        el("td", { class: "answer", text: attempt.response_body || "" }),
       ),
     );
     return el(
@@ -718,6 +826,7 @@
           el("th", { scope: "col", text: "Status code" }),
           el("th", { scope: "col", class: "num", text: "Duration" }),
           el("th", { scope: "col", text: "Error" }),
+          el("th", { scope: "col", text: "Answer" }),
         ),
       ),
       el("tbody", {}, ...rows),

@@ -75,11 +75,12 @@ def claim(
 def record(
     conn: psycopg.Connection[Any],
     results: Sequence[dict[str, Any]],
-) -> None:
+) -> list[int]:
     """Run the record query with parameters built as Dispatcher._write does.
 
     Each result: id, lease, attempt, started (datetime), duration_ms, status, error,
-    outcome, retry_in.
+    outcome, retry_in, response_body. Answers the webhooks whose deliveries failed for
+    good.
     """
     rows = [
         {
@@ -92,8 +93,9 @@ def record(
             "error": r.get("error"),
             "outcome": r["outcome"],
             "retry_in": r.get("retry_in"),
+            "response_body": r.get("response_body"),
         }
         for r in results
     ]
     params = {"results": json.dumps(rows)}
-    conn.execute(db.query("record"), params)
+    return [row[0] for row in conn.execute(db.query("record"), params).fetchall()]

@@ -447,6 +447,13 @@ class TestWebhooks:
             "last_delivery_at": None,
             "last_error": None,
             "pending": 0,
+            "retrying": 0,
+            "last_attempt_at": None,
+            "last_attempt_status": None,
+            "last_attempt_error": None,
+            "next_retry_at": None,
+            "next_retry_attempt": None,
+            "disabled_reason": None,
         }
         stored = db("SELECT account_id, secret FROM outbox.webhooks WHERE id = %s", (hook["id"],))
         assert stored == [(api.main, SECRET)]

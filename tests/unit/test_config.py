@@ -327,3 +327,29 @@ class TestPooler:
         """A pooler we do not know is refused, with the values we do."""
         with pytest.raises(ConfigError, match="OUTBOX_DATABASE_POOLER: 'pgpool' is not none or"):
             Settings.from_env({**self.BASE, "OUTBOX_DATABASE_POOLER": "pgpool"})
+
+
+class TestAutoDisableAfter:
+    """OUTBOX_AUTO_DISABLE_AFTER: a DURATION, or off."""
+
+    def test_default_is_five_days(self) -> None:
+        assert Settings.from_env({"OUTBOX_LOG_FORMAT": "json"}).auto_disable_after == 432000
+
+    @pytest.mark.parametrize(
+        ("raw", "seconds"),
+        [("90", 90), ("90s", 90), ("15m", 900), ("12h", 43200), ("30d", 2592000), ("0.5s", 0.5)],
+    )
+    def test_durations(self, raw: str, seconds: float) -> None:
+        env = {"OUTBOX_LOG_FORMAT": "json", "OUTBOX_AUTO_DISABLE_AFTER": raw}
+        assert Settings.from_env(env).auto_disable_after == seconds
+
+    def test_off(self) -> None:
+        env = {"OUTBOX_LOG_FORMAT": "json", "OUTBOX_AUTO_DISABLE_AFTER": "OFF"}
+        assert Settings.from_env(env).auto_disable_after is None
+
+    @pytest.mark.parametrize("raw", ["soon", "5 days", "-1d", "0", "5w", "1e3"])
+    def test_bad_values_are_named(self, raw: str) -> None:
+        """Anything else is refused, naming the variable and the forms it takes."""
+        env = {"OUTBOX_LOG_FORMAT": "json", "OUTBOX_AUTO_DISABLE_AFTER": raw}
+        with pytest.raises(ConfigError, match=r"OUTBOX_AUTO_DISABLE_AFTER: .* is not a duration"):
+            Settings.from_env(env)

@@ -283,7 +283,7 @@ def _parse(html: str) -> _Collector:
 class TestPages:
     def test_the_settings_page_carries_the_session_escaped(self) -> None:
         session = portal.Session('acct_<script>"x"</script>', "csrf-token_1", datetime.now(UTC))
-        page = _parse(portal.settings_page(session))
+        page = _parse(portal.settings_page(session, Settings()))
         meta = [a for t, a in page.tags if t == "meta" and a.get("name") == "outbox-csrf-token"]
         assert meta == [{"name": "outbox-csrf-token", "content": "csrf-token_1"}]
         assert not any(t == "script" and "src" not in a for t, a in page.tags)
@@ -334,7 +334,7 @@ class TestPages:
     def test_the_settings_page_signs_out_with_its_csrf_token(self) -> None:
         """Sign out is a form that posts the session's CSRF token to ../settings/signout."""
         session = portal.Session("acct_1", "csrf-token_1", datetime.now(UTC))
-        page = _parse(portal.settings_page(session))
+        page = _parse(portal.settings_page(session, Settings()))
         forms = [a for t, a in page.tags if t == "form" and a.get("method") == "post"]
         assert forms == [{"method": "post", "action": "signout"}]
         hidden = [a for t, a in page.tags if t == "input" and a.get("type") == "hidden"]
@@ -399,3 +399,37 @@ class TestPublicUrl:
     def test_anything_else_is_refused(self, raw: str) -> None:
         with pytest.raises(ConfigError, match="OUTBOX_PUBLIC_URL"):
             Settings.from_env({"OUTBOX_PUBLIC_URL": raw})
+
+
+class TestRetryNote:
+    """The page's footnote about retries, from the settings in force."""
+
+    def test_the_defaults(self) -> None:
+        """The default settings: three retries, a 10 s wait, disabled after 5 days."""
+        note = portal.retry_note(Settings())
+        assert note.startswith(
+            "A delivery that fails is retried up to 3 times: after about 1 minute, "
+            "10 minutes and 1 hour. Each attempt waits up to 10 seconds for an answer."
+        )
+        assert "none succeeding for 5 days, is disabled" in note
+
+    def test_other_settings(self) -> None:
+        """One retry, a fractional timeout, and auto-disable off are said as they are."""
+        settings = Settings(retry_delays=(0.5,), http_timeout=2.5, auto_disable_after=None)
+        note = portal.retry_note(settings)
+        assert note.startswith(
+            "A delivery that fails is retried once: after about 0.5 seconds. "
+            "Each attempt waits up to 2.5 seconds"
+        )
+        assert "disabled" not in note
+
+    def test_no_retries(self) -> None:
+        note = portal.retry_note(Settings(retry_delays=()))
+        assert note.startswith("A delivery that fails is not retried.")
+
+    def test_the_page_shows_it_and_the_number_of_attempts(self) -> None:
+        session = portal.Session("acct_1", "csrf", datetime.now(UTC))
+        page = _parse(portal.settings_page(session, Settings(retry_delays=(1.0, 2.0))))
+        meta = [a for t, a in page.tags if t == "meta" and a.get("name") == "outbox-max-attempts"]
+        assert meta == [{"name": "outbox-max-attempts", "content": "3"}]
+        assert "retried up to 2 times: after about 1 second and 2 seconds" in "".join(page.text)

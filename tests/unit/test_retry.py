@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from outbox.retry import JITTER, next_delay, parse_retry_after
+from outbox.retry import JITTER, duration_words, next_delay, parse_retry_after
 
 DEFAULT = (60.0, 600.0, 3600.0)
 SEEDS = range(500)
@@ -171,3 +171,23 @@ class TestParseRetryAfter:
     def test_empty_is_none(self, value: str | None) -> None:
         """A missing, empty or blank header is None."""
         assert parse_retry_after(value, NOW) is None
+
+
+class TestDurationWords:
+    @pytest.mark.parametrize(
+        ("seconds", "words"),
+        [
+            (432000, "5 days"),
+            (86400, "1 day"),
+            (129600, "36 hours"),
+            (3600, "1 hour"),
+            (600, "10 minutes"),
+            (90, "90 seconds"),
+            (1, "1 second"),
+            (0.2, "0.2 seconds"),
+            (1.5, "1.5 seconds"),
+        ],
+    )
+    def test_the_largest_exact_unit(self, seconds: float, words: str) -> None:
+        """A duration is said in the largest unit that divides it, never rounded."""
+        assert duration_words(seconds) == words
