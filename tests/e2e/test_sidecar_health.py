@@ -274,7 +274,7 @@ class TestParts:
             lambda: (
                 sql.one(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND query LIKE '%%LISTEN outbox_wake%%'"
+                    " AND pid <> pg_backend_pid() AND query LIKE '%LISTEN outbox_wake;'"
                 )
                 == 1
             ),
