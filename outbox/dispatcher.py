@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, LiteralString, TypeVar
+from typing import Any, LiteralString
 
 import psycopg
 import structlog
@@ -75,17 +75,6 @@ class Result:
     attempt: Attempt
     outcome: str
     retry_in: float | None
-
-
-_K = TypeVar("_K", int, str)
-
-
-def _split(in_flight: Counter[_K], share: int) -> tuple[list[_K], dict[_K, int]]:
-    """Those at their share (the claim skips them), and the others with attempts in
-    flight, with how many (the claim gives them only what is left)."""
-    full = [k for k, n in in_flight.items() if n >= share]
-    busy = {k: n for k, n in in_flight.items() if 0 < n < share}
-    return full, busy
 
 
 class Doorbell:
@@ -332,25 +321,16 @@ class Dispatcher:
             await self._sleep(poll if due_in is None else min(poll, due_in))
 
     async def _claim(self, limit: int) -> tuple[list[Job], int]:
-        share = self._settings.per_webhook_limit
-        account_share = self._settings.per_account_limit
-        full, busy = _split(self._in_flight, share)
-        full_accounts, busy_accounts = _split(self._in_flight_accounts, account_share)
         lease = str(uuid.uuid4())
-        params = {
-            "limit": limit,
-            "window": limit * 2,
-            "per_webhook": share,
-            "full_webhooks": full,
-            "busy_webhooks": list(busy),
-            "busy_counts": list(busy.values()),
-            "per_account": account_share,
-            "full_accounts": full_accounts,
-            "busy_accounts": list(busy_accounts),
-            "busy_account_counts": list(busy_accounts.values()),
-            "lease_seconds": self._settings.lease_seconds,
-            "lease": lease,
-        }
+        params = db.claim_params(
+            limit=limit,
+            lease=lease,
+            lease_seconds=self._settings.lease_seconds,
+            per_webhook=self._settings.per_webhook_limit,
+            webhooks_in_flight=self._in_flight,
+            per_account=self._settings.per_account_limit,
+            accounts_in_flight=self._in_flight_accounts,
+        )
         cur = await self._claims.execute(db.query("claim"), params)
         rows = await cur.fetchall()
         metrics.claimed(len(rows))

@@ -50,23 +50,20 @@ def claim(
     lease_seconds: float = 60,
     lease: uuid.UUID | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the dispatcher's claim query with parameters built as Dispatcher._claim does."""
-    busy = busy or {}
-    busy_accounts = busy_accounts or {}
-    params = {
-        "limit": limit,
-        "window": limit * 2,
-        "per_webhook": per_webhook,
-        "full_webhooks": list(full),
-        "busy_webhooks": list(busy),
-        "busy_counts": list(busy.values()),
-        "per_account": per_account,
-        "full_accounts": list(full_accounts),
-        "busy_accounts": list(busy_accounts),
-        "busy_account_counts": list(busy_accounts.values()),
-        "lease_seconds": lease_seconds,
-        "lease": lease or uuid.uuid4(),
-    }
+    """Run the dispatcher's claim query with the parameters db.claim_params builds.
+
+    ``full`` webhooks are given a full share in flight; ``busy`` ones their count."""
+    webhooks = {w: per_webhook for w in full} | (busy or {})
+    accounts = {a: per_account for a in full_accounts} | (busy_accounts or {})
+    params = db.claim_params(
+        limit=limit,
+        lease=str(lease or uuid.uuid4()),
+        lease_seconds=lease_seconds,
+        per_webhook=per_webhook,
+        webhooks_in_flight=webhooks,
+        per_account=per_account,
+        accounts_in_flight=accounts,
+    )
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(db.query("claim"), params)
         return cur.fetchall()

@@ -575,15 +575,31 @@ class TestDispatcherConnection:
         connection = Connection(database_url, *RECORDS_SETUP)
 
         async def record_plan_rows() -> int:
+            # The record statement runs inside outbox.record_v1(), whose plan is kept by
+            # the session like a prepared statement's: auto_explain shows it.
             conn = await connection.get()
-            await conn.execute(db.query("record"), {"results": "[]"}, prepare=True)
-            cur = await conn.execute(
-                "SELECT name FROM pg_prepared_statements"
-                " WHERE statement LIKE '%%json_to_recordset%%'"
-            )
-            ((name,),) = await cur.fetchall()
-            cur = await conn.execute(f"EXPLAIN EXECUTE {name}('[]')")
-            plan = [line for (line,) in await cur.fetchall() if "on deliveries d " in line]
+            plans: list[str] = []
+
+            def keep(notice: psycopg.errors.Diagnostic) -> None:
+                plans.append(notice.message_primary or "")
+
+            conn.add_notice_handler(keep)
+            await conn.execute("LOAD 'auto_explain'")
+            await conn.execute("SET auto_explain.log_min_duration = 0")
+            await conn.execute("SET auto_explain.log_nested_statements = on")
+            await conn.execute("SET auto_explain.log_level = notice")
+            try:
+                await conn.execute(db.query("record"), {"results": "[]"}, prepare=True)
+            finally:
+                await conn.execute("SET auto_explain.log_min_duration = -1")
+                conn.remove_notice_handler(keep)
+            plan = [
+                line
+                for text in plans
+                if "json_to_recordset" in text
+                for line in text.splitlines()
+                if "on deliveries d " in line
+            ]
             return max(int(re.search(r"rows=(\d+)", line)[1]) for line in plan)  # type: ignore[index]
 
         try:
