@@ -9,64 +9,46 @@ have the right JSON types before passing them on. ``GET /healthz``, ``GET /ready
 and ``GET /metrics`` need no token: the first and the last answer from memory, and
 ``/readyz`` runs one tiny query.
 
-The settings page (outbox.portal) calls the same routes with its session cookie
-instead of a token: the cookie's account is the request's account, and every change
-must carry the session's CSRF token in ``X-CSRF-Token``. A request with an
-Authorization header is always judged by its token alone.
+The settings page (outbox.page) calls the same routes with its session cookie instead
+of a token; outbox.auth says how either is judged. make_app serves both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
-from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, errors, metrics, openapi, portal, tokens, webhooks
+from outbox import auth, db, errors, metrics, openapi, page, portal, webhooks
+from outbox.auth import ApiError
 from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender
 from outbox.events import EVENTS, check_event
 from outbox.supervisor import Supervisor
 from outbox.throttle import Refused, Throttle
 
-__all__ = ["BODY_LIMIT", "json_default", "make_app"]
+__all__ = ["BODY_LIMIT", "make_app"]
 
 log = structlog.get_logger("outbox.api")
 
-POOL = web.AppKey("pool", AsyncConnectionPool)
-LINK_KEYS = web.AppKey("link_keys", portal.LinkKeys)
 # Test sends have a Sender of their own, so that they never take the connections
 # deliveries need, and a Throttle.
 TEST_SENDER = web.AppKey("test_sender", Sender)
 THROTTLE = web.AppKey("throttle", Throttle)
-# The admin server's address as people reach it, for portal links; "" for the
-# address each request came to.
-PUBLIC_URL = web.AppKey("public_url", str)
 PARTS = web.AppKey("parts", Supervisor)
 # How often the backlog gauges of /metrics are read from the database.
 BACKLOG_EVERY = 5.0
-# Set by the auth middleware on every /api/ request that got past it.
-_ACCOUNT = "outbox.account"
-# Set as well when that request was signed in by the settings page's session cookie.
-_SESSION = "outbox.session"
-CSRF_HEADER = "X-CSRF-Token"
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # Request bodies are a handful of short fields; anything bigger is refused with 413.
 BODY_LIMIT = 64 * 1024
 PAGE_SIZE = 20
 PAGE_MAX = 100
-# How long an API call waits for a database connection before answering 503.
-DB_WAIT = 5.0
 _BIGINT_MAX = 2**63 - 1
 
 _WEBHOOK_FIELDS = (
@@ -99,36 +81,8 @@ _END_OVERLAP = "previous_secret_expires_at"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class ApiError(Exception):
-    """An answer other than success, in the API's error shape."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.headers = dict(headers or {})
-
-    def response(self) -> web.Response:
-        body = {"error": {"code": self.code, "message": str(self)}}
-        return web.json_response(body, status=self.status, headers=self.headers, dumps=_dumps)
-
-
-def json_default(value: Any) -> Any:
-    """JSON for what json.dumps cannot write: times as RFC 3339 in UTC (the CLI's too)."""
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _dumps(data: Any) -> str:
-    # The newline keeps a shell prompt off the end of what curl prints.
-    return json.dumps(data, default=json_default) + "\n"
-
-
 def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+    return web.json_response(data, status=status, headers=headers, dumps=auth.dumps)
 
 
 # Errors raised by outbox.webhooks and outbox.events, as (status, code).
@@ -173,65 +127,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/api/"):
-        request[_ACCOUNT] = await _authenticate(request)
+        request[auth.ACCOUNT] = await auth.authenticate(request)
     return await handler(request)
-
-
-def _unauthorized(message: str) -> ApiError:
-    return ApiError(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="outbox"'})
-
-
-def _secure(request: web.Request) -> bool:
-    """Whether browsers reach this server over https."""
-    return request.secure or request.app[PUBLIC_URL].startswith("https://")
-
-
-def _session_cookie(request: web.Request) -> str | None:
-    """The session cookie of the name this server gives it (see portal.cookie_name)."""
-    return request.cookies.get(portal.cookie_name(_secure(request)))
-
-
-async def _authenticate(request: web.Request) -> str:
-    cookie = _session_cookie(request)
-    if "Authorization" not in request.headers and cookie is not None:
-        return await _authenticate_session(request, cookie)
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise _unauthorized("send a token: Authorization: Bearer <token>")
-    async with _connection(request) as conn:
-        account = await tokens.account(conn, token)
-    if account is None:
-        raise _unauthorized("unknown or revoked token")
-    return account
-
-
-async def _authenticate_session(request: web.Request, cookie: str) -> str:
-    """The settings page's calls: the session cookie stands for a token, and a change
-    must also send the session's CSRF token, which only the page itself can read."""
-    async with _connection(request) as conn:
-        current = await portal.session(conn, cookie)
-    if current is None:
-        raise _unauthorized("the session has ended: open a new link to the settings page")
-    if request.method not in _SAFE_METHODS:
-        sent = request.headers.get(CSRF_HEADER, "").encode(errors="replace")
-        if not hmac.compare_digest(sent, current.csrf_token.encode()):
-            raise ApiError(
-                403, "forbidden", f"missing or wrong {CSRF_HEADER}: reload the settings page"
-            )
-    request[_SESSION] = current
-    return current.account_id
-
-
-def _account(request: web.Request) -> str:
-    account: str = request[_ACCOUNT]
-    return account
-
-
-def _connection(
-    request: web.Request,
-) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
-    return request.app[POOL].connection(timeout=DB_WAIT)
 
 
 def _id(request: web.Request, kind: str) -> int:
@@ -324,22 +221,6 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
     return fields
 
 
-def parse_since(value: Any) -> datetime:
-    """An ISO 8601 / RFC 3339 time with its offset: ``2026-11-27T10:00:00Z``."""
-    if not isinstance(value, str):
-        raise errors.Invalid("since is required: an ISO 8601 time, e.g. 2026-11-27T10:00:00Z")
-    try:
-        since = datetime.fromisoformat(value.strip().upper())
-    except ValueError:
-        since = None
-    if since is None or since.tzinfo is None:
-        raise errors.Invalid(
-            f"since must be an ISO 8601 time with a UTC offset, e.g. 2026-11-27T10:00:00Z, "
-            f"not {value!r}"
-        )
-    return since
-
-
 def page_params(query: Mapping[str, str]) -> tuple[int | None, int]:
     """(cursor, limit) of a delivery log request; 400 for values we cannot use."""
     raw_limit = query.get("limit", str(PAGE_SIZE))
@@ -388,7 +269,7 @@ async def readyz(request: web.Request) -> web.Response:
     if not parts.alive() or parts.stopping.is_set():
         return _probe(False)
     try:
-        async with asyncio.timeout(2), request.app[POOL].connection() as conn:
+        async with asyncio.timeout(2), request.app[auth.POOL].connection() as conn:
             found = await db.schema_version(conn)
     except (psycopg.Error, TimeoutError):
         return _probe(False)
@@ -425,15 +306,15 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
-    async with _connection(request) as conn:
-        rows = await webhooks.status(conn, _account(request))
+    async with auth.connection(request) as conn:
+        rows = await webhooks.status(conn, auth.account(request))
     return _json({"webhooks": [_webhook(row) for row in rows]})
 
 
 async def create_webhook(request: web.Request) -> web.Response:
-    account = _account(request)
+    account = auth.account(request)
     fields = webhook_fields(await _body(request), partial=False)
-    async with _connection(request) as conn:
+    async with auth.connection(request) as conn:
         webhook_id = await webhooks.add(conn, account_id=account, **fields)
         row = await _owned(conn, account, webhook_id)
     log.info("api: webhook created", account_id=account, webhook_id=webhook_id)
@@ -443,15 +324,15 @@ async def create_webhook(request: web.Request) -> web.Response:
 
 async def get_webhook(request: web.Request) -> web.Response:
     webhook_id = _id(request, "webhook")
-    async with _connection(request) as conn:
-        row = await _owned(conn, _account(request), webhook_id)
+    async with auth.connection(request) as conn:
+        row = await _owned(conn, auth.account(request), webhook_id)
     return _json(_webhook(row))
 
 
 async def update_webhook(request: web.Request) -> web.Response:
-    account, webhook_id = _account(request), _id(request, "webhook")
+    account, webhook_id = auth.account(request), _id(request, "webhook")
     fields = webhook_fields(await _body(request), partial=True)
-    async with _connection(request) as conn:
+    async with auth.connection(request) as conn:
         row = await _owned(conn, account, webhook_id)
         if fields:
             await webhooks.update(conn, webhook_id, **fields)
@@ -464,8 +345,8 @@ async def update_webhook(request: web.Request) -> web.Response:
 
 
 async def delete_webhook(request: web.Request) -> web.Response:
-    account, webhook_id = _account(request), _id(request, "webhook")
-    async with _connection(request) as conn:
+    account, webhook_id = auth.account(request), _id(request, "webhook")
+    async with auth.connection(request) as conn:
         await _owned(conn, account, webhook_id)
         await webhooks.delete(conn, webhook_id)
     log.info("api: webhook deleted", account_id=account, webhook_id=webhook_id)
@@ -474,7 +355,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
 
 async def test_webhook(request: web.Request) -> web.Response:
     """Send one sample payload now, signed, on the test sends' own connections."""
-    account, webhook_id = _account(request), _id(request, "webhook")
+    account, webhook_id = auth.account(request), _id(request, "webhook")
     body = await _body(request, required=False)
     for key in body:
         if key != "event":
@@ -482,7 +363,7 @@ async def test_webhook(request: web.Request) -> web.Response:
     event = body.get("event")
     if event is not None:
         check_event(_text("event", event))
-    async with _connection(request) as conn:
+    async with auth.connection(request) as conn:
         await _owned(conn, account, webhook_id)
         webhook = await webhooks.get(conn, webhook_id)
     throttle = request.app[THROTTLE]
@@ -524,8 +405,8 @@ async def test_webhook(request: web.Request) -> web.Response:
 async def list_deliveries(request: web.Request) -> web.Response:
     webhook_id = _id(request, "webhook")
     before, limit = page_params(request.query)
-    async with _connection(request) as conn:
-        await _owned(conn, _account(request), webhook_id)
+    async with auth.connection(request) as conn:
+        await _owned(conn, auth.account(request), webhook_id)
         # One more than asked for tells whether there is a next page.
         rows = await webhooks.deliveries(conn, webhook_id, before=before, limit=limit + 1)
     page = rows[:limit]
@@ -534,8 +415,8 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 
 async def retry_delivery(request: web.Request) -> web.Response:
-    account, delivery_id = _account(request), _id(request, "delivery")
-    async with _connection(request) as conn:
+    account, delivery_id = auth.account(request), _id(request, "delivery")
+    async with auth.connection(request) as conn:
         await webhooks.retry(conn, delivery_id, account)
         delivery = await webhooks.delivery(conn, delivery_id, account)
     log.info("api: delivery re-queued", account_id=account, delivery_id=delivery_id)
@@ -543,13 +424,13 @@ async def retry_delivery(request: web.Request) -> web.Response:
 
 
 async def recover_webhook(request: web.Request) -> web.Response:
-    account, webhook_id = _account(request), _id(request, "webhook")
+    account, webhook_id = auth.account(request), _id(request, "webhook")
     body = await _body(request)
     for key in body:
         if key != "since":
             raise errors.Invalid(f"unknown field {key!r}: recover takes only since")
-    since = parse_since(body.get("since"))
-    async with _connection(request) as conn:
+    since = webhooks.parse_since(body.get("since"))
+    async with auth.connection(request) as conn:
         await _owned(conn, account, webhook_id)
         count = await webhooks.recover(conn, webhook_id, since)
     log.info(
@@ -560,9 +441,9 @@ async def recover_webhook(request: web.Request) -> web.Response:
 
 async def create_portal_link(request: web.Request) -> web.Response:
     """A one-time link to the settings page of the token's account."""
-    if _SESSION in request:
+    if auth.SESSION in request:
         raise ApiError(403, "forbidden", "portal links are made with an API token")
-    account = _account(request)
+    account = auth.account(request)
     body = await _body(request, required=False)
     for key in body:
         if key != "ttl":
@@ -572,8 +453,8 @@ async def create_portal_link(request: web.Request) -> web.Response:
         raise errors.Invalid(
             f"ttl must be a whole number of seconds from 1 to {portal.LINK_SECONDS_MAX}"
         )
-    base_url = request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
-    async with _connection(request) as conn:
+    base_url = request.app[auth.PUBLIC_URL] or f"{request.scheme}://{request.host}"
+    async with auth.connection(request) as conn:
         link = await portal.mint(conn, account, base_url=base_url, seconds=ttl)
     log.info("api: portal link made", account_id=account, expires_at=link.expires_at)
     return _json({"url": link.url, "expires_at": link.expires_at}, status=201)
@@ -581,157 +462,13 @@ async def create_portal_link(request: web.Request) -> web.Response:
 
 async def end_portal_sessions(request: web.Request) -> web.Response:
     """Sign the token's account out of the settings page in every browser."""
-    if _SESSION in request:
+    if auth.SESSION in request:
         raise ApiError(403, "forbidden", "portal sessions are ended with an API token")
-    account = _account(request)
-    async with _connection(request) as conn:
+    account = auth.account(request)
+    async with auth.connection(request) as conn:
         count = await portal.end_sessions(conn, account)
     log.info("api: portal sessions ended", account_id=account, count=count)
     return web.Response(status=204)
-
-
-def _page(text: str, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    sent = {**portal.PAGE_HEADERS, "Cache-Control": "no-store", **(headers or {})}
-    return web.Response(text=text, status=status, content_type="text/html", headers=sent)
-
-
-def _unavailable_page() -> web.Response:
-    message = "The database is not answering. Try again in a moment."
-    return _page(portal.message_page("Settings are unavailable", message), 503)
-
-
-def _refused_page(exc: portal.LinkRefused) -> web.Response:
-    log.info("portal: link refused", reason=exc.reason)
-    return _page(portal.message_page(exc.title, exc.explanation), exc.status)
-
-
-def _set_session_cookie(
-    request: web.Request, response: web.StreamResponse, value: str, max_age: int
-) -> None:
-    secure = _secure(request)
-    response.set_cookie(
-        portal.cookie_name(secure),
-        value,
-        max_age=max_age,
-        path="/",
-        httponly=True,
-        samesite="Strict",
-        secure=secure,
-    )
-
-
-async def _checked_link(request: web.Request) -> portal.Claims:
-    """The link's claims, checked against the key this process keeps: garbage and
-    expired links are refused before any connection is taken from the pool."""
-    keys = request.app[LINK_KEYS]
-    return await keys.check(request.match_info["token"], lambda: _connection(request))
-
-
-async def show_portal_link(request: web.Request) -> web.Response:
-    """Fetching a link uses nothing up: a page whose Continue button signs in."""
-    try:
-        claims = await _checked_link(request)
-    except portal.LinkRefused as exc:
-        return _refused_page(exc)
-    except psycopg.OperationalError:
-        return _unavailable_page()
-    # The button's POST must say where it comes from (see same_origin): a page whose
-    # referrer policy is no-referrer makes browsers send Origin: null.
-    return _page(portal.continue_page(claims), headers={"Referrer-Policy": "same-origin"})
-
-
-async def open_portal_link(request: web.Request) -> web.Response:
-    """Use a one-time link: a session cookie for its account, then the settings page."""
-    hosts = {request.host, urlsplit(request.app[PUBLIC_URL]).netloc}
-    if not portal.same_origin(request.headers, hosts):
-        # Another site posting a link of its own would sign this browser in to the
-        # account of that site's choosing.
-        log.info("portal: cross-site sign-in refused", origin=request.headers.get("Origin"))
-        message = (
-            "Signing in must start from the page the link opens. Open your link again "
-            "and press Continue."
-        )
-        return _page(portal.message_page("This sign-in was not completed", message), 403)
-    try:
-        await _checked_link(request)
-        async with _connection(request) as conn:
-            current = await portal.open_link(conn, request.match_info["token"])
-    except portal.LinkRefused as exc:
-        return _refused_page(exc)
-    except psycopg.OperationalError:
-        return _unavailable_page()
-    log.info("portal: link opened", account_id=current.account_id)
-    response = _page("", 303, {"Location": "../settings/webhooks"})
-    _set_session_cookie(request, response, current.cookie, portal.SESSION_SECONDS)
-    return response
-
-
-async def settings_page(request: web.Request) -> web.Response:
-    """Settings > Webhooks, for a browser signed in by a portal link."""
-    cookie = _session_cookie(request)
-    current = None
-    if cookie:
-        try:
-            async with _connection(request) as conn:
-                current = await portal.session(conn, cookie)
-        except psycopg.OperationalError:
-            return _unavailable_page()
-    if current is None:
-        message = (
-            "This page opens from a one-time link, and stays signed in for "
-            f"{portal.SESSION_SECONDS // 3600} hours. Go back to your account and open "
-            "Settings > Webhooks again to get a new link."
-        )
-        return _page(portal.message_page("You are not signed in", message), 401)
-    return _page(portal.settings_page(current, request.app[TEST_SENDER].settings))
-
-
-async def sign_out(request: web.Request) -> web.Response:
-    """The page's Sign out button: ends this browser's session and says so. The form
-    carries the session's CSRF token, so that no other page can sign anyone out."""
-    cookie = _session_cookie(request)
-    if cookie:
-        sent = await _form_field(request, "csrf_token")
-        try:
-            async with _connection(request) as conn:
-                current = await portal.session(conn, cookie)
-                if current is not None:
-                    if not hmac.compare_digest(
-                        sent.encode(errors="replace"), current.csrf_token.encode()
-                    ):
-                        message = "Reload the settings page and press Sign out again."
-                        return _page(portal.message_page("You are still signed in", message), 403)
-                    await portal.end_session(conn, cookie)
-                    log.info("portal: signed out", account_id=current.account_id)
-        except psycopg.OperationalError:
-            return _unavailable_page()
-    response = _page(portal.signed_out_page())
-    _set_session_cookie(request, response, "", 0)
-    return response
-
-
-async def _form_field(request: web.Request, name: str) -> str:
-    """A field of a form the page posted; "" when the body is no such form."""
-    try:
-        form = await request.post()
-    except (ValueError, web.HTTPRequestEntityTooLarge):
-        return ""
-    value = form.get(name)
-    return value if isinstance(value, str) else ""
-
-
-async def static_file(request: web.Request) -> web.FileResponse:
-    """The settings page's stylesheet and script."""
-    name = request.match_info["name"]
-    path = portal.static_path(name)
-    if path is None:
-        raise errors.NotFound(f"file {name} not found")
-    headers = {
-        **portal.PAGE_HEADERS,
-        "Content-Type": portal.STATIC_FILES[name],
-        "Cache-Control": "no-cache",
-    }
-    return web.FileResponse(path, headers=headers)
 
 
 def make_app(
@@ -746,11 +483,10 @@ def make_app(
     but not the dispatcher's own. Portal links start with ``public_url`` (default: the
     address each request came to). ``parts`` says whether the sidecar is alive."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_LIMIT)
-    app[POOL] = pool
+    app[auth.POOL] = pool
     app[TEST_SENDER] = test_sender
     app[THROTTLE] = Throttle(test_sender.timeout)
-    app[PUBLIC_URL] = public_url
-    app[LINK_KEYS] = portal.LinkKeys()
+    app[auth.PUBLIC_URL] = public_url
     app[PARTS] = parts
     add = app.router.add_route
     add("GET", "/healthz", healthz)
@@ -769,9 +505,5 @@ def make_app(
     add("POST", "/api/v1/deliveries/{id}/retry", retry_delivery)
     add("POST", "/api/v1/portal-links", create_portal_link)
     add("DELETE", "/api/v1/portal-sessions", end_portal_sessions)
-    add("GET", "/portal/{token}", show_portal_link)
-    add("POST", "/portal/{token}", open_portal_link)
-    add("GET", "/settings/webhooks", settings_page)
-    add("POST", "/settings/signout", sign_out)
-    add("GET", "/static/{name}", static_file)
+    page.add_routes(app, test_sender.settings)
     return app

@@ -15,7 +15,7 @@ import psycopg
 
 from outbox import (
     __version__,
-    api,
+    auth,
     db,
     errors,
     listen,
@@ -155,7 +155,7 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = await webhooks.status(conn, args.account)
     if args.json:
-        print(json.dumps(rows, default=api.json_default, indent=2))
+        print(json.dumps(rows, default=auth.json_default, indent=2))
     elif rows:
         print(_table(rows, _COLUMNS))
     else:
@@ -220,7 +220,7 @@ def _id(kind: str) -> Callable[[str], int]:
 
 def _since(raw: str) -> datetime:
     try:
-        return api.parse_since(raw)
+        return webhooks.parse_since(raw)
     except errors.Invalid as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -240,7 +240,7 @@ async def _token_list(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = await tokens.for_account(conn, args.account)
     if args.json:
-        print(json.dumps(rows, default=api.json_default, indent=2))
+        print(json.dumps(rows, default=auth.json_default, indent=2))
     elif rows:
         print(_table(rows, ("id", "created_at", "last_used_at")))
     else:

@@ -21,7 +21,7 @@ same JSON API as everyone else, with the session cookie instead of a token.
   signs it out everywhere at once), at the cost of one lookup per request, the same as
   an API token's.
 - Every change the page makes carries the CSRF token in ``X-CSRF-Token`` (checked by
-  outbox.api), besides the cookie being HttpOnly and SameSite=Strict, and named with
+  outbox.auth), besides the cookie being HttpOnly and SameSite=Strict, and named with
   the ``__Host-`` prefix over https, so that no other host of the domain can plant one.
 - Signing in must come from the Continue page itself (same_origin), so that another
   site cannot sign a visitor's browser in to an account of its choosing.

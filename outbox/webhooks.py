@@ -28,6 +28,7 @@ __all__ = [
     "delivery",
     "emit",
     "get",
+    "parse_since",
     "recover",
     "request_body",
     "retry",
@@ -266,3 +267,19 @@ async def recover(conn: psycopg.AsyncConnection[Any], webhook_id: int, since: da
     if count:
         await conn.execute(db.query("wake"))
     return count
+
+
+def parse_since(value: Any) -> datetime:
+    """An ISO 8601 / RFC 3339 time with its offset: ``2026-11-27T10:00:00Z``."""
+    if not isinstance(value, str):
+        raise errors.Invalid("since is required: an ISO 8601 time, e.g. 2026-11-27T10:00:00Z")
+    try:
+        since = datetime.fromisoformat(value.strip().upper())
+    except ValueError:
+        since = None
+    if since is None or since.tzinfo is None:
+        raise errors.Invalid(
+            f"since must be an ISO 8601 time with a UTC offset, e.g. 2026-11-27T10:00:00Z, "
+            f"not {value!r}"
+        )
+    return since

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api, metrics, openapi, tokens
+from outbox import api, auth, metrics, openapi, tokens, webhooks
 from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.errors import Invalid
@@ -68,13 +68,13 @@ class TestParseSince:
         ],
     )
     def test_rfc_3339_times(self, raw: str, expected: datetime) -> None:
-        assert api.parse_since(raw) == expected
+        assert webhooks.parse_since(raw) == expected
 
     @pytest.mark.parametrize("raw", ["2026-11-27T10:00:00", "2026-11-27", "yesterday", "", 5, None])
     def test_times_without_an_offset_and_non_times_are_invalid(self, raw: Any) -> None:
         """A time without an offset is ambiguous by hours, so it is refused."""
         with pytest.raises(Invalid, match="since"):
-            api.parse_since(raw)
+            webhooks.parse_since(raw)
 
 
 class TestPageParams:
@@ -96,7 +96,7 @@ class TestPageParams:
         ],
     )
     def test_malformed_values_are_400(self, query: dict[str, str]) -> None:
-        with pytest.raises(api.ApiError) as raised:
+        with pytest.raises(auth.ApiError) as raised:
             api.page_params(query)
         assert raised.value.status == 400
 
@@ -178,4 +178,4 @@ class TestDocument:
 def test_times_are_utc_with_z() -> None:
     """Every time in an answer is RFC 3339 in UTC, whatever the session's time zone."""
     at = datetime(2026, 11, 27, 14, 30, tzinfo=timezone(timedelta(hours=1)))
-    assert api.json_default(at) == "2026-11-27T13:30:00Z"
+    assert auth.json_default(at) == "2026-11-27T13:30:00Z"

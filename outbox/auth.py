@@ -1,0 +1,136 @@
+"""Who is asking the admin server, and the pieces every route shares.
+
+An ``/api/`` call is made for one account: the one its bearer token belongs to, or, for
+the settings page's own calls, the one its session cookie was signed in to (then every
+change must also carry the session's CSRF token in ``X-CSRF-Token``, which only the page
+itself can read). A request with an Authorization header is judged by its token alone.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from outbox import portal, tokens
+
+__all__ = [
+    "ACCOUNT",
+    "CSRF_HEADER",
+    "POOL",
+    "PUBLIC_URL",
+    "SESSION",
+    "ApiError",
+    "account",
+    "authenticate",
+    "connection",
+    "dumps",
+    "json_default",
+    "secure",
+    "session_cookie",
+]
+
+POOL = web.AppKey("pool", AsyncConnectionPool)
+# The admin server's address as people reach it, for portal links; "" for the
+# address each request came to.
+PUBLIC_URL = web.AppKey("public_url", str)
+# Set by the auth middleware on every /api/ request that got past it.
+ACCOUNT = "outbox.account"
+# Set as well when that request was signed in by the settings page's session cookie.
+SESSION = "outbox.session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# How long a request waits for a database connection before answering 503.
+DB_WAIT = 5.0
+
+
+class ApiError(Exception):
+    """An answer other than success, in the API's error shape."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        body = {"error": {"code": self.code, "message": str(self)}}
+        return web.json_response(body, status=self.status, headers=self.headers, dumps=dumps)
+
+
+def json_default(value: Any) -> Any:
+    """JSON for what json.dumps cannot write: times as RFC 3339 in UTC (the CLI's too)."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dumps(data: Any) -> str:
+    # The newline keeps a shell prompt off the end of what curl prints.
+    return json.dumps(data, default=json_default) + "\n"
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="outbox"'})
+
+
+def secure(request: web.Request) -> bool:
+    """Whether browsers reach this server over https."""
+    return request.secure or request.app[PUBLIC_URL].startswith("https://")
+
+
+def session_cookie(request: web.Request) -> str | None:
+    """The session cookie of the name this server gives it (see portal.cookie_name)."""
+    return request.cookies.get(portal.cookie_name(secure(request)))
+
+
+async def authenticate(request: web.Request) -> str:
+    cookie = session_cookie(request)
+    if "Authorization" not in request.headers and cookie is not None:
+        return await _authenticate_session(request, cookie)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("send a token: Authorization: Bearer <token>")
+    async with connection(request) as conn:
+        account = await tokens.account(conn, token)
+    if account is None:
+        raise _unauthorized("unknown or revoked token")
+    return account
+
+
+async def _authenticate_session(request: web.Request, cookie: str) -> str:
+    """The settings page's calls: the session cookie stands for a token, and a change
+    must also send the session's CSRF token, which only the page itself can read."""
+    async with connection(request) as conn:
+        current = await portal.session(conn, cookie)
+    if current is None:
+        raise _unauthorized("the session has ended: open a new link to the settings page")
+    if request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "").encode(errors="replace")
+        if not hmac.compare_digest(sent, current.csrf_token.encode()):
+            raise ApiError(
+                403, "forbidden", f"missing or wrong {CSRF_HEADER}: reload the settings page"
+            )
+    request[SESSION] = current
+    return current.account_id
+
+
+def account(request: web.Request) -> str:
+    account: str = request[ACCOUNT]
+    return account
+
+
+def connection(
+    request: web.Request,
+) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+    return request.app[POOL].connection(timeout=DB_WAIT)

@@ -1,0 +1,184 @@
+"""The settings page: one-time portal links, the page itself, Sign out, its files.
+
+A portal link is opened in two steps: a GET shows a Continue button and uses nothing
+up (mail scanners and chat previews fetch links), and only that button's POST uses the
+link and sets the session cookie. The page then calls the JSON API (outbox.api) with
+that cookie; outbox.auth says how such calls are judged.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import psycopg
+import structlog
+from aiohttp import web
+
+from outbox import auth, errors, portal
+from outbox.config import Settings
+
+__all__ = ["LINK_KEYS", "SETTINGS", "add_routes"]
+
+log = structlog.get_logger("outbox.page")
+
+LINK_KEYS = web.AppKey("link_keys", portal.LinkKeys)
+# What the page says about retries comes from the settings in force.
+SETTINGS = web.AppKey("settings", Settings)
+
+
+def _page(text: str, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    sent = {**portal.PAGE_HEADERS, "Cache-Control": "no-store", **(headers or {})}
+    return web.Response(text=text, status=status, content_type="text/html", headers=sent)
+
+
+def _unavailable_page() -> web.Response:
+    message = "The database is not answering. Try again in a moment."
+    return _page(portal.message_page("Settings are unavailable", message), 503)
+
+
+def _refused_page(exc: portal.LinkRefused) -> web.Response:
+    log.info("portal: link refused", reason=exc.reason)
+    return _page(portal.message_page(exc.title, exc.explanation), exc.status)
+
+
+def _set_session_cookie(
+    request: web.Request, response: web.StreamResponse, value: str, max_age: int
+) -> None:
+    secure = auth.secure(request)
+    response.set_cookie(
+        portal.cookie_name(secure),
+        value,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=secure,
+    )
+
+
+async def _checked_link(request: web.Request) -> portal.Claims:
+    """The link's claims, checked against the key this process keeps: garbage and
+    expired links are refused before any connection is taken from the pool."""
+    keys = request.app[LINK_KEYS]
+    return await keys.check(request.match_info["token"], lambda: auth.connection(request))
+
+
+async def show_portal_link(request: web.Request) -> web.Response:
+    """Fetching a link uses nothing up: a page whose Continue button signs in."""
+    try:
+        claims = await _checked_link(request)
+    except portal.LinkRefused as exc:
+        return _refused_page(exc)
+    except psycopg.OperationalError:
+        return _unavailable_page()
+    # The button's POST must say where it comes from (see same_origin): a page whose
+    # referrer policy is no-referrer makes browsers send Origin: null.
+    return _page(portal.continue_page(claims), headers={"Referrer-Policy": "same-origin"})
+
+
+async def open_portal_link(request: web.Request) -> web.Response:
+    """Use a one-time link: a session cookie for its account, then the settings page."""
+    hosts = {request.host, urlsplit(request.app[auth.PUBLIC_URL]).netloc}
+    if not portal.same_origin(request.headers, hosts):
+        # Another site posting a link of its own would sign this browser in to the
+        # account of that site's choosing.
+        log.info("portal: cross-site sign-in refused", origin=request.headers.get("Origin"))
+        message = (
+            "Signing in must start from the page the link opens. Open your link again "
+            "and press Continue."
+        )
+        return _page(portal.message_page("This sign-in was not completed", message), 403)
+    try:
+        await _checked_link(request)
+        async with auth.connection(request) as conn:
+            current = await portal.open_link(conn, request.match_info["token"])
+    except portal.LinkRefused as exc:
+        return _refused_page(exc)
+    except psycopg.OperationalError:
+        return _unavailable_page()
+    log.info("portal: link opened", account_id=current.account_id)
+    response = _page("", 303, {"Location": "../settings/webhooks"})
+    _set_session_cookie(request, response, current.cookie, portal.SESSION_SECONDS)
+    return response
+
+
+async def settings_page(request: web.Request) -> web.Response:
+    """Settings > Webhooks, for a browser signed in by a portal link."""
+    cookie = auth.session_cookie(request)
+    current = None
+    if cookie:
+        try:
+            async with auth.connection(request) as conn:
+                current = await portal.session(conn, cookie)
+        except psycopg.OperationalError:
+            return _unavailable_page()
+    if current is None:
+        message = (
+            "This page opens from a one-time link, and stays signed in for "
+            f"{portal.SESSION_SECONDS // 3600} hours. Go back to your account and open "
+            "Settings > Webhooks again to get a new link."
+        )
+        return _page(portal.message_page("You are not signed in", message), 401)
+    return _page(portal.settings_page(current, request.app[SETTINGS]))
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    """The page's Sign out button: ends this browser's session and says so. The form
+    carries the session's CSRF token, so that no other page can sign anyone out."""
+    cookie = auth.session_cookie(request)
+    if cookie:
+        sent = await _form_field(request, "csrf_token")
+        try:
+            async with auth.connection(request) as conn:
+                current = await portal.session(conn, cookie)
+                if current is not None:
+                    if not hmac.compare_digest(
+                        sent.encode(errors="replace"), current.csrf_token.encode()
+                    ):
+                        message = "Reload the settings page and press Sign out again."
+                        return _page(portal.message_page("You are still signed in", message), 403)
+                    await portal.end_session(conn, cookie)
+                    log.info("portal: signed out", account_id=current.account_id)
+        except psycopg.OperationalError:
+            return _unavailable_page()
+    response = _page(portal.signed_out_page())
+    _set_session_cookie(request, response, "", 0)
+    return response
+
+
+async def _form_field(request: web.Request, name: str) -> str:
+    """A field of a form the page posted; "" when the body is no such form."""
+    try:
+        form = await request.post()
+    except (ValueError, web.HTTPRequestEntityTooLarge):
+        return ""
+    value = form.get(name)
+    return value if isinstance(value, str) else ""
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """The settings page's stylesheet and script."""
+    name = request.match_info["name"]
+    path = portal.static_path(name)
+    if path is None:
+        raise errors.NotFound(f"file {name} not found")
+    headers = {
+        **portal.PAGE_HEADERS,
+        "Content-Type": portal.STATIC_FILES[name],
+        "Cache-Control": "no-cache",
+    }
+    return web.FileResponse(path, headers=headers)
+
+
+def add_routes(app: web.Application, settings: Settings) -> None:
+    """The page's routes, on the admin server's ``app``."""
+    app[LINK_KEYS] = portal.LinkKeys()
+    app[SETTINGS] = settings
+    add = app.router.add_route
+    add("GET", "/portal/{token}", show_portal_link)
+    add("POST", "/portal/{token}", open_portal_link)
+    add("GET", "/settings/webhooks", settings_page)
+    add("POST", "/settings/signout", sign_out)
+    add("GET", "/static/{name}", static_file)
