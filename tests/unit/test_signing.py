@@ -227,26 +227,24 @@ class TestStandardKey:
         secret = generate_secret()
         assert signature(secret, BODY) == "sha256=" + _hex(secret.encode(), BODY)
 
+    @staticmethod
+    def signed(secret: str, msg_id: str) -> dict[str, str]:
+        now = int(time.time())
+        return {
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(now),
+            "webhook-signature": standard_signature(secret, msg_id, now, BODY),
+        }
+
     def test_python_library_verifies_with_the_secret_itself(self) -> None:
         """standardwebhooks.Webhook(secret), given the whsec_ string, accepts the request."""
         secret = generate_secret()
-        now = int(time.time())
-        headers = {
-            "webhook-id": "msg_7",
-            "webhook-timestamp": str(now),
-            "webhook-signature": standard_signature(secret, "msg_7", now, BODY),
-        }
-        standardwebhooks.Webhook(secret).verify(BODY, headers)
+        standardwebhooks.Webhook(secret).verify(BODY, self.signed(secret, "msg_7"))
 
     def test_npm_library_verifies_with_the_secret_itself(self) -> None:
         """The npm standardwebhooks package's `new Webhook(secret)` accepts the request."""
         secret = generate_secret()
-        now = int(time.time())
-        headers = {
-            "webhook-id": "msg_8",
-            "webhook-timestamp": str(now),
-            "webhook-signature": standard_signature(secret, "msg_8", now, BODY),
-        }
+        headers = self.signed(secret, "msg_8")
         assert node_verify(secret, BODY, headers) == "ok"
         tampered = headers | {"webhook-id": "msg_9"}
         assert node_verify(secret, BODY, tampered) != "ok"
