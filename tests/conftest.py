@@ -266,6 +266,22 @@ class Sidecar:
         return self.wait()
 
 
+def run_outbox(
+    env: dict[str, str], *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """One `outbox ARGS...` command, run to its end from this checkout, output kept."""
+    return subprocess.run(
+        [sys.executable, "-m", "outbox", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
 def sidecar_environment(database_url: str, ca_file: str, **settings: str) -> dict[str, str]:
     """This process's environment without any OUTBOX_ setting, plus test settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}

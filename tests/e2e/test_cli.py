@@ -15,7 +15,7 @@ import standardwebhooks
 
 from outbox import db, tokens
 from outbox.events import EVENTS
-from tests.conftest import ROOT, SQL, sidecar_environment, wait_until
+from tests.conftest import ROOT, SQL, run_outbox, sidecar_environment, wait_until
 from tests.receiver import Receiver, Reply
 
 
@@ -24,16 +24,7 @@ def outbox(database_url: str, ca_file: str):  # type: ignore[no-untyped-def]
     env = sidecar_environment(database_url, ca_file)
 
     def run(*args: str, stdin: str = "", **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "outbox", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=env | extra,
-            timeout=60,
-            check=False,
-        )
+        return run_outbox(env | extra, *args, stdin=stdin)
 
     return run
 

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ import standardwebhooks
 
 from outbox.events import EVENTS, sample
 from tests.chat import escape_error
-from tests.conftest import ROOT, SQL, Sidecar, sidecar_environment, wait_until
+from tests.conftest import SQL, Sidecar, run_outbox, sidecar_environment, wait_until
 from tests.receiver import Receiver
 
 # Not base64 after whsec_, so every library keys with its UTF-8 bytes.
@@ -151,15 +150,7 @@ def outbox(database_url: str, ca_file: str):  # type: ignore[no-untyped-def]
     env = sidecar_environment(database_url, ca_file)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "outbox", *args],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            timeout=60,
-            check=False,
-        )
+        return run_outbox(env, *args)
 
     return run
 

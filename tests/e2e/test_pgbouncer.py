@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +25,11 @@ import pytest
 
 from outbox import db, localpg
 from tests.conftest import (
-    ROOT,
     SIDECAR_LOGIN,
     SQL,
     Sidecar,
     free_port,
+    run_outbox,
     sidecar_environment,
     wait_until,
 )
@@ -236,15 +235,7 @@ class TestBehindPgBouncer:
         sql.emit(account="acct_without_webhooks")
         sql("UPDATE outbox.events SET occurred_at = now() - interval '1 hour'")
         env = sidecar_environment(pooled_url, ca_file, OUTBOX_DATABASE_POOLER="pgbouncer")
-        result = subprocess.run(
-            [sys.executable, "-m", "outbox", "prune", "--older-than", "1m"],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            timeout=60,
-            check=False,
-        )
+        result = run_outbox(env, "prune", "--older-than", "1m")
         assert result.returncode == 0, result.stderr
         assert result.stdout == "deleted 0 deliveries, 0 attempts, 1 events\n"
 

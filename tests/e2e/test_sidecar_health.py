@@ -31,6 +31,7 @@ from tests.conftest import (
     Sidecar,
     as_sidecar_role,
     login_url,
+    run_outbox,
     sidecar_environment,
     wait_until,
 )
@@ -140,15 +141,7 @@ def refusing_connections(sql: SQL) -> Iterator[None]:
 
 
 def run_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", "run"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    return run_outbox(env, "run")
 
 
 class TestProbes:
