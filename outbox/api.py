@@ -282,10 +282,8 @@ async def refresh_backlog(pool: AsyncConnectionPool[Any], parts: Supervisor) -> 
     gauges keep their last values)."""
     while True:
         async with pool.connection() as conn:
-            cur = await conn.execute(db.query("pending_stats"))
-            row = await cur.fetchone()
-        assert row is not None
-        metrics.pending(row[0], row[1])
+            backlog = await db.deliveries.pending_stats(conn)
+        metrics.pending(backlog.pending, backlog.oldest_seconds)
         parts.beat("backlog")
         await asyncio.sleep(BACKLOG_EVERY)
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, LiteralString
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 import structlog
@@ -28,6 +26,7 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
 from outbox import db, metrics, wire
 from outbox.config import Settings
+from outbox.db.deliveries import AttemptResult, Claimed, Job
 from outbox.delivery import Attempt, Sender
 from outbox.retry import duration_words, next_delay
 from outbox.supervisor import Supervisor
@@ -43,30 +42,14 @@ CONTENDED_RETRY = 0.02
 ARM_RETRY = 0.002
 ARM_RETRY_MAX = 0.1
 BACKOFF_MAX = 5.0
-# How the loop's and the recorder's connections are set up (queries in sql/queries.sql).
-CLAIMS_SETUP = ("dispatcher_session", "claim_session")
-RECORDS_SETUP = ("dispatcher_session",)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+Setup = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
+# How the loop's and the recorder's connections are set up.
+CLAIMS_SETUP: tuple[Setup, ...] = (db.deliveries.plan_once, db.deliveries.commit_without_waiting)
+RECORDS_SETUP: tuple[Setup, ...] = (db.deliveries.plan_once,)
 # How often those connections make their query plans again.
 REPLAN_SECONDS = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """A claimed delivery: everything one attempt needs."""
-
-    id: int
-    webhook_id: int
-    account_id: str
-    attempt: int
-    event: str
-    timestamp: str
-    data: str
-    url: str
-    secret: str | None
-    lease: str
-    retry_base: int
-    previous_secret: str | None
-    format: str = "json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +96,7 @@ class Doorbell:
                 await self._changed.wait()
                 self._changed.clear()
                 if self._want and not self._held:
-                    cur = await conn.execute(db.query("arm_doorbell"))
-                    row = await cur.fetchone()
-                    if row is not None and row[0]:
+                    if await db.deliveries.arm_doorbell(conn):
                         self._held = True
                         self._misses = 0
                         self._look.set()
@@ -129,7 +110,7 @@ class Doorbell:
                         self._misses += 1
                         self._changed.set()
                 elif not self._want and self._held:
-                    await conn.execute(db.query("disarm_doorbell"))
+                    await db.deliveries.disarm_doorbell(conn)
                     self._held = False
                 self._beat()
 
@@ -139,15 +120,15 @@ class Connection:
 
     The loop and the recorder each have one rather than share a pool: they run the same
     few queries thousands of times, so each connection is set up for them once (the
-    ``setup`` queries, from sql/queries.sql) and plans them once. A plan is only as good
-    as the table sizes it was made for, and a plan made while a table was empty scans
-    all of it once it has grown, so the plans are made again every REPLAN_SECONDS.
+    ``setup`` operations of outbox.db.deliveries) and plans them once. A plan is only as
+    good as the table sizes it was made for, and a plan made while a table was empty
+    scans all of it once it has grown, so the plans are made again every REPLAN_SECONDS.
     Through a transaction pooler there is no setup (a session setting would stay on a
     server connection that other clients get next) and nothing is prepared, so every
     run is planned anew.
     """
 
-    def __init__(self, url: str, *setup: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, *setup: Setup, options: dict[str, Any] | None = None) -> None:
         self._url = url
         self._setup = setup
         self._options = options or {}
@@ -161,22 +142,26 @@ class Connection:
             # or int8 by value, each a different prepared statement of the same query.
             conn.adapters.register_dumper(int, Int8Dumper)
             conn.adapters.register_dumper(int, Int8BinaryDumper)
-            for name in self._setup:
-                await conn.execute(db.query(name))
+            for setup in self._setup:
+                await setup(conn)
             self._conn = conn
             self._planned_at = time.monotonic()
         elif self._setup and time.monotonic() - self._planned_at >= REPLAN_SECONDS:
-            await self._conn.execute(db.query("replan"))
+            await db.deliveries.replan(self._conn)
             self._planned_at = time.monotonic()
         return self._conn
 
-    async def execute(
-        self, query: LiteralString, params: dict[str, Any] | None = None, *, prepare: bool = True
-    ) -> psycopg.AsyncCursor[Any]:
-        """Run ``query``; after any failure the next one starts on a fresh connection."""
+    async def run(
+        self,
+        operation: Callable[Concatenate[psycopg.AsyncConnection[Any], _P], Awaitable[_T]],
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _T:
+        """Run a db operation; after any failure the next one starts on a fresh connection."""
         conn = await self.get()
         try:
-            return await conn.execute(query, params, prepare=prepare)
+            return await operation(conn, *args, **kwargs)
         except BaseException:
             await self.close()
             raise
@@ -320,54 +305,27 @@ class Dispatcher:
             poll = self._settings.poll_interval
             await self._sleep(poll if due_in is None else min(poll, due_in))
 
-    async def _claim(self, limit: int) -> tuple[list[Job], int]:
-        lease = str(uuid.uuid4())
-        params = db.claim_params(
+    async def _claim(self, limit: int) -> Claimed:
+        claimed = await self._claims.run(
+            db.deliveries.claim,
             limit=limit,
-            lease=lease,
             lease_seconds=self._settings.lease_seconds,
             per_webhook=self._settings.per_webhook_limit,
             webhooks_in_flight=self._in_flight,
             per_account=self._settings.per_account_limit,
             accounts_in_flight=self._in_flight_accounts,
         )
-        cur = await self._claims.execute(db.query("claim"), params)
-        rows = await cur.fetchall()
-        metrics.claimed(len(rows))
-        jobs = []
-        for id_, webhook, account, attempt, enabled, *job in rows:
-            # The claim cancelled the others: their webhook was disabled.
-            if enabled:
-                event, stamp, data, url, secret, base, old, fmt = job
-                jobs.append(
-                    Job(
-                        id_,
-                        webhook,
-                        account,
-                        attempt,
-                        event,
-                        stamp,
-                        data,
-                        url,
-                        secret,
-                        lease,
-                        base,
-                        old,
-                        fmt,
-                    )
-                )
-        return jobs, len(rows)
+        metrics.claimed(claimed.rows)
+        return claimed
 
     async def _next_due(self) -> float | None:
-        cur = await self._claims.execute(db.query("next_due"))
-        row = await cur.fetchone()
-        return None if row is None else row[0]
+        return await self._claims.run(db.deliveries.next_due)
 
     async def _ask_for_help(self) -> None:
         now = time.monotonic()
         if now - self._last_help >= self._settings.poll_interval:
             self._last_help = now
-            await self._claims.execute(db.query("help"), prepare=False)
+            await self._claims.run(db.deliveries.wake_peers)
 
     def _start(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -457,7 +415,7 @@ class Dispatcher:
             self._results_ready.set()
 
     async def _write(self, batch: list[Result]) -> None:
-        results = [
+        results: list[AttemptResult] = [
             {
                 "id": r.job.id,
                 "lease": r.job.lease,
@@ -472,22 +430,20 @@ class Dispatcher:
             }
             for r in batch
         ]
-        cur = await self._records.execute(db.query("record"), {"results": json.dumps(results)})
-        failed_for_good = [row[0] for row in await cur.fetchall()]
+        failed_for_good = await self._records.run(db.deliveries.record, results)
         after = self._settings.auto_disable_after
         if failed_for_good and after is not None:
             await self._auto_disable(failed_for_good, after)
 
     async def _auto_disable(self, webhook_ids: list[int], after: float) -> None:
         """Disable those of the webhooks that have not succeeded for ``after`` seconds."""
-        params = {
-            "webhook_ids": webhook_ids,
-            "after_seconds": after,
-            "after_text": duration_words(after),
-        }
         try:
-            cur = await self._records.execute(db.query("auto_disable"), params)
-            disabled = await cur.fetchall()
+            disabled = await self._records.run(
+                db.deliveries.auto_disable,
+                webhook_ids,
+                after_seconds=after,
+                after_text=duration_words(after),
+            )
         except psycopg.Error as exc:
             # The results are recorded; the next delivery that fails for good asks again.
             log.warning("cannot disable failing webhooks now", error=str(exc))
@@ -506,7 +462,7 @@ class Dispatcher:
         notifications holds a psycopg connection's lock, so no query could share it."""
         assert self._listen_url is not None
         async with await db.connect(self._listen_url) as conn:
-            await conn.execute(db.query("listen"))
+            await db.deliveries.listen(conn)
             # Anything committed while we were not listening is found by this poll.
             self._wake.set()
             while True:
@@ -514,4 +470,4 @@ class Dispatcher:
                 async for _ in conn.notifies(timeout=30.0):
                     self._wake.set()
                 # Now and then, make sure the connection is still alive.
-                await conn.execute(db.query("ping"))
+                await db.deliveries.ping(conn)

@@ -253,11 +253,10 @@ def _check_account(account_id: str) -> str:
 
 async def _secret(conn: psycopg.AsyncConnection[Any]) -> tuple[bytes, float]:
     """The signing key, and now by the database's clock."""
-    cur = await conn.execute(db.query("portal_secret"))
-    row = await cur.fetchone()
-    if row is None:
+    key = await db.access.portal_key(conn)
+    if key is None:
         raise RuntimeError("outbox.portal_secret is empty: run `outbox migrate`")
-    return bytes(row[0]), float(row[1])
+    return key
 
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
@@ -381,48 +380,38 @@ async def open_link(conn: psycopg.AsyncConnection[Any], token: str) -> Session:
     async with conn.transaction():
         secret, _ = await _secret(conn)
         claims = verify(secret, token)
-        cur = await conn.execute(
-            db.query("portal_link_use"),
-            {
-                "nonce": claims.nonce,
-                "account_id": claims.account_id,
-                "expires_at": datetime.fromtimestamp(claims.expires, UTC),
-            },
+        use = await db.access.use_link(
+            conn,
+            nonce=claims.nonce,
+            account_id=claims.account_id,
+            expires_at=datetime.fromtimestamp(claims.expires, UTC),
         )
-        row = await cur.fetchone()
-        assert row is not None
-        fresh, first_use = row
-        if not fresh:
+        if not use.fresh:
             raise LinkRefused("expired")
-        if not first_use:
+        if not use.first_use:
             raise LinkRefused("used")
         cookie, csrf_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        cur = await conn.execute(
-            db.query("portal_session_create"),
-            {
-                "account_id": claims.account_id,
-                "session_sha256": _digest(cookie),
-                "csrf_token": csrf_token,
-                "seconds": SESSION_SECONDS,
-            },
+        expires_at = await db.access.create_session(
+            conn,
+            account_id=claims.account_id,
+            session_sha256=_digest(cookie),
+            csrf_token=csrf_token,
+            seconds=SESSION_SECONDS,
         )
-        row = await cur.fetchone()
-        assert row is not None
-    return Session(claims.account_id, csrf_token, row[0], cookie)
+    return Session(claims.account_id, csrf_token, expires_at, cookie)
 
 
 async def session(conn: psycopg.AsyncConnection[Any], cookie: str) -> Session | None:
     """The session a cookie belongs to, or None when unknown or expired."""
     if not cookie or len(cookie) > _COOKIE_MAX or not cookie.isascii():
         return None
-    cur = await conn.execute(db.query("portal_session"), {"session_sha256": _digest(cookie)})
-    row = await cur.fetchone()
-    return None if row is None else Session(row[0], row[1], row[2])
+    row = await db.access.session(conn, _digest(cookie))
+    return None if row is None else Session(row.account_id, row.csrf_token, row.expires_at)
 
 
 async def end_session(conn: psycopg.AsyncConnection[Any], cookie: str) -> None:
     """Sign out the browser holding ``cookie`` (nothing happens for an unknown one)."""
-    await conn.execute(db.query("portal_session_end"), {"session_sha256": _digest(cookie)})
+    await db.access.end_session(conn, _digest(cookie))
 
 
 async def end_sessions(conn: psycopg.AsyncConnection[Any], account_id: str) -> int:
@@ -435,10 +424,7 @@ async def end_sessions(conn: psycopg.AsyncConnection[Any], account_id: str) -> i
         account_id.encode()
     except UnicodeEncodeError:
         raise Invalid("account_id must be valid Unicode text") from None
-    cur = await conn.execute(db.query("portal_sessions_end"), {"account_id": account_id})
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
+    return await db.access.end_sessions(conn, account_id)
 
 
 def cookie_name(secure: bool) -> str:

@@ -10,10 +10,11 @@ the disk or a core long enough for producers to notice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, LiteralString
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -25,6 +26,8 @@ from outbox.supervisor import Supervisor
 __all__ = ["BATCH_ROWS", "Pruned", "prune", "run"]
 
 log = structlog.get_logger("outbox.retention")
+
+_T = TypeVar("_T")
 
 # Rows deleted by one statement at most. Small batches commit small amounts of WAL, so
 # producers' commits never queue long behind one (measured with `make bench` section
@@ -55,25 +58,20 @@ class Pruned:
 
 async def _batch(
     conn: psycopg.AsyncConnection[Any],
-    name: LiteralString,
-    params: dict[str, Any],
+    step: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]],
     pruned: Pruned,
     *,
     wait: bool,
-) -> tuple[Any, ...] | None:
+) -> _T | None:
     """Run one batch under the pruners' lock; None when another pruner holds it."""
     async with conn.transaction():
         if wait:
-            await conn.execute(db.query("prune_lock_wait"))
-        else:
-            cur = await conn.execute(db.query("prune_lock"))
-            row = await cur.fetchone()
-            if row is None or not row[0]:
-                pruned.yielded = True
-                return None
+            await db.retention.lock(conn)
+        elif not await db.retention.try_lock(conn):
+            pruned.yielded = True
+            return None
         start = time.monotonic()
-        cur = await conn.execute(db.query(name), params)
-        row = await cur.fetchone()
+        row = await step(conn)
         took = time.monotonic() - start
     pruned.statements += 1
     pruned.longest_seconds = max(pruned.longest_seconds, took)
@@ -94,33 +92,27 @@ async def prune(
     process is pruning; without, it leaves the rest to that one (``yielded``).
     """
     pruned = Pruned()
-    cur = await conn.execute(db.query("prune_cutoff"), {"older_than": older_than})
-    row = await cur.fetchone()
-    assert row is not None
-    cutoff: datetime = row[0]
+    cutoff = await db.retention.cutoff(conn, older_than)
+    deliveries = functools.partial(db.retention.prune_deliveries, cutoff=cutoff, rows=rows)
     while True:
-        got = await _batch(
-            conn, "prune_deliveries", {"cutoff": cutoff, "rows": rows}, pruned, wait=wait
-        )
+        got = await _batch(conn, deliveries, pruned, wait=wait)
         if got is None:
             return pruned
-        deliveries, attempts = got
-        pruned.deliveries += deliveries
-        pruned.attempts += attempts
-        if not deliveries:
+        pruned.deliveries += got.deliveries
+        pruned.attempts += got.attempts
+        if not got.deliveries:
             break
     after = 0
     while True:
-        params = {"cutoff": cutoff, "rows": rows, "after": after}
-        got = await _batch(conn, "prune_events", params, pruned, wait=wait)
-        if got is None:
+        events = functools.partial(db.retention.prune_events, cutoff=cutoff, rows=rows, after=after)
+        found = await _batch(conn, events, pruned, wait=wait)
+        if found is None:
             return pruned
-        events, last_id, old = got
-        pruned.events += events
+        pruned.events += found.events
         # Past the old events: the rest is younger (see the query).
-        if last_id is None or not old:
+        if found.last_id is None or not found.old:
             return pruned
-        after = last_id
+        after = found.last_id
 
 
 async def run(settings: Settings, parts: Supervisor) -> None:

@@ -12,7 +12,6 @@ import secrets
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from outbox import db
 from outbox.errors import Invalid
@@ -36,33 +35,24 @@ async def create(conn: psycopg.AsyncConnection[Any], account_id: str) -> tuple[i
     """A new token for ``account_id``: its id, and the token itself (shown once)."""
     token = generate()
     try:
-        cur = await conn.execute(
-            db.query("token_create"), {"account_id": account_id, "token_sha256": digest(token)}
-        )
+        token_id = await db.access.create_token(conn, account_id, digest(token))
     except psycopg.errors.CheckViolation as exc:
         raise Invalid(exc.diag.message_primary or str(exc)) from None
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0]), token
+    return token_id, token
 
 
 async def for_account(conn: psycopg.AsyncConnection[Any], account_id: str) -> list[dict[str, Any]]:
     """The account's tokens: id, account_id, created_at, last_used_at; never the token."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(db.query("token_list"), {"account_id": account_id})
-        return await cur.fetchall()
+    return await db.access.tokens(conn, account_id)
 
 
 async def revoke(conn: psycopg.AsyncConnection[Any], token_id: int) -> bool:
     """Delete the token; False if there was none with that id."""
-    cur = await conn.execute(db.query("token_revoke"), {"id": token_id})
-    return await cur.fetchone() is not None
+    return await db.access.revoke_token(conn, token_id)
 
 
 async def account(conn: psycopg.AsyncConnection[Any], token: str) -> str | None:
     """The account ``token`` belongs to, or None for a token we did not issue."""
     if not token.startswith(PREFIX) or len(token) > _MAX_LENGTH or not token.isascii():
         return None
-    cur = await conn.execute(db.query("token_account"), {"token_sha256": digest(token)})
-    row = await cur.fetchone()
-    return None if row is None else str(row[0])
+    return await db.access.token_account(conn, digest(token))

@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from outbox import db, errors, wire
 from outbox.delivery import Attempt, Sender
@@ -60,57 +59,55 @@ async def _rules() -> AsyncIterator[None]:
 
 async def emit(conn: psycopg.AsyncConnection[Any], account_id: str, event: str, data: str) -> int:
     async with _rules():
-        cur = await conn.execute(
-            db.query("emit"), {"account_id": account_id, "event": event, "data": data}
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
+        return await db.webhooks.emit(conn, account_id, event, data)
 
 
 async def add(conn: psycopg.AsyncConnection[Any], **fields: Any) -> int:
-    params = {"secret": None, "enabled": True, "format": None} | fields
+    """A new webhook from account_id, name, url and event, and optionally secret,
+    enabled and format; other fields are ignored."""
     async with _rules():
-        cur = await conn.execute(db.query("webhook_add"), params)
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
+        return await db.webhooks.add(
+            conn,
+            account_id=fields["account_id"],
+            name=fields["name"],
+            url=fields["url"],
+            event=fields["event"],
+            secret=fields.get("secret"),
+            enabled=fields.get("enabled", True),
+            format=fields.get("format"),
+        )
 
 
 async def update(conn: psycopg.AsyncConnection[Any], webhook_id: int, **fields: Any) -> None:
     """Change the given fields; ``secret=None`` removes the secret, absent leaves it.
 
     ``end_secret_overlap=True`` stops a rotated-out secret from signing now rather than
-    24 hours after the change.
+    24 hours after the change. Other fields are ignored.
     """
-    params = {
-        "id": webhook_id,
-        "name": None,
-        "url": None,
-        "event": None,
-        "enabled": None,
-        "format": None,
-    }
-    params["end_secret_overlap"] = False
-    params |= {k: v for k, v in fields.items() if k != "secret"}
-    params["set_secret"] = "secret" in fields
-    params["secret"] = fields.get("secret")
     async with _rules():
-        cur = await conn.execute(db.query("webhook_update"), params)
-        if await cur.fetchone() is None:
-            raise errors.NotFound(f"webhook {webhook_id} not found")
+        found = await db.webhooks.update(
+            conn,
+            webhook_id,
+            name=fields.get("name"),
+            url=fields.get("url"),
+            event=fields.get("event"),
+            enabled=fields.get("enabled"),
+            format=fields.get("format"),
+            set_secret="secret" in fields,
+            secret=fields.get("secret"),
+            end_secret_overlap=fields.get("end_secret_overlap", False),
+        )
+    if not found:
+        raise errors.NotFound(f"webhook {webhook_id} not found")
 
 
 async def delete(conn: psycopg.AsyncConnection[Any], webhook_id: int) -> None:
-    cur = await conn.execute(db.query("webhook_delete"), {"id": webhook_id})
-    if await cur.fetchone() is None:
+    if not await db.webhooks.delete(conn, webhook_id):
         raise errors.NotFound(f"webhook {webhook_id} not found")
 
 
 async def get(conn: psycopg.AsyncConnection[Any], webhook_id: int) -> dict[str, Any]:
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(db.query("webhook_get"), {"id": webhook_id})
-        row = await cur.fetchone()
+    row = await db.webhooks.get(conn, webhook_id)
     if row is None:
         raise errors.NotFound(f"webhook {webhook_id} not found")
     return row
@@ -120,9 +117,7 @@ async def status(
     conn: psycopg.AsyncConnection[Any], account_id: str | None = None
 ) -> list[dict[str, Any]]:
     """Each webhook with its status fields (the outbox.webhook_status view)."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(db.query("webhook_status"), {"account_id": account_id})
-        return await cur.fetchall()
+    return await db.webhooks.status(conn, account_id)
 
 
 async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = None) -> Attempt:
@@ -190,9 +185,7 @@ async def _with_attempts(
 ) -> list[dict[str, Any]]:
     """Give each delivery row its ``request_body`` and ``attempt_log``: every attempt,
     oldest first, each with the ``request`` it sent and the answer it got."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(db.query("delivery_attempts"), {"ids": [r["id"] for r in rows]})
-        attempts = await cur.fetchall()
+    attempts = await db.webhooks.attempts(conn, [r["id"] for r in rows])
     by_delivery: dict[int, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
     rows_by_id = {r["id"]: r for r in rows}
     for attempt in attempts:
@@ -211,11 +204,7 @@ async def deliveries(
     conn: psycopg.AsyncConnection[Any], webhook_id: int, *, before: int | None, limit: int
 ) -> list[dict[str, Any]]:
     """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            db.query("delivery_page"), {"webhook_id": webhook_id, "before": before, "limit": limit}
-        )
-        rows = await cur.fetchall()
+    rows = await db.webhooks.delivery_page(conn, webhook_id, before=before, limit=limit)
     return await _with_attempts(conn, rows)
 
 
@@ -223,9 +212,7 @@ async def delivery(
     conn: psycopg.AsyncConnection[Any], delivery_id: int, account_id: str | None = None
 ) -> dict[str, Any]:
     """One delivery with its attempts; with ``account_id``, only if that account owns it."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(db.query("delivery_get"), {"id": delivery_id, "account_id": account_id})
-        row = await cur.fetchone()
+    row = await db.webhooks.delivery(conn, delivery_id, account_id)
     if row is None:
         raise errors.NotFound(f"delivery {delivery_id} not found")
     return (await _with_attempts(conn, [row]))[0]
@@ -236,23 +223,19 @@ async def retry(
 ) -> None:
     """Re-queue a finished delivery (succeeded, failed or cancelled) as a new series of
     attempts with the same id. With ``account_id``, only that account's deliveries."""
-    cur = await conn.execute(
-        db.query("delivery_retry"), {"id": delivery_id, "account_id": account_id}
-    )
-    row = await cur.fetchone()
-    if row is None:
+    replayed = await db.webhooks.replay(conn, delivery_id, account_id)
+    if replayed is None:
         raise errors.NotFound(f"delivery {delivery_id} not found")
-    status, enabled, requeued = row
-    if not requeued:
-        if status == "pending":
+    if not replayed.requeued:
+        if replayed.status == "pending":
             raise errors.Conflict(
                 f"delivery {delivery_id} is still pending; only finished ones replay"
             )
-        assert not enabled
+        assert not replayed.enabled
         raise errors.Conflict(
             f"delivery {delivery_id} belongs to a disabled webhook; enable it first"
         )
-    await conn.execute(db.query("wake"))
+    await db.webhooks.wake(conn)
 
 
 async def recover(conn: psycopg.AsyncConnection[Any], webhook_id: int, since: datetime) -> int:
@@ -260,12 +243,9 @@ async def recover(conn: psycopg.AsyncConnection[Any], webhook_id: int, since: da
     webhook = await get(conn, webhook_id)
     if not webhook["enabled"]:
         raise errors.Conflict(f"webhook {webhook_id} is disabled; enable it first")
-    cur = await conn.execute(
-        db.query("webhook_recover"), {"webhook_id": webhook_id, "since": since}
-    )
-    count = len(await cur.fetchall())
+    count = await db.webhooks.recover(conn, webhook_id, since)
     if count:
-        await conn.execute(db.query("wake"))
+        await db.webhooks.wake(conn)
     return count
 
 

@@ -1,4 +1,4 @@
--- Named queries, loaded by outbox/db.py: "-- name --" starts each one.
+-- Named queries, loaded and run by outbox/db/: "-- name --" starts each one.
 -- Parameters are psycopg's %(name)s placeholders.
 
 -- claim --

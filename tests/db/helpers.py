@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from outbox import db
+from outbox.db.deliveries import AttemptResult
 from outbox.events import EVENTS as CATALOGUE
 
 # The catalogue the database enforces is outbox.event_names(); test_events.py pins
@@ -50,12 +50,13 @@ def claim(
     lease_seconds: float = 60,
     lease: uuid.UUID | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the dispatcher's claim query with the parameters db.claim_params builds.
+    """Run the dispatcher's claim query with the parameters its claim builds, on a
+    test's own (blocking) connection, every row as a dict.
 
     ``full`` webhooks are given a full share in flight; ``busy`` ones their count."""
     webhooks = {w: per_webhook for w in full} | (busy or {})
     accounts = {a: per_account for a in full_accounts} | (busy_accounts or {})
-    params = db.claim_params(
+    params = db.deliveries.claim_params(
         limit=limit,
         lease=str(lease or uuid.uuid4()),
         lease_seconds=lease_seconds,
@@ -73,13 +74,13 @@ def record(
     conn: psycopg.Connection[Any],
     results: Sequence[dict[str, Any]],
 ) -> list[int]:
-    """Run the record query with parameters built as Dispatcher._write does.
+    """Run the record query with its parameters built as the dispatcher's record does.
 
     Each result: id, lease, attempt, started (datetime), duration_ms, status, error,
     outcome, retry_in, response_body. Answers the webhooks whose deliveries failed for
     good.
     """
-    rows = [
+    rows: list[AttemptResult] = [
         {
             "id": r["id"],
             "lease": str(r["lease"]),
@@ -94,5 +95,5 @@ def record(
         }
         for r in results
     ]
-    params = {"results": json.dumps(rows)}
+    params = db.deliveries.record_params(rows)
     return [row[0] for row in conn.execute(db.query("record"), params).fetchall()]

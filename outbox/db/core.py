@@ -1,13 +1,12 @@
-"""The one module that talks SQL: named queries from sql/queries.sql, and migrations."""
+"""Connections, the named queries of sql/queries.sql, migrations and the schema version."""
 
 from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any, LiteralString, TypeVar
+from typing import Any, LiteralString
 
 import psycopg
 import structlog
@@ -16,10 +15,10 @@ __all__ = [
     "LOCK_KEY",
     "SQL_DIR",
     "SchemaMismatch",
-    "claim_params",
     "connect",
     "expected_version",
     "migrate",
+    "migrations",
     "missing_database",
     "query",
     "schema_problem",
@@ -28,11 +27,10 @@ __all__ = [
 
 log = structlog.get_logger("outbox.db")
 
-_K = TypeVar("_K", int, str)
-
-# Installed wheels carry sql/ inside the package; a source checkout keeps it beside.
-_PACKAGED = Path(__file__).with_name("sql")
-SQL_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).parent.parent / "sql"
+# Installed wheels carry sql/ inside the outbox package; a source checkout keeps it beside.
+_PACKAGE = Path(__file__).parent.parent
+_PACKAGED = _PACKAGE / "sql"
+SQL_DIR = _PACKAGED if _PACKAGED.is_dir() else _PACKAGE.parent / "sql"
 
 # The key of every advisory lock outbox takes, as outbox.lock_key() returns it; migrate
 # cannot call that (the schema may not exist yet), so sql/queries.sql's migrate_lock
@@ -48,7 +46,9 @@ def _queries() -> dict[str, str]:
 
 
 def query(name: str) -> LiteralString:
-    """The SQL of the named query; the files are ours, so it is as trusted as a literal."""
+    """The SQL of the named query; the files are ours, so it is as trusted as a literal.
+
+    Only this package runs it; tests read it to look at a statement's plan."""
     return _queries()[name]
 
 
@@ -170,43 +170,3 @@ async def migrate(url: str) -> list[int]:
             await conn.execute(query("migrate_lock"))
             await conn.execute(query("schema_version_grant"))
     return applied
-
-
-def _split(in_flight: Mapping[_K, int], share: int) -> tuple[list[_K], dict[_K, int]]:
-    """Those at their share (the claim skips them), and the others with attempts in
-    flight, with how many (the claim gives them only what is left)."""
-    full = [k for k, n in in_flight.items() if n >= share]
-    busy = {k: n for k, n in in_flight.items() if 0 < n < share}
-    return full, busy
-
-
-def claim_params(
-    *,
-    limit: int,
-    lease: str,
-    lease_seconds: float,
-    per_webhook: int,
-    webhooks_in_flight: Mapping[int, int],
-    per_account: int,
-    accounts_in_flight: Mapping[str, int],
-) -> dict[str, Any]:
-    """The parameters of the ``claim`` query for a dispatcher with these attempts in
-    flight (by webhook id and by account): the one place they are built."""
-    full, busy = _split(webhooks_in_flight, per_webhook)
-    full_accounts, busy_accounts = _split(accounts_in_flight, per_account)
-    return {
-        "limit": limit,
-        # Each webhook's and account's share is applied to twice as many due rows as
-        # are wanted, so that rows over a share leave room for others'.
-        "window": limit * 2,
-        "per_webhook": per_webhook,
-        "full_webhooks": full,
-        "busy_webhooks": list(busy),
-        "busy_counts": list(busy.values()),
-        "per_account": per_account,
-        "full_accounts": full_accounts,
-        "busy_accounts": list(busy_accounts),
-        "busy_account_counts": list(busy_accounts.values()),
-        "lease_seconds": lease_seconds,
-        "lease": lease,
-    }
