@@ -5,11 +5,13 @@
 
 This machine's run-to-run noise is as large as most single changes (5-10%), so two
 `make bench` runs cannot tell a change from the noise. This runs both trees in one
-setting: the same private cluster, receiver, backlog and template, alternating A B B A
-..., and prints each drain's rate and CPU per delivery (sidecar and Postgres) and the
-medians. The sidecar of each tree is started in that tree (`python -m` puts its working
-directory first on sys.path), so it imports that tree's `outbox` package and reads that
-tree's sql/; the template is built with this tree's schema.
+setting: the same private cluster, receiver and backlog, alternating A B B A
+..., and prints each drain's rate, CPU per delivery (sidecar and Postgres) and WAL bytes
+per delivery, and the medians. The sidecar of each tree is started in that tree
+(`python -m` puts its working directory first on sys.path), so it imports that tree's
+`outbox` package and reads that tree's sql/; each tree has its own template, migrated by
+that tree's `outbox migrate`, so two trees whose schemas differ can be compared (a
+sidecar refuses a schema newer than its own).
 """
 
 from __future__ import annotations
@@ -41,19 +43,29 @@ def main() -> int:
     cluster = Cluster(workdir / "pgdata")
     cluster.start()
     receiver = Receiver(workdir)
-    results: dict[str, list[tuple[float, float, float]]] = {"A": [], "B": []}
+    templates = {name: f"ab_tpl_{name.lower()}" for name in trees}
+    results: dict[str, list[tuple[float, float, float, float]]] = {"A": [], "B": []}
     try:
         bench = Bench(workdir, cluster, receiver, 1, Sizes())
-        bench.build_template()
+        for name, tree in trees.items():
+            bench.build_template(templates[name], tree)
         for rep in range(args.reps):
             for name in ("A", "B") if rep % 2 == 0 else ("B", "A"):
                 bench.sidecar_tree = trees[name]
-                with database(cluster, f"ab_{rep}_{name}") as url:
+                with database(cluster, f"ab_{rep}_{name}", templates[name]) as url:
                     bench.load_outbox(url, n)
                     r = bench.drain(url, n)
-                row = (r["rate"], r["cpu_s"][0] / n * 1e6, r["db_cpu_s"] / n * 1e6)
+                row = (
+                    r["rate"],
+                    r["cpu_s"][0] / n * 1e6,
+                    r["db_cpu_s"] / n * 1e6,
+                    r["wal_bytes"] / n,
+                )
                 results[name].append(row)
-                say(f"{name}: {row[0]:7,.0f}/s, sidecar {row[1]:.0f} us, Postgres {row[2]:.0f} us")
+                say(
+                    f"{name}: {row[0]:7,.0f}/s, sidecar {row[1]:.0f} us, Postgres {row[2]:.0f} us,"
+                    f" WAL {row[3]:,.0f} B per delivery"
+                )
     finally:
         receiver.stop()
         cluster.stop()
@@ -61,10 +73,10 @@ def main() -> int:
         # The cluster and logs are 50-130 MB a run; bench.run removes its own too.
         shutil.rmtree(workdir, ignore_errors=True)
     for name, rows in results.items():
-        rate, cpu, db_cpu = (statistics.median(r[i] for r in rows) for i in range(3))
+        rate, cpu, db_cpu, wal = (statistics.median(r[i] for r in rows) for i in range(4))
         say(
             f"{name} {trees[name]}: median {rate:,.0f}/s, sidecar {cpu:.0f} us"
-            f" and Postgres {db_cpu:.0f} us of CPU per delivery"
+            f" and Postgres {db_cpu:.0f} us of CPU and {wal:,.0f} B of WAL per delivery"
         )
     return 0
 

@@ -195,10 +195,17 @@ def run_command(
     cpus: set[int] | None = None,
     timeout: float = 300,
     env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> str:
-    """Run a command to completion; its stdout, or an error with its stderr."""
+    """Run a command to completion (in `cwd`); its stdout, or an error with its stderr."""
     proc = PROCS.start(
-        cmd, cpus=cpus, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        cmd,
+        cpus=cpus,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
     )
     try:
         out, err = proc.communicate(timeout=timeout)

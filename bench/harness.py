@@ -39,7 +39,7 @@ from bench.common import (
     run_command,
     sidecar_env,
 )
-from bench.services import Cluster, Receiver
+from bench.services import TEMPLATE, Cluster, Receiver
 
 
 @dataclass
@@ -96,6 +96,7 @@ class Sizes:
     backlog_window: float = 20.0
     two_sidecars: int = 20_000
     retention_backlog: int = 1_000_000
+    cost_events: int = 20_000
 
 
 QUICK = Sizes(
@@ -107,6 +108,7 @@ QUICK = Sizes(
     backlog_window=4.0,
     two_sidecars=5_000,
     retention_backlog=50_000,
+    cost_events=4_000,
 )
 
 # pgbench's variables (-D): a 2 KB domain row and the event's data, the same ~2 KB object.
@@ -139,16 +141,21 @@ class Bench:
         # The source tree `outbox run` runs from (bench.ab switches it). `python -m` puts
         # its working directory first on sys.path, so the tree is its cwd.
         self.sidecar_tree = ROOT
+        # pgqueuer's batch size: the throughput section's sweep sets the best it found.
+        self.pgqueuer_batch = 16
 
     # -- the template and the backlogs
 
-    def build_template(self) -> None:
-        """bench_tpl: outbox schema, payload pool, webhooks, pgbench tables, pgqueuer."""
+    def build_template(self, name: str = TEMPLATE, tree: Path = ROOT) -> None:
+        """A template database: the outbox schema of the source tree `tree` (its own
+        `outbox migrate`), payload pool, webhooks, pgbench tables, pgqueuer."""
         with self.cluster.admin() as conn:
-            conn.execute('DROP DATABASE IF EXISTS "bench_tpl" WITH (FORCE)')
-            conn.execute('CREATE DATABASE "bench_tpl"')
-        url = self.cluster.url("bench_tpl")
-        run_command([PY, "-m", "outbox", "migrate"], env=self.sidecar_env(url), timeout=120)
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = self.cluster.url(name)
+        run_command(
+            [PY, "-m", "outbox", "migrate"], env=self.sidecar_env(url), cwd=tree, timeout=120
+        )
         run_command([PY, "-m", "bench.pgq_worker", "install", "--dsn", url], timeout=120)
         hooks = [(f"acct_{w}", f"hook {w}", f"/hook/{w}") for w in range(WEBHOOKS)]
         hooks += [
@@ -254,6 +261,7 @@ class Bench:
         """Start `outbox run` on a loaded backlog and measure at the receiver."""
         self.receiver.reset()
         db_cpu = self.cluster.cpu_seconds()
+        wal = self.cluster.wal_lsn()
         started = [self.start_sidecar(url, cpus=cpus) for _ in range(sidecars)]
         try:
             alive = [s.proc for s in started]
@@ -271,6 +279,7 @@ class Bench:
             for sidecar in started:
                 self.stop_sidecar(sidecar)
         db_cpu = self.cluster.cpu_seconds() - db_cpu
+        wal = self.cluster.wal_lsn() - wal
         ids, times = self.receiver.records()
         if window is None:
             if got < expected:
@@ -288,6 +297,7 @@ class Bench:
             "rss_mb": rss,
             "cpu_s": cpu,
             "db_cpu_s": db_cpu,
+            "wal_bytes": wal,
             "attempts_logged": attempts,
         }
 
@@ -310,12 +320,23 @@ class Bench:
 
     # -- the references' clients
 
-    def pgbench(self, dbname: str, script: Path, clients: int, seconds: float, *extra: str) -> str:
-        """pgbench on the producer side (DB_CPUS when pinned); its output."""
+    def pgbench(
+        self,
+        dbname: str,
+        script: Path,
+        clients: int,
+        seconds: float,
+        *extra: str,
+        transactions: int | None = None,
+    ) -> str:
+        """pgbench on the producer side (DB_CPUS when pinned); its output. It runs
+        `seconds`, or `transactions` per client when given (then `seconds` is only
+        its time limit)."""
         assert self.cluster.server is not None
         server = self.cluster.server
         cmd = [find_pgbench(), "-n", "-M", "prepared", "-c", str(clients), "-j", "2"]
-        cmd += ["-T", str(int(seconds)), "-f", str(script), *extra]
+        length = ["-T", str(int(seconds))] if transactions is None else ["-t", str(transactions)]
+        cmd += [*length, "-f", str(script), *extra]
         cmd += ["-D", f"body={DOMAIN_BODY}", "-D", f"data={EVENT_DATA}"]
         cmd += ["-h", server.host, "-p", str(server.port), "-U", server.user, dbname]
         return run_command(cmd, cpus=DB_CPUS, timeout=seconds + 120)

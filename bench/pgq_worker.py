@@ -3,6 +3,7 @@
     python -m bench.pgq_worker install --dsn DSN
     python -m bench.pgq_worker load --dsn DSN --count N [--webhooks 100]
     python -m bench.pgq_worker work --dsn DSN --base URL --ca CA --batch B [--concurrency 64]
+    python -m bench.pgq_worker enqueue-script   # one job per transaction, for pgbench
 
 pgqueuer 1.6 with its asyncpg driver (its fast one: with its psycopg driver every
 query waits on the listener). A job's
@@ -17,17 +18,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import ssl
 from datetime import timedelta
 
 import aiohttp
 import asyncpg
 from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
+from pgqueuer.adapters.persistence.qb import QueryQueueBuilder
 from pgqueuer.domain.types import QueueExecutionMode
 
 from bench import payloads
 
 ENTRYPOINT = "webhook"
+
+# `Queries.enqueue` binds one array per column ($1 priorities, $2 entrypoints, ...); one
+# job from pgbench is one-element arrays of its variables: :job the body, :aid the webhook.
+ONE_JOB = {
+    1: "ARRAY[0]",
+    2: f"ARRAY['{ENTRYPOINT}']",
+    3: "ARRAY[convert_to(:job, 'UTF8')]",
+    4: "ARRAY['0 s'::interval]",
+    5: "ARRAY[NULL::text]",
+    6: "ARRAY[jsonb_build_object('webhook', :aid::text)]",
+}
+
+
+def enqueue_script() -> str:
+    """A pgbench script that enqueues one job per transaction with pgqueuer's own
+    statement (its query builder's, as `Queries.enqueue` sends it), for webhook :aid."""
+    sql = QueryQueueBuilder().build_enqueue_query()
+
+    def one(match: re.Match[str]) -> str:
+        return f"{ONE_JOB[int(match.group(1))]}::{match.group(2)}[]"
+
+    script, found = re.subn(r"\$(\d)::(\w+)\[\]", one, sql)
+    if found != len(ONE_JOB) or "$" in script:
+        raise RuntimeError(f"pgqueuer's enqueue statement has other parameters now: {sql}")
+    return "\\set aid random(0, 99)\n" + script.strip() + ";\n"
 
 
 async def install(dsn: str) -> None:
@@ -107,10 +135,13 @@ def main() -> None:
     p.add_argument("--ca", required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--concurrency", type=int, default=64)
+    sub.add_parser("enqueue-script")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.command == "install":
         asyncio.run(install(args.dsn))
+    elif args.command == "enqueue-script":
+        print(enqueue_script(), end="")
     elif args.command == "load":
         asyncio.run(load(args.dsn, args.count, args.webhooks))
     else:

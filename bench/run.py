@@ -25,7 +25,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import backlog, latency, overhead, profiling, retention, throughput, two_sidecars
+from bench import (
+    backlog,
+    cost,
+    latency,
+    overhead,
+    profiling,
+    retention,
+    throughput,
+    two_sidecars,
+)
 from bench.common import CONCURRENCY, CPUS, PROCS, ROOT, say
 from bench.harness import QUICK, Bench, Sizes
 from bench.report import (
@@ -40,9 +49,11 @@ from bench.report import (
 from bench.services import Cluster, Receiver
 from outbox import __version__ as outbox_version
 
-# The figures, in the order they run and appear in the summary and the table.
+# The figures, in the order they run and appear in the summary and the table; cost
+# follows throughput, whose sweep picks the pgqueuer batch size it uses too.
 FIGURES: tuple[Section, ...] = (
     throughput,
+    cost,
     overhead,
     latency,
     backlog,

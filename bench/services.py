@@ -23,6 +23,9 @@ from outbox import localpg
 
 # --- the cluster -----------------------------------------------------------------------
 
+# The template every case's database is cloned from (Bench.build_template).
+TEMPLATE = "bench_tpl"
+
 
 class Cluster:
     """A private PostgreSQL cluster (outbox.localpg), fsync on, default settings."""
@@ -48,7 +51,7 @@ class Cluster:
         for pid in [postmaster, *descendants(postmaster)]:
             set_affinity(pid, cpus)
 
-    def create(self, name: str, template: str = "bench_tpl") -> str:
+    def create(self, name: str, template: str = TEMPLATE) -> str:
         with self.admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
@@ -70,6 +73,14 @@ class Cluster:
                 total += cpu_seconds(pid)
         return total
 
+    def wal_lsn(self) -> int:
+        """The current WAL write position in bytes: the difference of two is the WAL
+        written in between, by every database of the cluster."""
+        with self.admin() as conn:
+            row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')").fetchone()
+        assert row is not None
+        return int(row[0])
+
     def checkpoint(self) -> None:
         with self.admin() as conn:
             conn.execute("CHECKPOINT")
@@ -84,8 +95,8 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def database(cluster: Cluster, name: str) -> Iterator[str]:
-    url = cluster.create(name)
+def database(cluster: Cluster, name: str, template: str = TEMPLATE) -> Iterator[str]:
+    url = cluster.create(name, template)
     try:
         yield url
     finally:

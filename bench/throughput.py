@@ -54,48 +54,63 @@ def http_limit(bench: Bench, count: int) -> dict[str, Any]:
 
 
 def pgqueuer_once(bench: Bench, count: int, batch: int, name: str) -> dict[str, Any]:
+    """pgqueuer's worker on a backlog of `count` jobs loaded in a fresh database."""
     with database(bench.cluster, name) as url:
         run_command([PY, "-m", "bench.pgq_worker", "load", "--dsn", url, "--count", str(count)])
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE pgqueuer")
         bench.cluster.checkpoint()
-        bench.receiver.reset()
-        db_cpu = bench.cluster.cpu_seconds()
-        log_path = bench.workdir / f"{name}.log"
-        with open(log_path, "wb") as log_file:
-            proc = PROCS.start(
-                [
-                    PY,
-                    "-m",
-                    "bench.pgq_worker",
-                    "work",
-                    "--dsn",
-                    url,
-                    "--base",
-                    bench.receiver.base,
-                    "--ca",
-                    bench.receiver.ca,
-                    "--batch",
-                    str(batch),
-                    "--concurrency",
-                    str(CONCURRENCY),
-                ],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-            got = bench.receiver.wait_for(count, 120 + count / 200, alive=[proc], quiet_for=15)
-            alive = proc.poll() is None
-            rss = peak_rss_mb(proc.pid) if alive else float("nan")
-            cpu = cpu_seconds(proc.pid) if alive else float("nan")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(30)  # drain mode: it exits once the queue is empty
-            code = PROCS.stop(proc)
-        _, times = bench.receiver.records()
-        if got < count or code != 0:
-            tail = log_path.read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"pgqueuer: {got} of {count} arrived, exit {code}: {tail}")
-        db_cpu = bench.cluster.cpu_seconds() - db_cpu
-        return {"rate": rate_of(times), "rss_mb": rss, "cpu_s": cpu, "db_cpu_s": db_cpu}
+        return pgqueuer_drain(bench, url, count, batch, name)
+
+
+def pgqueuer_drain(bench: Bench, url: str, count: int, batch: int, name: str) -> dict[str, Any]:
+    """pgqueuer's worker drains the `count` jobs queued in `url`: the rate at the
+    receiver, the worker's peak RSS and CPU, the CPU of Postgres."""
+    bench.receiver.reset()
+    db_cpu = bench.cluster.cpu_seconds()
+    wal = bench.cluster.wal_lsn()
+    log_path = bench.workdir / f"{name}.log"
+    with open(log_path, "wb") as log_file:
+        proc = PROCS.start(
+            [
+                PY,
+                "-m",
+                "bench.pgq_worker",
+                "work",
+                "--dsn",
+                url,
+                "--base",
+                bench.receiver.base,
+                "--ca",
+                bench.receiver.ca,
+                "--batch",
+                str(batch),
+                "--concurrency",
+                str(CONCURRENCY),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        got = bench.receiver.wait_for(count, 120 + count / 200, alive=[proc], quiet_for=15)
+        alive = proc.poll() is None
+        rss = peak_rss_mb(proc.pid) if alive else float("nan")
+        cpu = cpu_seconds(proc.pid) if alive else float("nan")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)  # drain mode: it exits once the queue is empty
+        code = PROCS.stop(proc)
+    _, times = bench.receiver.records()
+    if got < count or code != 0:
+        tail = log_path.read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"pgqueuer: {got} of {count} arrived, exit {code}: {tail}")
+    db_cpu = bench.cluster.cpu_seconds() - db_cpu
+    wal = bench.cluster.wal_lsn() - wal
+    return {
+        "rate": rate_of(times),
+        "rss_mb": rss,
+        "cpu_s": cpu,
+        "db_cpu_s": db_cpu,
+        "wal_bytes": wal,
+    }
 
 
 def measure(bench: Bench) -> dict[str, Any]:
@@ -106,6 +121,7 @@ def measure(bench: Bench) -> dict[str, Any]:
         sweep[batch] = pgqueuer_once(bench, n, batch, f"pgq_sweep_{batch}")["rate"]
         say(f"   pgqueuer batch {batch}: {sweep[batch]:,.0f}/s (batch-size sweep)")
     best = max(sweep, key=lambda b: sweep[b])
+    bench.pgqueuer_batch = best
     outbox: list[float] = []
     limit: list[float] = []
     pgq: list[float] = []
