@@ -3,8 +3,8 @@
 
 -- claim --
 -- Take up to %(limit)s due deliveries under a lease, within each webhook's and each
--- account's share of this dispatcher's slots (see outbox.claim_v1()).
-SELECT * FROM outbox.claim_v1(
+-- account's share of this dispatcher's slots (see outbox.claim_v2()).
+SELECT * FROM outbox.claim_v2(
     %(limit)s::integer, %(window)s::integer, %(lease)s::uuid, %(lease_seconds)s::float8,
     %(per_webhook)s::integer, %(full_webhooks)s::bigint[], %(busy_webhooks)s::bigint[],
     %(busy_counts)s::bigint[],
@@ -44,9 +44,7 @@ SET synchronous_commit = off;
 -- next_due --
 -- Seconds until the earliest pending delivery falls due (a retry, or a lease running
 -- out); NULL when nothing is pending.
-SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
-FROM outbox.deliveries
-WHERE status = 'pending';
+SELECT outbox.next_due_v2();
 
 -- arm_doorbell --
 -- Held while the dispatcher sleeps, so that producers ring (the doorbell's protocol is

@@ -137,7 +137,8 @@ class TestSignals:
         assert (
             sql.one(
                 "SELECT count(*) FROM outbox.deliveries"
-                " WHERE status = 'pending' AND next_attempt_at > now()"
+                " WHERE status = 'pending'"
+                " AND greatest(next_attempt_at, leased_until) > now()"
             )
             == 0
         )
