@@ -197,7 +197,7 @@ CREATE TABLE outbox.delivery_attempts (
 -- 3. A dispatcher that wakes with work to do lets go (outbox.disarm_doorbell_v1()).
 --
 -- The same key names every advisory lock of outbox: with 0, `outbox migrate` runs take
--- turns (outbox/db.py); with 2, pruners do (outbox/retention.py).
+-- turns (outbox/db/core.py); with 2, pruners do (outbox/retention.py).
 CREATE FUNCTION outbox.lock_key() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1869968482 $$;
 

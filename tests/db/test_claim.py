@@ -654,7 +654,7 @@ class TestDispatcherConnection:
             await conn.execute("SET auto_explain.log_min_duration = 0")
             await conn.execute("SET auto_explain.log_nested_statements = on")
             await conn.execute("SET auto_explain.log_level = notice")
-            params = db.claim_params(
+            params = db.deliveries.claim_params(
                 limit=0,
                 lease=str(uuid.uuid4()),
                 lease_seconds=30,
