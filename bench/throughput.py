@@ -191,7 +191,7 @@ def rows(details: dict[str, Any], summary: dict[str, Any]) -> list[Row]:
     pgqueuer = f"pgqueuer asyncpg, batch {tp['pgqueuer_batch']}: {spread(tp['pgqueuer_per_s'])}"
     # The sidecar against each reference: figure, reference, the ratio's key, its target.
     references = (
-        ("1 throughput, deliveries/s", http, "ratio_vs_http_limit", 0.75),
+        ("1 throughput, deliveries/s", http, "ratio_vs_http_limit", 0.8),
         ("1 throughput vs pgqueuer", pgqueuer, "ratio_vs_pgqueuer", 2),
     )
     return [
