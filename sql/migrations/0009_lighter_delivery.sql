@@ -23,6 +23,7 @@ ALTER TABLE outbox.deliveries SET (fillfactor = 70);
 -- retention and by outbox.webhooks_guard().
 ALTER TABLE outbox.delivery_attempts DROP CONSTRAINT delivery_attempts_delivery_id_fkey;
 
+-- A deleted webhook's attempts go with its deliveries: no foreign key cascades them now.
 CREATE OR REPLACE FUNCTION outbox.webhooks_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -72,6 +73,7 @@ BEGIN
 END
 $$;
 
+-- The previous release's claim, for its sidecars while a deploy rolls (see claim_v2).
 CREATE OR REPLACE FUNCTION outbox.claim_v1(
     p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
     p_per_webhook integer, p_full_webhooks bigint[], p_busy_webhooks bigint[],
@@ -83,76 +85,33 @@ RETURNS TABLE (id bigint, webhook_id bigint, account_id text, attempt integer,
                secret text, retry_base integer, previous_secret text, format text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    claimed bigint[] := '{}';
 BEGIN
-    RETURN QUERY
-    WITH due AS MATERIALIZED (
-        SELECT d.id, d.webhook_id, w.account_id, d.next_attempt_at
-        FROM outbox.deliveries d
-        -- Outer: a delivery whose webhook is gone (account_id NULL) is deleted below.
-        LEFT JOIN outbox.webhooks w ON w.id = d.webhook_id
-        WHERE d.status = 'pending'
-          AND d.next_attempt_at <= now()
-          AND (d.leased_until IS NULL OR d.leased_until <= now())
-          AND d.webhook_id <> ALL (p_full_webhooks)
-          AND (w.account_id IS NULL OR w.account_id <> ALL (p_full_accounts))
-        ORDER BY d.next_attempt_at
-        LIMIT p_window
-        FOR UPDATE OF d SKIP LOCKED
-    ),
-    orphaned AS (
-        -- A producer that fanned out to a webhook while it was being deleted left a
-        -- delivery with no webhook (deliveries have no foreign key; see the schema).
-        DELETE FROM outbox.deliveries d
-        USING due
-        WHERE d.id = due.id
-          AND due.account_id IS NULL
-    ),
-    within_webhook AS (
-        SELECT r.id, r.account_id, r.next_attempt_at,
-               row_number() OVER (PARTITION BY r.account_id ORDER BY r.next_attempt_at, r.id)
-                   AS account_rank
-        FROM (SELECT due.id, due.next_attempt_at, due.webhook_id, due.account_id,
-                     row_number() OVER (PARTITION BY due.webhook_id
-                                        ORDER BY due.next_attempt_at, due.id) AS rank
-              FROM due
-              WHERE due.account_id IS NOT NULL) r
-        LEFT JOIN unnest(p_busy_webhooks, p_busy_counts)
-            AS busy (webhook_id, in_flight) ON busy.webhook_id = r.webhook_id
-        WHERE r.rank <= p_per_webhook - coalesce(busy.in_flight, 0)
-    ),
-    picked AS (
-        SELECT r.id
-        FROM within_webhook r
-        LEFT JOIN unnest(p_busy_accounts, p_busy_account_counts)
-            AS busy (account_id, in_flight) ON busy.account_id = r.account_id
-        WHERE r.account_rank <= p_per_account - coalesce(busy.in_flight, 0)
-        ORDER BY r.next_attempt_at
-        LIMIT p_limit
-    )
+    -- The previous release's sidecars read the end of a lease from next_attempt_at (their
+    -- next_due): claim as claim_v2() does, then move next_attempt_at there too.
+    FOR id, webhook_id, account_id, attempt, enabled, event, "timestamp", data, url, secret,
+        retry_base, previous_secret, format IN
+        SELECT * FROM outbox.claim_v2(
+            p_limit, p_window, p_lease, p_lease_seconds, p_per_webhook, p_full_webhooks,
+            p_busy_webhooks, p_busy_counts, p_per_account, p_full_accounts,
+            p_busy_accounts, p_busy_account_counts)
+    LOOP
+        claimed := claimed || id;
+        RETURN NEXT;
+    END LOOP;
     UPDATE outbox.deliveries d
-    SET next_attempt_at = now() + make_interval(secs => p_lease_seconds),
-        lease = p_lease,
-        -- A concurrent producer can add a delivery for a webhook being disabled; it is
-        -- cancelled here rather than sent.
-        status = CASE WHEN w.enabled THEN 'pending' ELSE 'cancelled' END,
-        finished_at = CASE WHEN w.enabled THEN NULL ELSE now() END,
-        last_error = CASE WHEN w.enabled THEN d.last_error ELSE 'webhook disabled' END
-    FROM picked p, outbox.events e, outbox.webhooks w
-    WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.webhook_id
-    RETURNING d.id, d.webhook_id, w.account_id, d.attempts + 1, w.enabled, e.event,
-              to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-              e.data::text, w.url, w.secret, d.retry_base,
-              -- A secret being rotated out signs beside the new one until it expires.
-              CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
-              w.format;
+    SET next_attempt_at = d.leased_until
+    WHERE d.id = ANY (claimed) AND d.status = 'pending';
 END
 $$;
 
--- As claim_v1, but the lease is leased_until, a column no index holds, and next_attempt_at
--- stays as it was: the claim then changes no indexed column, so Postgres writes the new
--- row version beside the old one on the same page (a HOT update) with no new entry in
--- any of the table's indexes, where claim_v1's new next_attempt_at wrote one in each.
--- A row under a lease is skipped by both versions, so sidecars calling either can run
+-- The claim of version 7 with one change: the lease is leased_until, a column no index
+-- holds, and next_attempt_at stays as it was. The claim then changes no indexed column,
+-- so Postgres writes the new row version beside the old one on the same page (a HOT
+-- update) with no new entry in any of the table's indexes, where moving next_attempt_at
+-- wrote one in each. claim_v1() is now this claim plus that move, for the previous
+-- release's sidecars: both skip a row under either's lease, so the two releases can run
 -- side by side while a deploy rolls.
 CREATE FUNCTION outbox.claim_v2(
     p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
