@@ -390,7 +390,8 @@ class Dispatcher:
         self._results_ready.set()
 
     async def _record(self, stop: asyncio.Event) -> None:
-        """Write results back in batches: whatever finished while the last write ran.
+        """Write results back in batches: whatever finished while the last write ran,
+        or, when that is little, what finishes within RECORD_LINGER (see _gather).
 
         A batch that cannot be written is put back before the failure goes up to the
         supervisor, so the part started again writes it: the leases outlast a short

@@ -195,10 +195,12 @@ SELECT account_id FROM token;
 
 -- delivery_page --
 -- One page of a webhook's delivery log, newest first; %(before)s is the cursor (the
--- last id of the previous page). next_attempt_at only means something while pending.
+-- last id of the previous page). next_attempt_at only means something while pending;
+-- while an attempt is under way, it is when that attempt's lease runs out.
 -- The wire_ columns rebuild the requests that were sent (outbox.webhooks.sent_request).
 SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
-       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+       CASE WHEN d.status = 'pending' THEN greatest(d.next_attempt_at, d.leased_until)
+       END AS next_attempt_at,
        d.last_error, d.last_response_status, d.created_at, d.finished_at,
        to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
            AS wire_timestamp,
@@ -217,7 +219,8 @@ LIMIT %(limit)s;
 -- delivery_get --
 -- One delivery, for an account (or for anyone when %(account_id)s is NULL).
 SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
-       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+       CASE WHEN d.status = 'pending' THEN greatest(d.next_attempt_at, d.leased_until)
+       END AS next_attempt_at,
        d.last_error, d.last_response_status, d.created_at, d.finished_at,
        to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
            AS wire_timestamp,
@@ -327,8 +330,8 @@ SELECT pg_advisory_xact_lock(outbox.lock_key(), 2);
 -- deliveries_finished gives them in order, so no statement reads more than it deletes.
 -- No row is locked before it is deleted (a lock is one more WAL record per row): the
 -- DELETE checks status and age again on a row that changed meanwhile, so a delivery
--- replayed since it was found (pending again) stays, and so do its attempts. The
--- foreign key would delete the attempts too; deleting them here counts them. The rows
+-- replayed since it was found (pending again) stays, and so do its attempts. Nothing
+-- else deletes the attempts (they have no foreign key to cascade). The rows
 -- go to each DELETE as an array (= ANY) rather than by a join: a join may be planned
 -- as a hash join that reads all of a table, an array is looked up in the primary key.
 WITH candidate AS MATERIALIZED (

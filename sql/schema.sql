@@ -144,8 +144,9 @@ CREATE TABLE outbox.deliveries (
     status               text NOT NULL DEFAULT 'pending'
                          CHECK (status IN ('pending', 'succeeded', 'failed', 'cancelled')),
     attempts             integer NOT NULL DEFAULT 0,
-    -- While a dispatcher holds a delivery, this is when its lease runs out: a crashed
-    -- dispatcher's rows simply fall due again, with no sweeper.
+    -- When the next attempt is due. While a dispatcher holds the delivery, leased_until
+    -- (below) says when its lease runs out: a crashed dispatcher's rows simply fall due
+    -- again, with no sweeper.
     next_attempt_at      timestamptz NOT NULL DEFAULT now(),
     last_error           text,
     last_response_status integer,
@@ -256,14 +257,19 @@ CREATE FUNCTION outbox.webhooks_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     used integer;
+    gone bigint[];
 BEGIN
     IF TG_OP = 'DELETE' THEN
         UPDATE outbox.webhook_quota SET webhooks = webhooks - 1
         WHERE account_id = OLD.account_id;
-        DELETE FROM outbox.delivery_attempts a
-        USING outbox.deliveries d
-        WHERE d.webhook_id = OLD.id AND a.delivery_id = d.id;
-        DELETE FROM outbox.deliveries WHERE webhook_id = OLD.id;
+        -- The deliveries first, then their attempts in a statement of its own: a record
+        -- that was writing an attempt holds its delivery's row until it commits, and only
+        -- a statement begun after that sees the attempt.
+        WITH deleted AS (
+            DELETE FROM outbox.deliveries WHERE webhook_id = OLD.id RETURNING id
+        )
+        SELECT array_agg(id) INTO gone FROM deleted;
+        DELETE FROM outbox.delivery_attempts WHERE delivery_id = ANY (gone);
         DELETE FROM outbox.webhook_health WHERE webhook_id = OLD.id;
         RETURN OLD;
     END IF;
@@ -335,38 +341,6 @@ CREATE TABLE outbox.webhook_health (
     last_success_at     timestamptz
 );
 
-CREATE VIEW outbox.webhook_status AS
-SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled,
-       last.status AS last_delivery_status,
-       last.finished_at AS last_delivery_at,
-       CASE WHEN last.status = 'failed' THEN last.last_error END AS last_error,
-       pending.pending,
-       pending.retrying,
-       h.last_attempt_at,
-       h.last_attempt_status,
-       CASE WHEN h.last_attempt_status = 'failed' THEN h.last_attempt_error
-       END AS last_attempt_error,
-       pending.next_retry_at,
-       w.format,
-       w.disabled_reason
-FROM outbox.webhooks w
-LEFT JOIN LATERAL (
-    SELECT d.status, d.finished_at, d.last_error
-    FROM outbox.deliveries d
-    WHERE d.webhook_id = w.id AND d.status IN ('succeeded', 'failed')
-    ORDER BY d.finished_at DESC, d.id DESC
-    LIMIT 1
-) last ON true
-CROSS JOIN LATERAL (
-    -- A pending delivery with an attempt behind it has failed at least once.
-    SELECT count(*) AS pending,
-           count(*) FILTER (WHERE p.attempts > 0) AS retrying,
-           min(p.next_attempt_at) FILTER (WHERE p.attempts > 0) AS next_retry_at
-    FROM outbox.deliveries p
-    WHERE p.webhook_id = w.id AND p.status = 'pending'
-) pending
-LEFT JOIN outbox.webhook_health h ON h.webhook_id = w.id;
-
 -- Producers get exactly what they need and nothing more. The role is cluster-wide,
 -- so another database (or a concurrent migrate) may have created it already.
 DO $$
@@ -430,6 +404,41 @@ ALTER TABLE outbox.deliveries ADD COLUMN leased_until timestamptz;
 -- filled by producers' INSERTs has no room left, and a claim of its rows then writes
 -- entries in every index of the table. New pages only; measured in bench/README.md.
 ALTER TABLE outbox.deliveries SET (fillfactor = 70);
+
+-- The dashboard (placed after the columns it reads). While a retry is under way, its next
+-- attempt is when the lease runs out.
+CREATE VIEW outbox.webhook_status AS
+SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled,
+       last.status AS last_delivery_status,
+       last.finished_at AS last_delivery_at,
+       CASE WHEN last.status = 'failed' THEN last.last_error END AS last_error,
+       pending.pending,
+       pending.retrying,
+       h.last_attempt_at,
+       h.last_attempt_status,
+       CASE WHEN h.last_attempt_status = 'failed' THEN h.last_attempt_error
+       END AS last_attempt_error,
+       pending.next_retry_at,
+       w.format,
+       w.disabled_reason
+FROM outbox.webhooks w
+LEFT JOIN LATERAL (
+    SELECT d.status, d.finished_at, d.last_error
+    FROM outbox.deliveries d
+    WHERE d.webhook_id = w.id AND d.status IN ('succeeded', 'failed')
+    ORDER BY d.finished_at DESC, d.id DESC
+    LIMIT 1
+) last ON true
+CROSS JOIN LATERAL (
+    -- A pending delivery with an attempt behind it has failed at least once.
+    SELECT count(*) AS pending,
+           count(*) FILTER (WHERE p.attempts > 0) AS retrying,
+           min(greatest(p.next_attempt_at, p.leased_until)) FILTER (WHERE p.attempts > 0)
+               AS next_retry_at
+    FROM outbox.deliveries p
+    WHERE p.webhook_id = w.id AND p.status = 'pending'
+) pending
+LEFT JOIN outbox.webhook_health h ON h.webhook_id = w.id;
 
 -- outbox schema, version 3: the settings page's one-time links and sign-in sessions.
 
@@ -540,13 +549,8 @@ CREATE INDEX deliveries_by_event ON outbox.deliveries (event_id);
 -- outbox schema, version 7: state changes as versioned functions (see
 -- sql/migrations/0007_state_functions.sql for a delivery's whole life).
 
--- Take up to p_limit due deliveries under a lease. Rows another dispatcher holds are
--- skipped, not waited for. Each webhook and each account has a share of this
--- dispatcher's attempts in flight: webhooks and accounts already at theirs are left
--- out, and none gets more than what is left of its share, so neither one slow endpoint
--- nor one account's many webhooks can fill every slot. Locked rows that are not picked
--- are released when the claim commits. plpgsql, so that each session plans the
--- statement once rather than at every call.
+-- The claim of version 7, kept for the previous release's sidecars: claim_v2() below
+-- does the work, and this moves next_attempt_at to the lease's end, as they expect.
 CREATE FUNCTION outbox.claim_v1(
     p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
     p_per_webhook integer, p_full_webhooks bigint[], p_busy_webhooks bigint[],
@@ -579,13 +583,23 @@ BEGIN
 END
 $$;
 
+-- Take up to p_limit due deliveries under a lease (version 9). Rows another dispatcher holds are
+-- skipped, not waited for. Each webhook and each account has a share of this
+-- dispatcher's attempts in flight: webhooks and accounts already at theirs are left
+-- out, and none gets more than what is left of its share, so neither one slow endpoint
+-- nor one account's many webhooks can fill every slot. Locked rows that are not picked
+-- are released when the claim commits. plpgsql, so that each session plans the
+-- statement once rather than at every call.
+--
 -- The claim of version 7 with one change: the lease is leased_until, a column no index
 -- holds, and next_attempt_at stays as it was. The claim then changes no indexed column,
 -- so Postgres writes the new row version beside the old one on the same page (a HOT
 -- update) with no new entry in any of the table's indexes, where moving next_attempt_at
 -- wrote one in each. claim_v1() is now this claim plus that move, for the previous
 -- release's sidecars: both skip a row under either's lease, so the two releases can run
--- side by side while a deploy rolls.
+-- side by side until the older sidecars see the new schema and stop (within
+-- OUTBOX_SCHEMA_CHECK_INTERVAL of `outbox migrate`). Meanwhile their next_due reads
+-- the new sidecars' leased rows as overdue, so they look again every 20 ms, in vain.
 CREATE FUNCTION outbox.claim_v2(
     p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
     p_per_webhook integer, p_full_webhooks bigint[], p_busy_webhooks bigint[],
@@ -620,6 +634,13 @@ BEGIN
         USING due
         WHERE d.id = due.id
           AND due.account_id IS NULL
+        RETURNING d.id
+    ),
+    orphaned_attempts AS (
+        -- Attempts too, if one was made while the webhook's delete was under way.
+        DELETE FROM outbox.delivery_attempts a
+        USING orphaned o
+        WHERE a.delivery_id = o.id
     ),
     within_webhook AS (
         SELECT r.id, r.account_id, r.next_attempt_at,
@@ -876,7 +897,8 @@ BEGIN
     SELECT d.next_attempt_at INTO due
     FROM outbox.deliveries d
     WHERE d.status = 'pending'
-      AND (d.leased_until IS NULL OR d.leased_until <= now())
+      -- (A lease of claim_v1 moved next_attempt_at to its end: that row counts.)
+      AND (d.leased_until IS NULL OR d.leased_until <= greatest(now(), d.next_attempt_at))
     ORDER BY d.next_attempt_at
     LIMIT 1;
     IF due IS NULL OR due > now() THEN

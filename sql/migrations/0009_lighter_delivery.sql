@@ -28,14 +28,19 @@ CREATE OR REPLACE FUNCTION outbox.webhooks_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     used integer;
+    gone bigint[];
 BEGIN
     IF TG_OP = 'DELETE' THEN
         UPDATE outbox.webhook_quota SET webhooks = webhooks - 1
         WHERE account_id = OLD.account_id;
-        DELETE FROM outbox.delivery_attempts a
-        USING outbox.deliveries d
-        WHERE d.webhook_id = OLD.id AND a.delivery_id = d.id;
-        DELETE FROM outbox.deliveries WHERE webhook_id = OLD.id;
+        -- The deliveries first, then their attempts in a statement of its own: a record
+        -- that was writing an attempt holds its delivery's row until it commits, and only
+        -- a statement begun after that sees the attempt.
+        WITH deleted AS (
+            DELETE FROM outbox.deliveries WHERE webhook_id = OLD.id RETURNING id
+        )
+        SELECT array_agg(id) INTO gone FROM deleted;
+        DELETE FROM outbox.delivery_attempts WHERE delivery_id = ANY (gone);
         DELETE FROM outbox.webhook_health WHERE webhook_id = OLD.id;
         RETURN OLD;
     END IF;
@@ -72,6 +77,40 @@ BEGIN
     RETURN NEW;
 END
 $$;
+
+-- While a retry is under way, its next attempt is when the lease runs out.
+CREATE OR REPLACE VIEW outbox.webhook_status AS
+SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled,
+       last.status AS last_delivery_status,
+       last.finished_at AS last_delivery_at,
+       CASE WHEN last.status = 'failed' THEN last.last_error END AS last_error,
+       pending.pending,
+       pending.retrying,
+       h.last_attempt_at,
+       h.last_attempt_status,
+       CASE WHEN h.last_attempt_status = 'failed' THEN h.last_attempt_error
+       END AS last_attempt_error,
+       pending.next_retry_at,
+       w.format,
+       w.disabled_reason
+FROM outbox.webhooks w
+LEFT JOIN LATERAL (
+    SELECT d.status, d.finished_at, d.last_error
+    FROM outbox.deliveries d
+    WHERE d.webhook_id = w.id AND d.status IN ('succeeded', 'failed')
+    ORDER BY d.finished_at DESC, d.id DESC
+    LIMIT 1
+) last ON true
+CROSS JOIN LATERAL (
+    -- A pending delivery with an attempt behind it has failed at least once.
+    SELECT count(*) AS pending,
+           count(*) FILTER (WHERE p.attempts > 0) AS retrying,
+           min(greatest(p.next_attempt_at, p.leased_until)) FILTER (WHERE p.attempts > 0)
+               AS next_retry_at
+    FROM outbox.deliveries p
+    WHERE p.webhook_id = w.id AND p.status = 'pending'
+) pending
+LEFT JOIN outbox.webhook_health h ON h.webhook_id = w.id;
 
 -- The previous release's claim, for its sidecars while a deploy rolls (see claim_v2).
 CREATE OR REPLACE FUNCTION outbox.claim_v1(
@@ -112,7 +151,9 @@ $$;
 -- update) with no new entry in any of the table's indexes, where moving next_attempt_at
 -- wrote one in each. claim_v1() is now this claim plus that move, for the previous
 -- release's sidecars: both skip a row under either's lease, so the two releases can run
--- side by side while a deploy rolls.
+-- side by side until the older sidecars see the new schema and stop (within
+-- OUTBOX_SCHEMA_CHECK_INTERVAL of `outbox migrate`). Meanwhile their next_due reads
+-- the new sidecars' leased rows as overdue, so they look again every 20 ms, in vain.
 CREATE FUNCTION outbox.claim_v2(
     p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
     p_per_webhook integer, p_full_webhooks bigint[], p_busy_webhooks bigint[],
@@ -147,6 +188,13 @@ BEGIN
         USING due
         WHERE d.id = due.id
           AND due.account_id IS NULL
+        RETURNING d.id
+    ),
+    orphaned_attempts AS (
+        -- Attempts too, if one was made while the webhook's delete was under way.
+        DELETE FROM outbox.delivery_attempts a
+        USING orphaned o
+        WHERE a.delivery_id = o.id
     ),
     within_webhook AS (
         SELECT r.id, r.account_id, r.next_attempt_at,
@@ -330,7 +378,8 @@ BEGIN
     SELECT d.next_attempt_at INTO due
     FROM outbox.deliveries d
     WHERE d.status = 'pending'
-      AND (d.leased_until IS NULL OR d.leased_until <= now())
+      -- (A lease of claim_v1 moved next_attempt_at to its end: that row counts.)
+      AND (d.leased_until IS NULL OR d.leased_until <= greatest(now(), d.next_attempt_at))
     ORDER BY d.next_attempt_at
     LIMIT 1;
     IF due IS NULL OR due > now() THEN

@@ -570,6 +570,20 @@ class TestNextDue:
         assert found is not None
         return None if found[0] is None else float(found[0])
 
+    def test_a_lease_of_the_previous_releases_claim_counts(
+        self, sql: SQL, conn: psycopg.Connection[Any]
+    ) -> None:
+        """A row claimed through claim_v1 (next_attempt_at moved to its lease's end) is
+        due again when that lease runs out."""
+        sql.webhook(HTTPS)
+        sql.emit()
+        conn.execute(
+            "SELECT * FROM outbox.claim_v1(10, 20, gen_random_uuid(), 30, 100, '{}', '{}',"
+            " '{}', 100, '{}', '{}', '{}')"
+        ).fetchall()
+        due = self.next_due(conn)
+        assert due is not None and 28 < due <= 30
+
     def test_null_when_nothing_is_pending(self, sql: SQL, conn: psycopg.Connection[Any]) -> None:
         """With no pending delivery (none at all, or only finished ones) it is NULL."""
         assert self.next_due(conn) is None
@@ -597,6 +611,57 @@ class TestNextDue:
         sql("UPDATE outbox.deliveries SET next_attempt_at = now() + interval '100 s' WHERE id = 2")
         due = self.next_due(conn)
         assert due is not None and 28 < due <= 30
+
+
+class TestAttemptsGoWithTheirDelivery:
+    """delivery_attempts has no foreign key: whatever deletes a delivery deletes its
+    attempts too, also when an attempt is being recorded at that moment."""
+
+    def test_a_webhook_deleted_while_a_result_is_recorded(
+        self, sql: SQL, conn: psycopg.Connection[Any], database_url: str
+    ) -> None:
+        hook = sql.webhook(HTTPS)
+        sql.emit()
+        lease = uuid.uuid4()
+        [job] = claim(conn, lease=lease)
+        deleted = threading.Event()
+
+        def delete() -> None:
+            with psycopg.connect(database_url, autocommit=True) as other:
+                other.execute("DELETE FROM outbox.webhooks WHERE id = %s", (hook,))
+            deleted.set()
+
+        with conn.transaction():
+            record(conn, [{"id": job["id"], "lease": lease, "attempt": 1, "outcome": "succeeded"}])
+            deleter = threading.Thread(target=delete)
+            deleter.start()
+            # The delete waits for the recorded delivery's row until this commits.
+            assert not deleted.wait(0.5)
+        deleter.join(10)
+        assert deleted.is_set()
+        assert sql.one("SELECT count(*) FROM outbox.deliveries") == 0
+        assert sql.one("SELECT count(*) FROM outbox.delivery_attempts") == 0
+
+    def test_an_orphaned_delivery_goes_with_its_attempts(
+        self, sql: SQL, conn: psycopg.Connection[Any]
+    ) -> None:
+        """A delivery whose webhook is gone is deleted by the next claim, attempts and all."""
+        hook = sql.webhook(HTTPS)
+        sql.emit()
+        lease = uuid.uuid4()
+        [job] = claim(conn, lease=lease)
+        record(
+            conn,
+            [{"id": job["id"], "lease": lease, "attempt": 1, "outcome": "pending", "retry_in": 0}],
+        )
+        # As if the webhook's delete had missed this delivery (a concurrent fan-out).
+        sql("ALTER TABLE outbox.webhooks DISABLE TRIGGER webhooks_guard")
+        sql("DELETE FROM outbox.webhooks WHERE id = %s", (hook,))
+        sql("ALTER TABLE outbox.webhooks ENABLE TRIGGER webhooks_guard")
+        make_due(sql)
+        assert claim(conn) == []
+        assert sql.one("SELECT count(*) FROM outbox.deliveries") == 0
+        assert sql.one("SELECT count(*) FROM outbox.delivery_attempts") == 0
 
 
 class TestDispatcherConnection:
