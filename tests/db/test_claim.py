@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 import pytest
@@ -664,6 +664,31 @@ class TestAttemptsGoWithTheirDelivery:
         assert sql.one("SELECT count(*) FROM outbox.delivery_attempts") == 0
 
 
+async def nested_plan(
+    conn: psycopg.AsyncConnection[Any], statement: LiteralString, params: Any, marker: str
+) -> str:
+    """The plan of the statement containing ``marker`` that running ``statement`` ran:
+    the claim and the record run inside functions, whose plans the session keeps like
+    a prepared statement's, and auto_explain shows them."""
+    plans: list[str] = []
+
+    def keep(notice: psycopg.errors.Diagnostic) -> None:
+        plans.append(notice.message_primary or "")
+
+    conn.add_notice_handler(keep)
+    await conn.execute("LOAD 'auto_explain'")
+    await conn.execute("SET auto_explain.log_min_duration = 0")
+    await conn.execute("SET auto_explain.log_nested_statements = on")
+    await conn.execute("SET auto_explain.log_level = notice")
+    try:
+        await conn.execute(statement, params, prepare=True)
+    finally:
+        await conn.execute("SET auto_explain.log_min_duration = -1")
+        conn.remove_notice_handler(keep)
+    [plan] = [text for text in plans if marker in text]
+    return plan
+
+
 class TestDispatcherConnection:
     async def test_a_record_looks_its_deliveries_up_by_key(
         self, database_url: str, sql: SQL
@@ -681,14 +706,9 @@ class TestDispatcherConnection:
         connection = Connection(database_url, *RECORDS_SETUP)
         try:
             conn = await connection.get()
-            plans: list[str] = []
-            conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
-            await conn.execute("LOAD 'auto_explain'")
-            await conn.execute("SET auto_explain.log_min_duration = 0")
-            await conn.execute("SET auto_explain.log_nested_statements = on")
-            await conn.execute("SET auto_explain.log_level = notice")
-            await conn.execute(db.query("record"), {"results": "[]"}, prepare=True)
-            [plan] = [text for text in plans if "UPDATE outbox.deliveries" in text]
+            plan = await nested_plan(
+                conn, db.query("record"), {"results": "[]"}, "UPDATE outbox.deliveries"
+            )
             assert "Seq Scan on deliveries" not in plan
             assert "Index Scan using deliveries_pkey on deliveries d" in plan
         finally:
@@ -704,21 +724,8 @@ class TestDispatcherConnection:
         connection = Connection(database_url, *CLAIMS_SETUP)
 
         async def claim_reads_all_of_deliveries() -> bool:
-            # The claim runs inside outbox.claim_v2(), whose plan is kept by the session
-            # like a prepared statement's: auto_explain shows it. A claim of no rows
-            # plans all the same and changes nothing. Planned for an empty table, the
-            # claim reads all of deliveries for the rows it has picked.
-            conn = await connection.get()
-            plans: list[str] = []
-
-            def keep(notice: psycopg.errors.Diagnostic) -> None:
-                plans.append(notice.message_primary or "")
-
-            conn.add_notice_handler(keep)
-            await conn.execute("LOAD 'auto_explain'")
-            await conn.execute("SET auto_explain.log_min_duration = 0")
-            await conn.execute("SET auto_explain.log_nested_statements = on")
-            await conn.execute("SET auto_explain.log_level = notice")
+            # A claim of no rows plans all the same and changes nothing. Planned for an
+            # empty table, the claim reads all of deliveries for the rows it has picked.
             params = db.deliveries.claim_params(
                 limit=0,
                 lease=str(uuid.uuid4()),
@@ -728,12 +735,8 @@ class TestDispatcherConnection:
                 per_account=1,
                 accounts_in_flight={},
             )
-            try:
-                await conn.execute(db.query("claim"), params, prepare=True)
-            finally:
-                await conn.execute("SET auto_explain.log_min_duration = -1")
-                conn.remove_notice_handler(keep)
-            [plan] = [text for text in plans if "WITH due AS" in text]
+            conn = await connection.get()
+            plan = await nested_plan(conn, db.query("claim"), params, "WITH due AS")
             return "Seq Scan on deliveries d " in plan
 
         try:
