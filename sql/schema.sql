@@ -910,13 +910,3 @@ BEGIN
     RETURN extract(epoch FROM due - now());
 END
 $$;
-
--- outbox schema, version 10: events.data compressed with lz4, which costs the producer's
--- INSERT and the claim far less CPU than pglz (see sql/migrations/0010_event_data_lz4.sql).
-DO $$
-BEGIN
-    ALTER TABLE outbox.events ALTER COLUMN data SET COMPRESSION lz4;
-EXCEPTION WHEN feature_not_supported THEN
-    RAISE NOTICE 'this server has no lz4: outbox.events.data stays compressed with pglz';
-END
-$$;

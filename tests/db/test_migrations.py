@@ -14,7 +14,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.types.json import Jsonb
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from outbox import db, localpg
@@ -27,18 +26,16 @@ SCHEMA = ROOT / "sql" / "schema.sql"
 DESCRIBE = """
 SELECT format('schema acl=%s', nspacl) FROM pg_namespace WHERE nspname = 'outbox'
 UNION ALL
-SELECT format('relation %s kind=%s acl=%s options=%s', c.relname, c.relkind, c.relacl,
-              c.reloptions)
+SELECT format('relation %s kind=%s acl=%s', c.relname, c.relkind, c.relacl)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = 'outbox' AND c.relkind IN ('r', 'v', 'm', 'p', 'S')
   AND c.relname <> 'schema_migrations'
 UNION ALL
-SELECT format('column %s.%s #%s %s %s default=%s identity=%s generated=%s compression=%s',
-              c.relname, a.attname, row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum),
+SELECT format('column %s.%s #%s %s %s default=%s identity=%s generated=%s', c.relname,
+              a.attname, row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum),
               format_type(a.atttypid, a.atttypmod),
               CASE WHEN a.attnotnull THEN 'NOT NULL' ELSE 'NULL' END,
-              pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated,
-              nullif(a.attcompression, ''))
+              pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated)
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -222,26 +219,6 @@ class TestSchemaFile:
         expected = describe(migrated)
         assert any(line.startswith("relation events ") for line in expected)
         assert describe(from_file) == expected
-
-    def test_event_data_is_stored_with_lz4(self, new_database: Callable[[], str]) -> None:
-        """An event large enough to be compressed is compressed with lz4, by a database
-        built from the migrations and by one built from sql/schema.sql."""
-        migrated, from_file = new_database(), new_database()
-        migrate(migrated)
-        with psycopg.connect(from_file, autocommit=True) as conn:
-            conn.execute(SCHEMA.read_text())
-        data = {"notes": "the lead opened the email and clicked the link " * 100}
-        for url in (migrated, from_file):
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(
-                    "INSERT INTO outbox.events (account_id, event, data) VALUES"
-                    " ('acct_1', 'lead.scored', %s)",
-                    (Jsonb(data),),
-                )
-                row = conn.execute(
-                    "SELECT pg_column_compression(data), data FROM outbox.events"
-                ).fetchone()
-            assert row == ("lz4", data)
 
     def test_schema_sql_runs_under_psql(self, new_database: Callable[[], str]) -> None:
         """`psql -v ON_ERROR_STOP=1 -f sql/schema.sql` applies cleanly to an empty database."""
