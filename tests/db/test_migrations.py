@@ -26,16 +26,18 @@ SCHEMA = ROOT / "sql" / "schema.sql"
 DESCRIBE = """
 SELECT format('schema acl=%s', nspacl) FROM pg_namespace WHERE nspname = 'outbox'
 UNION ALL
-SELECT format('relation %s kind=%s acl=%s', c.relname, c.relkind, c.relacl)
+SELECT format('relation %s kind=%s acl=%s options=%s', c.relname, c.relkind, c.relacl,
+              c.reloptions)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = 'outbox' AND c.relkind IN ('r', 'v', 'm', 'p', 'S')
   AND c.relname <> 'schema_migrations'
 UNION ALL
-SELECT format('column %s.%s #%s %s %s default=%s identity=%s generated=%s', c.relname,
-              a.attname, row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum),
+SELECT format('column %s.%s #%s %s %s default=%s identity=%s generated=%s compression=%s',
+              c.relname, a.attname, row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum),
               format_type(a.atttypid, a.atttypmod),
               CASE WHEN a.attnotnull THEN 'NOT NULL' ELSE 'NULL' END,
-              pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated)
+              pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated,
+              nullif(a.attcompression, ''))
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
