@@ -103,7 +103,9 @@ def table(details: dict[str, Any], summary: dict[str, Any], sections: Sequence[S
 
 def context_line(meta: dict[str, Any]) -> str:
     return (
-        f"outbox {meta['outbox_version']}, PostgreSQL {meta['postgres']} (private cluster,"
+        f"outbox {meta['outbox_version']}"
+        + (f" at {meta['commit']}" if meta.get("commit") else "")
+        + f", PostgreSQL {meta['postgres']} (private cluster,"
         f" fsync={meta['fsync']}, shared_buffers={meta['shared_buffers']},"
         f" synchronous_commit={meta['synchronous_commit']}), {meta['cpus']} CPUs,"
         f" load average {meta['loadavg_start']} at start / {meta['loadavg_end']} at end,"

@@ -18,6 +18,7 @@ import json
 import platform
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import traceback
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = {
             "date": stamp,
             "outbox_version": outbox_version,
+            "commit": _commit(),
             "postgres": cluster.setting("server_version"),
             "fsync": cluster.setting("fsync"),
             "shared_buffers": cluster.setting("shared_buffers"),
@@ -180,6 +182,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _commit() -> str | None:
+    """The measured tree's commit, "+changes" when it differs from it; None without git."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if changed else "")
 
 
 def _version(package: str) -> str | None:
