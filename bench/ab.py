@@ -51,10 +51,9 @@ def main() -> int:
             bench.build_template(templates[name], tree)
         for rep in range(args.reps):
             for name in ("A", "B") if rep % 2 == 0 else ("B", "A"):
-                bench.sidecar_tree = trees[name]
                 with database(cluster, f"ab_{rep}_{name}", templates[name]) as url:
                     bench.load_outbox(url, n)
-                    r = bench.drain(url, n)
+                    r = bench.drain(url, n, tree=trees[name])
                 row = (
                     r["rate"],
                     r["cpu_s"][0] / n * 1e6,

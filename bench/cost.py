@@ -31,7 +31,6 @@ stands in, and the table says so.
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from typing import Any
 import psycopg
 
 from bench import payloads
-from bench.common import ROOT, rotate, say, stats
+from bench.common import ROOT, rotate, run_command, say, stats
 from bench.harness import Bench
 from bench.pgq_worker import enqueue_script
 from bench.report import Row, get, median_of, met, num, spread
@@ -166,16 +165,12 @@ def baseline_tree(bench: Bench) -> Path | None:
     """BASELINE_COMMIT's outbox/ and sql/ in the work directory, or None without git or
     that commit."""
     tree = bench.workdir / "baseline"
+    archive = bench.workdir / "baseline.tar"
     try:
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", BASELINE_COMMIT, "outbox", "sql"],
-            capture_output=True,
-            check=True,
-            timeout=60,
-        ).stdout
+        run_command(["git", "archive", "-o", str(archive), BASELINE_COMMIT, "outbox", "sql"])
         tree.mkdir(exist_ok=True)
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
+        run_command(["tar", "-xf", str(archive), "-C", str(tree)])
+    except (OSError, RuntimeError) as exc:
         say(f"   no checkout of {BASELINE_COMMIT[:7]} ({exc}): the recorded baseline stands in")
         return None
     return tree
@@ -202,14 +197,9 @@ def case(
         maintain(url, "ANALYZE", written(first, produced))
         analyzed = reading(bench, url)
         if outbox:
-            own_tree = bench.sidecar_tree
-            if contender == "baseline":
-                assert baseline is not None
-                bench.sidecar_tree = baseline
-            try:
-                r = bench.drain(url, n)
-            finally:
-                bench.sidecar_tree = own_tree
+            tree = baseline if contender == "baseline" else ROOT
+            assert tree is not None
+            r = bench.drain(url, n, tree=tree)
             info_deliver = {"rate": r["rate"], "client_cpu_s": r["cpu_s"][0]}
         else:
             r = pgqueuer_drain(bench, url, n, bench.pgqueuer_batch, name)

@@ -138,9 +138,6 @@ class Bench:
         self.reps = reps
         self.sizes = sizes
         self._sidecars = 0
-        # The source tree `outbox run` runs from (bench.ab switches it). `python -m` puts
-        # its working directory first on sys.path, so the tree is its cwd.
-        self.sidecar_tree = ROOT
         # pgqueuer's batch size: the throughput section's sweep sets the best it found.
         self.pgqueuer_batch = 16
 
@@ -217,14 +214,19 @@ class Bench:
 
     # -- `outbox run`
 
-    def start_sidecar(self, url: str, *, cpus: set[int] | None = None) -> Sidecar:
+    def start_sidecar(
+        self, url: str, *, cpus: set[int] | None = None, tree: Path = ROOT
+    ) -> Sidecar:
+        """`outbox run` of the source tree `tree` (bench.ab and the cost section's
+        baseline run others): `python -m` puts its working directory first on
+        sys.path, so the tree is its cwd."""
         self._sidecars += 1
         log_path = self.workdir / f"sidecar{self._sidecars}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed in stop_sidecar()
         proc = PROCS.start(
             [PY, "-m", "outbox", "run"],
             cpus=cpus,
-            cwd=self.sidecar_tree,
+            cwd=tree,
             env=self.sidecar_env(url),
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -257,12 +259,13 @@ class Bench:
         sidecars: int = 1,
         cpus: set[int] | None = None,
         window: float | None = None,
+        tree: Path = ROOT,
     ) -> dict[str, Any]:
-        """Start `outbox run` on a loaded backlog and measure at the receiver."""
+        """Start `outbox run` (of `tree`) on a loaded backlog and measure at the receiver."""
         self.receiver.reset()
         db_cpu = self.cluster.cpu_seconds()
         wal = self.cluster.wal_lsn()
-        started = [self.start_sidecar(url, cpus=cpus) for _ in range(sidecars)]
+        started = [self.start_sidecar(url, cpus=cpus, tree=tree) for _ in range(sidecars)]
         try:
             alive = [s.proc for s in started]
             if window is None:

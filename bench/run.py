@@ -18,7 +18,6 @@ import json
 import platform
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import traceback
@@ -36,7 +35,7 @@ from bench import (
     throughput,
     two_sidecars,
 )
-from bench.common import CONCURRENCY, CPUS, PROCS, ROOT, say
+from bench.common import CONCURRENCY, CPUS, PROCS, ROOT, run_command, say
 from bench.harness import QUICK, Bench, Sizes
 from bench.report import (
     Section,
@@ -187,23 +186,11 @@ def _loadavg() -> str:
 def _commit() -> str | None:
     """The measured tree's commit, "+changes" when it differs from it; None without git."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+        head = run_command(["git", "rev-parse", "--short", "HEAD"], timeout=30).strip()
+        changed = run_command(["git", "status", "--porcelain", "--untracked-files=no"], timeout=30)
+    except (OSError, RuntimeError):
         return None
-    return head + ("+changes" if changed else "")
+    return head + ("+changes" if changed.strip() else "")
 
 
 def _version(package: str) -> str | None:
