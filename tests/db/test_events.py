@@ -318,6 +318,17 @@ class TestFanOut:
         assert sql.one("SELECT count(*) FROM outbox.events") == 0
         assert deliveries(sql) == []
 
+    def test_an_update_is_checked_the_same_way_and_fans_out_nothing(self, sql: SQL) -> None:
+        """The owner's UPDATE of an event meets the INSERT's rules and enqueues nothing."""
+        sql.webhook(HTTPS)
+        event = insert_event(sql, "acct_1", "lead.scored")
+        with raises(errors.CheckViolation, "data must be a JSON object, not array"):
+            sql("UPDATE outbox.events SET data = '[]' WHERE id = %s", (event,))
+        with raises(errors.CheckViolation, f"unknown event 'lead.lost': valid events are {VALID}"):
+            sql("UPDATE outbox.events SET event = 'lead.lost' WHERE id = %s", (event,))
+        sql("UPDATE outbox.events SET data = '{\"n\": 1}' WHERE id = %s", (event,))
+        assert sql.one("SELECT count(*) FROM outbox.deliveries") == 1
+
 
 class TestConcurrentDelete:
     def test_webhook_deleted_during_fan_out_does_not_fail_the_producer(
