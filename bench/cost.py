@@ -26,6 +26,12 @@ into and drained the same way. This machine's speed varies by a factor of three 
 more from one session to the next, so only a figure from the same run compares. Where
 git or the commit is missing (a source tarball), the figure recorded on 2026-11-29
 stands in, and the table says so.
+
+A fourth contender, "floor", is the least any transactional outbox can cost: the same
+event INSERTed into a plain table of its own (no checks, no fan-out, only its primary
+key), then consumed by deleting it, 100 rows a statement (`DELETE ... RETURNING`, no
+HTTP, no attempt recorded, nothing left to show). It answers whether the target leaves
+room for the work the contract asks for.
 """
 
 from __future__ import annotations
@@ -65,6 +71,15 @@ DIAGNOSTIC = ("analyze", "vacuum")
 OUTBOX_SCRIPT = """\\set aid random(0, 99)
 INSERT INTO outbox.events (account_id, event, data)
     VALUES ('acct_' || :aid::text, 'lead.scored', :data);
+"""
+
+# The floor: the event into a table of its own, then deleted as it is read.
+FLOOR_SCRIPT = OUTBOX_SCRIPT.replace("outbox.events", "bench.events_plain")
+FLOOR_BATCH = 100
+FLOOR_DELETE = """
+DELETE FROM bench.events_plain
+WHERE id IN (SELECT id FROM bench.events_plain ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)
+RETURNING id, account_id, event, data::text, occurred_at
 """
 
 # The database's own tables and their TOAST tables, named after their owner.
@@ -187,7 +202,7 @@ def case(
     with database(bench.cluster, name, template) as url:
         bench.cluster.checkpoint()
         first = reading(bench, url)
-        script = OUTBOX_SCRIPT if outbox else enqueue_script()
+        script = {"floor": FLOOR_SCRIPT, "pgqueuer": enqueue_script()}.get(contender, OUTBOX_SCRIPT)
         info = produce(bench, name, script, n)
         produced = reading(bench, url)
         # What autoanalyze does to a table that grew. Without it both contenders' queries
@@ -201,6 +216,8 @@ def case(
             assert tree is not None
             r = bench.drain(url, n, tree=tree)
             info_deliver = {"rate": r["rate"], "client_cpu_s": r["cpu_s"][0]}
+        elif contender == "floor":
+            info_deliver = floor_drain(url)
         else:
             r = pgqueuer_drain(bench, url, n, bench.pgqueuer_batch, name)
             info_deliver = {"rate": r["rate"], "client_cpu_s": r["cpu_s"]}
@@ -209,13 +226,18 @@ def case(
         phases["analyze"] = brief(difference(produced, analyzed))
         phases["deliver"] = difference(analyzed, delivered) | info_deliver
         # Only the contender's own indexes (the template holds the other's too).
-        own = "outbox." if outbox else "pgqueuer"
+        own = {"floor": "bench.events_plain", "pgqueuer": "pgqueuer"}.get(contender, "outbox.")
         for phase in PHASES:
             scans = phases[phase]["index_scans"]
             phases[phase]["index_scans"] = {k: v for k, v in scans.items() if k.startswith(own)}
         maintain(url, "VACUUM", written(first, delivered))
         phases["vacuum"] = brief(difference(delivered, reading(bench, url)))
-        checks = outbox_checks(url) if outbox else pgqueuer_checks(url)
+        if outbox:
+            checks = outbox_checks(url)
+        elif contender == "floor":
+            checks = floor_checks(url, phases["deliver"]["taken"])
+        else:
+            checks = pgqueuer_checks(url)
     if checks["delivered"] != n:
         raise RuntimeError(f"{contender}: {checks} after delivering {n}")
     deliveries = difference(first, delivered)["tables"].get("outbox.deliveries", {})
@@ -227,6 +249,23 @@ def case(
         "deliveries_updates": deliveries.get("upd", 0),
         "deliveries_hot_updates": deliveries.get("hot_upd", 0),
     }
+
+
+def floor_drain(url: str) -> dict[str, Any]:
+    """The floor's consumer: delete the events in batches, reading each as it goes."""
+    taken = 0
+    started = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        while rows := conn.execute(FLOOR_DELETE, (FLOOR_BATCH,), prepare=True).fetchall():
+            taken += len(rows)
+    return {"rate": taken / (time.monotonic() - started), "client_cpu_s": None, "taken": taken}
+
+
+def floor_checks(url: str, taken: int) -> dict[str, int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM bench.events_plain").fetchone()
+    assert row is not None
+    return {"delivered": taken, "left_in_queue": row[0]}
 
 
 def outbox_checks(url: str) -> dict[str, int]:
@@ -272,7 +311,7 @@ def measure(bench: Bench) -> dict[str, Any]:
         f"7. cost: Postgres CPU, WAL, rows per delivered event; {n} events, one per"
         f" transaction ({CLIENTS} pgbench clients), then drained; pgqueuer batch {batch}"
     )
-    runs: dict[str, list[dict[str, Any]]] = {"outbox": [], "pgqueuer": []}
+    runs: dict[str, list[dict[str, Any]]] = {"outbox": [], "pgqueuer": [], "floor": []}
     baseline = baseline_tree(bench)
     if baseline is not None:
         bench.build_template(BASELINE_TEMPLATE, baseline)
@@ -290,9 +329,10 @@ def measure(bench: Bench) -> dict[str, Any]:
     outbox = per_event(runs["outbox"], n)
     pgq = per_event(runs["pgqueuer"], n)
     before = per_event(runs["baseline"], n) if baseline is not None else None
+    floor = per_event(runs["floor"], n)
 
-    def ratio(field: str, to: dict[str, Any] = pgq) -> dict[str, Any]:
-        mine = outbox[field]["total"]["values"]
+    def ratio(field: str, to: dict[str, Any] = pgq, of: dict[str, Any] = outbox) -> dict[str, Any]:
+        mine = of[field]["total"]["values"]
         theirs = to[field]["total"]["values"]
         # Paired by repetition: the two ran minutes apart, in rotating order.
         return stats([m / t for m, t in zip(mine, theirs, strict=True)])
@@ -301,12 +341,12 @@ def measure(bench: Bench) -> dict[str, Any]:
         r["deliveries_hot_updates"] / r["deliveries_updates"] if r["deliveries_updates"] else 0.0
         for r in runs["outbox"]
     ]
-    if before is not None:
-        to_baseline = ratio("cpu_us", before)
-    else:
-        to_baseline = stats(
-            [v / RECORDED_BASELINE_CPU_US for v in outbox["cpu_us"]["total"]["values"]]
-        )
+
+    def to_before(of: dict[str, Any]) -> dict[str, Any]:
+        if before is not None:
+            return ratio("cpu_us", before, of)
+        return stats([v / RECORDED_BASELINE_CPU_US for v in of["cpu_us"]["total"]["values"]])
+
     return {
         "events": n,
         "pgbench_clients": CLIENTS,
@@ -317,7 +357,9 @@ def measure(bench: Bench) -> dict[str, Any]:
         "recorded_baseline_postgres_cpu_us": RECORDED_BASELINE_CPU_US,
         "outbox_per_event": outbox,
         "pgqueuer_per_job": pgq,
-        "cpu_ratio_to_baseline": to_baseline,
+        "cpu_ratio_to_baseline": to_before(outbox),
+        "floor_per_event": floor,
+        "floor_cpu_ratio_to_baseline": to_before(floor),
         "wal_ratio_to_baseline": ratio("wal_bytes", before) if before is not None else None,
         "rows_ratio_to_baseline": ratio("rows_written", before) if before is not None else None,
         "cpu_ratio_vs_pgqueuer": ratio("cpu_us"),
@@ -337,6 +379,7 @@ def summary(details: dict[str, Any]) -> dict[str, float | int | None]:
         "baseline_postgres_cpu_us_per_event": total("baseline_per_event", "cpu_us"),
         "postgres_cpu_ratio_to_baseline": median_of(get(details, KEY, "cpu_ratio_to_baseline")),
         "pgqueuer_postgres_cpu_us_per_job": total("pgqueuer_per_job", "cpu_us"),
+        "floor_postgres_cpu_us_per_event": total("floor_per_event", "cpu_us"),
         "wal_bytes_per_event": total("outbox_per_event", "wal_bytes"),
         "pgqueuer_wal_bytes_per_job": total("pgqueuer_per_job", "wal_bytes"),
         "rows_written_per_event": total("outbox_per_event", "rows_written"),
@@ -374,6 +417,18 @@ def rows(details: dict[str, Any], summary: dict[str, Any]) -> list[Row]:
             met(today, TARGET_RATIO, False),
         )
     ]
+    floor = cost.get("floor_per_event")
+    if floor is not None:
+        out.append(
+            (
+                "7 floor: Postgres CPU µs per event, plain INSERT + DELETE as a queue",
+                split(floor["cpu_us"]),
+                f"share of the outbox at {commit} (before), same run",
+                spread(cost["floor_cpu_ratio_to_baseline"], 2),
+                "(reported)",
+                "",
+            )
+        )
     # The rest are reported, with no target: against the outbox of before (its CPU is
     # the row above) and against pgqueuer. The ratio keys are <prefix>_ratio_<suffix>.
     figures = (
