@@ -318,6 +318,39 @@ class TestFanOut:
         assert sql.one("SELECT count(*) FROM outbox.events") == 0
         assert deliveries(sql) == []
 
+    def test_a_row_that_on_conflict_skips_fans_out_nothing(self, sql: SQL) -> None:
+        """INSERT ... ON CONFLICT DO NOTHING that meets an existing id (an identity
+        sequence set back, as after a restore) enqueues nothing for the skipped row."""
+        hook = sql.webhook(HTTPS)
+        first = insert_event(sql, "acct_1", "lead.scored")
+        sql("SELECT setval(pg_get_serial_sequence('outbox.events', 'id'), %s, false)", (first,))
+        sql(
+            "INSERT INTO outbox.events (account_id, event) VALUES ('acct_1', 'lead.scored')"
+            " ON CONFLICT DO NOTHING"
+        )
+        assert sql.one("SELECT count(*) FROM outbox.events") == 1
+        assert deliveries(sql) == [(first, hook)]
+
+    def test_the_fan_out_sees_the_row_as_written(self, sql: SQL) -> None:
+        """The owner's own BEFORE trigger may change or skip a row: the fan-out follows
+        what was written, not what was asked."""
+        hook = sql.webhook(HTTPS, account="acct_1")
+        sql(
+            "CREATE FUNCTION public.tidy() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN IF NEW.data ? 'skip' THEN RETURN NULL; END IF;"
+            " NEW.account_id := lower(NEW.account_id); RETURN NEW; END $$"
+        )
+        sql(
+            "CREATE TRIGGER zz_tidy BEFORE INSERT ON outbox.events"
+            " FOR EACH ROW EXECUTE FUNCTION public.tidy()"
+        )
+        kept = insert_event(sql, "ACCT_1", "lead.scored")
+        sql(
+            "INSERT INTO outbox.events (account_id, event, data)"
+            " VALUES ('acct_1', 'lead.scored', '{\"skip\": true}')"
+        )
+        assert deliveries(sql) == [(kept, hook)]
+
     def test_an_update_is_checked_the_same_way_and_fans_out_nothing(self, sql: SQL) -> None:
         """The owner's UPDATE of an event meets the INSERT's rules and enqueues nothing."""
         sql.webhook(HTTPS)

@@ -129,6 +129,40 @@ class TestProducerColumns:
         assert sql.one("SELECT count(*) FROM outbox.deliveries") == 2
 
 
+class TestFanOutFunction:
+    """The fan-out runs as the schema's owner: only outbox.events' trigger may call it."""
+
+    def test_it_cannot_be_attached_to_a_table_of_ones_own(self, sql: SQL, attacker: str) -> None:
+        """A producer's own table with the fan-out as its trigger would enqueue any event
+        to any account's webhooks (the claim joins the event by id): refused."""
+        sql.webhook("https://victim.example.com/in", account="acct_victim")
+        sql.webhook("https://evil.example.com/in", account="acct_evil")
+        victim = sql.one(
+            "INSERT INTO outbox.events (account_id, event, data)"
+            " VALUES ('acct_victim', 'lead.scored', '{\"secret\": 1}') RETURNING id"
+        )
+        with connect_as(sql, attacker) as conn:
+            conn.execute(
+                f"CREATE TABLE {attacker}.t (id bigint, account_id text, event text, data jsonb)"
+            )
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="fan_out"):
+                conn.execute(
+                    f"CREATE TRIGGER x BEFORE INSERT ON {attacker}.t"
+                    " FOR EACH ROW EXECUTE FUNCTION outbox.fan_out()"
+                )
+        assert sql("SELECT event_id FROM outbox.deliveries") == [(victim,)]
+
+    def test_no_function_that_runs_as_the_owner_is_public(self, sql: SQL) -> None:
+        """Every SECURITY DEFINER function of schema outbox is granted, not public."""
+        public = sql(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace,"
+            " aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a"
+            " WHERE n.nspname = 'outbox' AND p.prosecdef AND a.grantee = 0"
+        )
+        assert public == []
+
+
 class TestSidecarRole:
     """outbox_sidecar has the rights `outbox run` uses, and owns nothing."""
 
