@@ -202,7 +202,12 @@ def case(
     with database(bench.cluster, name, template) as url:
         bench.cluster.checkpoint()
         first = reading(bench, url)
-        script = {"floor": FLOOR_SCRIPT, "pgqueuer": enqueue_script()}.get(contender, OUTBOX_SCRIPT)
+        if outbox:
+            script = OUTBOX_SCRIPT
+        elif contender == "floor":
+            script = FLOOR_SCRIPT
+        else:
+            script = enqueue_script()
         info = produce(bench, name, script, n)
         produced = reading(bench, url)
         # What autoanalyze does to a table that grew. Without it both contenders' queries
