@@ -82,6 +82,15 @@ WHERE id IN (SELECT id FROM bench.events_plain ORDER BY id LIMIT %s FOR UPDATE S
 RETURNING id, account_id, event, data::text, occurred_at
 """
 
+# Each kind of contender's producer script and the prefix of its own indexes (the
+# template holds every kind's tables). The baseline is of the outbox kind.
+SCRIPTS = {
+    "outbox": lambda: OUTBOX_SCRIPT,
+    "floor": lambda: FLOOR_SCRIPT,
+    "pgqueuer": enqueue_script,
+}
+OWN_INDEXES = {"outbox": "outbox.", "floor": "bench.events_plain", "pgqueuer": "pgqueuer"}
+
 # The database's own tables and their TOAST tables, named after their owner.
 TABLES_SQL = """
 SELECT CASE WHEN o.oid IS NULL THEN s.relid::regclass::text
@@ -197,18 +206,12 @@ def case(
     """One contender's phases (produce, analyze, deliver, vacuum) in a fresh database."""
     name = f"cost_{contender}_{rep}"
     phases: dict[str, Any] = {}
-    outbox = contender in ("outbox", "baseline")
+    kind = "outbox" if contender == "baseline" else contender
     template = BASELINE_TEMPLATE if contender == "baseline" else TEMPLATE
     with database(bench.cluster, name, template) as url:
         bench.cluster.checkpoint()
         first = reading(bench, url)
-        if outbox:
-            script = OUTBOX_SCRIPT
-        elif contender == "floor":
-            script = FLOOR_SCRIPT
-        else:
-            script = enqueue_script()
-        info = produce(bench, name, script, n)
+        info = produce(bench, name, SCRIPTS[kind](), n)
         produced = reading(bench, url)
         # What autoanalyze does to a table that grew. Without it both contenders' queries
         # are planned for the template's empty tables: at 20,000 events pgqueuer's
@@ -216,12 +219,12 @@ def case(
         # the figures (its cost is per table, not per event).
         maintain(url, "ANALYZE", written(first, produced))
         analyzed = reading(bench, url)
-        if outbox:
+        if kind == "outbox":
             tree = baseline if contender == "baseline" else ROOT
             assert tree is not None
             r = bench.drain(url, n, tree=tree)
             info_deliver = {"rate": r["rate"], "client_cpu_s": r["cpu_s"][0]}
-        elif contender == "floor":
+        elif kind == "floor":
             info_deliver = floor_drain(url)
         else:
             r = pgqueuer_drain(bench, url, n, bench.pgqueuer_batch, name)
@@ -230,16 +233,15 @@ def case(
         phases["produce"] = difference(first, produced) | info
         phases["analyze"] = brief(difference(produced, analyzed))
         phases["deliver"] = difference(analyzed, delivered) | info_deliver
-        # Only the contender's own indexes (the template holds the other's too).
-        own = {"floor": "bench.events_plain", "pgqueuer": "pgqueuer"}.get(contender, "outbox.")
+        own = OWN_INDEXES[kind]
         for phase in PHASES:
             scans = phases[phase]["index_scans"]
             phases[phase]["index_scans"] = {k: v for k, v in scans.items() if k.startswith(own)}
         maintain(url, "VACUUM", written(first, delivered))
         phases["vacuum"] = brief(difference(delivered, reading(bench, url)))
-        if outbox:
+        if kind == "outbox":
             checks = outbox_checks(url)
-        elif contender == "floor":
+        elif kind == "floor":
             checks = floor_checks(url, phases["deliver"]["taken"])
         else:
             checks = pgqueuer_checks(url)
