@@ -31,6 +31,7 @@ from bench import (
     latency,
     overhead,
     profiling,
+    render,
     retention,
     throughput,
     two_sidecars,
@@ -59,6 +60,7 @@ FIGURES: tuple[Section, ...] = (
     backlog,
     two_sidecars,
     retention,
+    render,
 )
 SECTIONS = (*(section.NAME for section in FIGURES), profiling.NAME)
 

@@ -86,6 +86,10 @@ LIST_ITEMS = 8
 # Deeper JSON than this is left out rather than parsed: nothing shown is that deep,
 # and Python's parser gives up near a depth of 1,000, where jsonb does not.
 MAX_DEPTH = 32
+# Only the start of a string in data is read: nothing shown is longer than a Discord
+# description (4,096), and cleaning the rest of a 256 KiB string would cost the event
+# loop milliseconds for text nobody sees.
+TEXT_READ = 8192
 
 # Discord colours per event (RGB as an integer).
 COLOURS = {
@@ -102,12 +106,16 @@ Escape = Callable[[str], str]
 
 
 def units(text: str) -> int:
-    """Length in UTF-16 code units: characters outside the BMP (most emoji) count two."""
-    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
+    """Length in UTF-16 code units: characters outside the BMP (most emoji) count two.
+    Counted by the codec, not per character in Python: texts may be 256 KiB long."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 # --- text: cleaning, escaping, fitting -------------------------------------------------
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _SPACE = re.compile(r"\s+")
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -119,7 +127,9 @@ _BROADCAST = re.compile(r"@(?=everyone|here|channel)", re.IGNORECASE)
 
 def _clean(text: str, *, one_line: bool) -> str:
     """Text fit to show: no control characters or lone surrogates, no mass mentions."""
-    if any("\ud800" <= c <= "\udfff" for c in text):
+    # Every step is one pass in C (a regex, the codec): data may hold 256 KiB strings,
+    # and a Python loop per character over one costs the event loop tens of milliseconds.
+    if _SURROGATE.search(text):
         text = text.encode("utf-8", "replace").decode("utf-8")
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
     text = _CONTROL.sub("", text)
@@ -251,7 +261,7 @@ def _scalar(value: Any) -> str | None:
         value = str(value)
     if not isinstance(value, str):
         return None
-    value = _clean(value, one_line=False)
+    value = _clean(value[:TEXT_READ], one_line=False)
     return value or None
 
 

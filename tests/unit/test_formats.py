@@ -215,6 +215,24 @@ class TestLimits:
         title = message["embeds"][0]["title"]
         assert units(title) <= 256 < len(title) * 2 + 2
 
+    def test_units_counts_as_utf16_does(self) -> None:
+        """The count is the UTF-16 length, also for a lone surrogate (one unit)."""
+        for text in ("", "plain", "é", "😀", "a😀b😀", "\ud800", "x\udfffy😀"):
+            expected = len(text.encode("utf-16-le", "surrogatepass")) // 2
+            assert formats.units(text) == expected == units(text), text
+
+    @pytest.mark.parametrize("fmt", CHATS)
+    def test_a_string_at_the_size_limit_shows_its_start(self, fmt: str) -> None:
+        """Only the start of a 256 KiB string is read (nothing shown is that long), so
+        its message shows that start, cut with an ellipsis, and cleaned as ever."""
+        name = "Ada\x01 Lovelace " + "x" * 250_000 + " @everyone"
+        message = render(fmt, "lead.scored", {"lead": {"name": name}, "score": {"overall": 9}})
+        check(fmt, "lead.scored", message)
+        summary = message["text"] if fmt == "slack" else message["content"]
+        assert summary.startswith("Ada Lovelace xxx")
+        assert summary.endswith("…")
+        assert "@everyone" not in strings(message)
+
 
 # --- generated data --------------------------------------------------------------------
 
