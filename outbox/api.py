@@ -28,10 +28,11 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox import auth, db, errors, metrics, openapi, page, portal, webhooks
 from outbox.auth import ApiError
-from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender
+from outbox.config import Settings
+from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender, for_tenant
 from outbox.events import EVENTS, check_event
 from outbox.supervisor import Supervisor
-from outbox.throttle import Refused, Throttle
+from outbox.throttle import REPLAYS_PER_MINUTE, PerMinute, Refused, Throttle
 
 __all__ = ["BODY_LIMIT", "make_app"]
 
@@ -41,6 +42,9 @@ log = structlog.get_logger("outbox.api")
 # deliveries need, and a Throttle.
 TEST_SENDER = web.AppKey("test_sender", Sender)
 THROTTLE = web.AppKey("throttle", Throttle)
+# Retries and recoveries an account may ask for: each queues requests again, and what
+# comes of them is read back, so no path replays without limit.
+REPLAYS = web.AppKey("replays", PerMinute)
 PARTS = web.AppKey("parts", Supervisor)
 # How often the backlog gauges of /metrics are read from the database.
 BACKLOG_EVERY = 5.0
@@ -122,6 +126,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                 return ApiError(status, code, str(exc)).response()
         log.exception("api: unexpected error", method=request.method, path=request.path)
         return ApiError(500, "internal", "internal error; see the server log").response()
+
+
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    # JSON (and every other answer) is what its Content-Type says, never sniffed as HTML.
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
 @web.middleware
@@ -234,8 +243,23 @@ def page_params(query: Mapping[str, str]) -> tuple[int | None, int]:
     return int(raw_cursor), int(raw_limit)
 
 
+# Failure reasons an account reads through the API and the page (see for_tenant).
+_REASONS = ("last_error", "last_attempt_error")
+
+
 def _webhook(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: row[key] for key in _WEBHOOK_FIELDS}
+    shown = {key: row[key] for key in _WEBHOOK_FIELDS}
+    for key in _REASONS:
+        shown[key] = for_tenant(shown[key])
+    return shown
+
+
+def _delivery(row: dict[str, Any]) -> dict[str, Any]:
+    """A delivery of the log as its account sees it: reasons without addresses."""
+    row["last_error"] = for_tenant(row["last_error"])
+    for attempt in row["attempt_log"]:
+        attempt["error"] = for_tenant(attempt["error"])
+    return row
 
 
 async def _owned(
@@ -262,18 +286,44 @@ async def healthz(request: web.Request) -> web.Response:
     return _probe(request.app[PARTS].alive())
 
 
+class Readiness:
+    """The database's answer to "is the schema the one this version runs?", asked by
+    one query at a time: probes that come while it runs share its answer, so a flood of
+    /readyz holds at most one of the pool's connections."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+        self._asking: asyncio.Future[bool] | None = None
+
+    async def ready(self) -> bool:
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._ask())
+            self._asking.add_done_callback(self._forget)
+        return await asyncio.shield(self._asking)
+
+    def _forget(self, done: asyncio.Future[bool]) -> None:
+        if self._asking is done:
+            self._asking = None
+
+    async def _ask(self) -> bool:
+        try:
+            async with asyncio.timeout(2), self._pool.connection() as conn:
+                found = await db.schema_version(conn)
+        except (psycopg.Error, TimeoutError):
+            return False
+        return found == db.expected_version()
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: alive, not stopping, and the database answers with the schema this
     version runs against."""
     parts = request.app[PARTS]
     if not parts.alive() or parts.stopping.is_set():
         return _probe(False)
-    try:
-        async with asyncio.timeout(2), request.app[auth.POOL].connection() as conn:
-            found = await db.schema_version(conn)
-    except (psycopg.Error, TimeoutError):
-        return _probe(False)
-    return _probe(found == db.expected_version())
+    return _probe(await request.app[READINESS].ready())
 
 
 async def refresh_backlog(pool: AsyncConnectionPool[Any], parts: Supervisor) -> None:
@@ -371,12 +421,7 @@ async def test_webhook(request: web.Request) -> web.Response:
         log.info(
             "api: test send refused", account_id=account, webhook_id=webhook_id, reason=str(exc)
         )
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"{exc}; try again in {exc.retry_after} s",
-            {"Retry-After": str(exc.retry_after)},
-        ) from None
+        raise _rate_limited(exc) from None
     try:
         attempt = await webhooks.test(request.app[TEST_SENDER], webhook, event)
     finally:
@@ -400,6 +445,29 @@ async def test_webhook(request: web.Request) -> web.Response:
     return _json(result)
 
 
+def _rate_limited(exc: Refused) -> ApiError:
+    return ApiError(
+        429,
+        "rate_limited",
+        f"{exc}; try again in {exc.retry_after} s",
+        {"Retry-After": str(exc.retry_after)},
+    )
+
+
+def _check_replay(request: web.Request, account: str) -> None:
+    """Refuse a replay past the account's budget. Only replays that re-queued something
+    count (``_count_replay``): asking for an unknown id replays nothing."""
+    try:
+        request.app[REPLAYS].check(account, time.monotonic())
+    except Refused as exc:
+        log.info("api: replay refused", account_id=account, reason=str(exc))
+        raise _rate_limited(exc) from None
+
+
+def _count_replay(request: web.Request, account: str) -> None:
+    request.app[REPLAYS].count(account, time.monotonic())
+
+
 async def list_deliveries(request: web.Request) -> web.Response:
     webhook_id = _id(request, "webhook")
     before, limit = page_params(request.query)
@@ -407,18 +475,29 @@ async def list_deliveries(request: web.Request) -> web.Response:
         await _owned(conn, auth.account(request), webhook_id)
         # One more than asked for tells whether there is a next page.
         rows = await webhooks.deliveries(conn, webhook_id, before=before, limit=limit + 1)
-    page = rows[:limit]
+    page = [_delivery(row) for row in rows[:limit]]
     cursor = str(page[-1]["id"]) if len(rows) > limit else None
     return _json({"deliveries": page, "next_cursor": cursor})
 
 
+async def delivery_request_body(request: web.Request) -> web.Response:
+    """The whole body of a delivery's requests, exactly as sent (the log shows the
+    first BODY_SHOWN bytes of it)."""
+    delivery_id = _id(request, "delivery")
+    async with auth.connection(request) as conn:
+        body = await webhooks.full_request_body(conn, delivery_id, auth.account(request))
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+
 async def retry_delivery(request: web.Request) -> web.Response:
     account, delivery_id = auth.account(request), _id(request, "delivery")
+    _check_replay(request, account)
     async with auth.connection(request) as conn:
         await webhooks.retry(conn, delivery_id, account)
+        _count_replay(request, account)
         delivery = await webhooks.delivery(conn, delivery_id, account)
     log.info("api: delivery re-queued", account_id=account, delivery_id=delivery_id)
-    return _json(delivery, status=202)
+    return _json(_delivery(delivery), status=202)
 
 
 async def recover_webhook(request: web.Request) -> web.Response:
@@ -428,9 +507,11 @@ async def recover_webhook(request: web.Request) -> web.Response:
         if key != "since":
             raise errors.Invalid(f"unknown field {key!r}: recover takes only since")
     since = webhooks.parse_since(body.get("since"))
+    _check_replay(request, account)
     async with auth.connection(request) as conn:
         await _owned(conn, account, webhook_id)
         count = await webhooks.recover(conn, webhook_id, since)
+    _count_replay(request, account)
     log.info(
         "api: failed deliveries re-queued", account_id=account, webhook_id=webhook_id, count=count
     )
@@ -471,25 +552,34 @@ async def end_portal_sessions(request: web.Request) -> web.Response:
 
 def make_app(
     pool: AsyncConnectionPool[Any],
-    test_sender: Sender,
-    public_url: str = "",
+    settings: Settings,
     *,
     parts: Supervisor,
+    test_sender: Sender | None = None,
 ) -> web.Application:
-    """The admin server. ``test_sender`` makes the test sends: a Sender made with the
+    """The admin server: the probes and /metrics, and with ``test_sender`` the API and
+    the settings page too. ``test_sender`` makes the test sends: a Sender made with the
     dispatcher's settings (the same SSRF guard, timeout and TLS settings as deliveries)
-    but not the dispatcher's own. Portal links start with ``public_url`` (default: the
-    address each request came to). ``parts`` says whether the sidecar is alive."""
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_LIMIT)
+    but not the dispatcher's own. ``parts`` says whether the sidecar is alive."""
+    serving = test_sender is not None
+    middlewares = [_errors, _auth] if serving else [_errors]
+    app = web.Application(middlewares=middlewares, client_max_size=BODY_LIMIT)
+    app.on_response_prepare.append(_nosniff)
     app[auth.POOL] = pool
-    app[TEST_SENDER] = test_sender
-    app[THROTTLE] = Throttle(test_sender.timeout)
-    app[auth.PUBLIC_URL] = public_url
+    app[READINESS] = Readiness(pool)
     app[PARTS] = parts
     add = app.router.add_route
     add("GET", "/healthz", healthz)
     add("GET", "/readyz", readyz)
     add("GET", "/metrics", prometheus)
+    if test_sender is None:
+        return app
+    app[auth.CREDENTIALS] = auth.Credentials()
+    app[TEST_SENDER] = test_sender
+    app[THROTTLE] = Throttle(test_sender.timeout)
+    app[REPLAYS] = PerMinute(REPLAYS_PER_MINUTE, "retries and recoveries")
+    # Portal links start with OUTBOX_PUBLIC_URL, or else the address each request came to.
+    app[auth.PUBLIC_URL] = settings.public_url
     add("GET", "/api/v1/openapi.json", openapi_document)
     add("GET", "/api/v1/events", list_events)
     add("GET", "/api/v1/webhooks", list_webhooks)
@@ -501,7 +591,8 @@ def make_app(
     add("GET", "/api/v1/webhooks/{id}/deliveries", list_deliveries)
     add("POST", "/api/v1/webhooks/{id}/recover", recover_webhook)
     add("POST", "/api/v1/deliveries/{id}/retry", retry_delivery)
+    add("GET", "/api/v1/deliveries/{id}/request-body", delivery_request_body)
     add("POST", "/api/v1/portal-links", create_portal_link)
     add("DELETE", "/api/v1/portal-sessions", end_portal_sessions)
-    page.add_routes(app, test_sender.settings)
+    page.add_routes(app, settings)
     return app

@@ -8,9 +8,13 @@ itself can read). A request with an Authorization header is judged by its token 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
@@ -23,11 +27,13 @@ from outbox import portal, tokens
 
 __all__ = [
     "ACCOUNT",
+    "CREDENTIALS",
     "CSRF_HEADER",
     "POOL",
     "PUBLIC_URL",
     "SESSION",
     "ApiError",
+    "Credentials",
     "account",
     "authenticate",
     "connection",
@@ -35,6 +41,7 @@ __all__ = [
     "json_default",
     "secure",
     "session_cookie",
+    "session_of",
 ]
 
 POOL = web.AppKey("pool", AsyncConnectionPool)
@@ -49,6 +56,12 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # How long a request waits for a database connection before answering 503.
 DB_WAIT = 5.0
+# A credential that answered for an account this recently takes the open lane.
+KNOWN_FOR = 3600.0
+KNOWN_MAX = 10_000
+# Credentials never seen valid wait their turn in a lane of one connection; past this
+# many waiting, more are turned away at once.
+STRANGERS_WAITING = 64
 
 
 class ApiError(Exception):
@@ -65,6 +78,59 @@ class ApiError(Exception):
     def response(self) -> web.Response:
         body = {"error": {"code": self.code, "message": str(self)}}
         return web.json_response(body, status=self.status, headers=self.headers, dumps=dumps)
+
+
+class Credentials:
+    """Two lanes to the database for looking credentials up.
+
+    A credential (token or session cookie) that answered for an account lately takes the
+    open lane: the pool, like any request. One never seen valid takes a lane of one
+    connection, so that however many clients send unknown tokens, they hold at most
+    one of the pool's connections and valid clients are not queued behind them. Both
+    lanes ask the database every time: a revoked token or an ended session stops at
+    once.
+    """
+
+    def __init__(self) -> None:
+        # Digest of a credential -> when it last answered for an account.
+        self._known: OrderedDict[bytes, float] = OrderedDict()
+        self._strangers = asyncio.Semaphore(1)
+        self._waiting = 0
+
+    async def look_up(
+        self, credential: str, ask: Callable[[], Awaitable[Any | None]]
+    ) -> Any | None:
+        """What ``ask()`` finds for ``credential``, through the lane it deserves."""
+        key = hashlib.sha256(credential.encode()).digest()
+        now = time.monotonic()
+        seen = self._known.get(key)
+        if seen is not None and now - seen < KNOWN_FOR:
+            found = await ask()
+        else:
+            if self._waiting >= STRANGERS_WAITING:
+                raise ApiError(
+                    503,
+                    "unavailable",
+                    "too many requests with unknown credentials; try again",
+                    {"Retry-After": "1"},
+                )
+            self._waiting += 1
+            try:
+                async with self._strangers:
+                    found = await ask()
+            finally:
+                self._waiting -= 1
+        if found is None:
+            self._known.pop(key, None)
+        else:
+            self._known[key] = now
+            self._known.move_to_end(key)
+            while len(self._known) > KNOWN_MAX:
+                self._known.popitem(last=False)
+        return found
+
+
+CREDENTIALS = web.AppKey("credentials", Credentials)
 
 
 def json_default(value: Any) -> Any:
@@ -101,8 +167,14 @@ async def authenticate(request: web.Request) -> str:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise _unauthorized("send a token: Authorization: Bearer <token>")
-    async with connection(request) as conn:
-        account = await tokens.account(conn, token)
+    if not tokens.well_formed(token):
+        raise _unauthorized("unknown or revoked token")
+
+    async def ask() -> str | None:
+        async with connection(request) as conn:
+            return await tokens.account(conn, token)
+
+    account: str | None = await request.app[CREDENTIALS].look_up(token, ask)
     if account is None:
         raise _unauthorized("unknown or revoked token")
     return account
@@ -111,8 +183,7 @@ async def authenticate(request: web.Request) -> str:
 async def _authenticate_session(request: web.Request, cookie: str) -> str:
     """The settings page's calls: the session cookie stands for a token, and a change
     must also send the session's CSRF token, which only the page itself can read."""
-    async with connection(request) as conn:
-        current = await portal.session(conn, cookie)
+    current = await session_of(request, cookie)
     if current is None:
         raise _unauthorized("the session has ended: open a new link to the settings page")
     if request.method not in SAFE_METHODS:
@@ -123,6 +194,20 @@ async def _authenticate_session(request: web.Request, cookie: str) -> str:
             )
     request[SESSION] = current
     return current.account_id
+
+
+async def session_of(request: web.Request, cookie: str) -> portal.Session | None:
+    """The page session ``cookie`` stands for, or None; a cookie we cannot have made
+    is refused without asking the database."""
+    if not portal.well_formed(cookie):
+        return None
+
+    async def ask() -> portal.Session | None:
+        async with connection(request) as conn:
+            return await portal.session(conn, cookie)
+
+    current: portal.Session | None = await request.app[CREDENTIALS].look_up(cookie, ask)
+    return current
 
 
 def account(request: web.Request) -> str:

@@ -68,7 +68,16 @@ async def _sql(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    return await sidecar.run(settings)
+    return await sidecar.run(settings, sidecar.DELIVER_ONLY if args.deliver_only else sidecar.BOTH)
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.api_listen is None:
+        raise UsageError(
+            "outbox serve runs the admin API and the settings page: OUTBOX_API_LISTEN "
+            "must not be off"
+        )
+    return await sidecar.run(settings, sidecar.SERVE)
 
 
 def _port(raw: str) -> int:
@@ -336,7 +345,16 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     commands.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=_migrate)
-    commands.add_parser("run", help="run the sidecar until SIGTERM").set_defaults(func=_run)
+    run = commands.add_parser("run", help="run the sidecar until SIGTERM")
+    run.add_argument(
+        "--deliver-only",
+        action="store_true",
+        help="deliver only: the listener answers just /healthz, /readyz and /metrics",
+    )
+    run.set_defaults(func=_run)
+    commands.add_parser(
+        "serve", help="the admin API and the settings page alone, until SIGTERM (no deliveries)"
+    ).set_defaults(func=_serve)
     commands.add_parser("sql", help="print the schema, for review").set_defaults(func=_sql)
 
     emit = commands.add_parser("emit", help="emit an event; prints its id")

@@ -29,6 +29,7 @@ __all__ = [
     "Blocked",
     "Sender",
     "body_text",
+    "for_tenant",
     "is_public",
 ]
 
@@ -47,6 +48,16 @@ class Blocked(OSError):
 
 # What a tenant is told instead: the address itself would let them map internal DNS.
 BLOCKED_WITHOUT_ADDRESS = "blocked: not a public address"
+_BLOCKED = "blocked: "
+
+
+def for_tenant(reason: str | None) -> str | None:
+    """A failure reason as an account may read it: a refused target without its address
+    (operators see the address in SQL, the CLI and the log)."""
+    if reason is not None and reason.startswith(_BLOCKED):
+        return BLOCKED_WITHOUT_ADDRESS
+    return reason
+
 
 _V4 = ipaddress.IPv4Network
 _V6 = ipaddress.IPv6Network
@@ -263,11 +274,6 @@ class Sender:
     def timeout(self) -> float:
         """Seconds one attempt may take, all of it (OUTBOX_HTTP_TIMEOUT)."""
         return self._settings.http_timeout
-
-    @property
-    def settings(self) -> Settings:
-        """The settings attempts are made with (the settings page describes them)."""
-        return self._settings
 
     async def __aenter__(self) -> Sender:
         context = ssl.create_default_context()

@@ -24,6 +24,7 @@ __all__ = [
     "claimed",
     "dispatcher_up",
     "exposition",
+    "loop_lag",
     "pending",
 ]
 
@@ -80,6 +81,15 @@ _UP = Gauge(
     registry=REGISTRY,
 )
 
+_LOOP_LAG = Gauge(
+    "outbox_event_loop_lag_seconds",
+    "The longest the process's event loop was blocked (late to run what was due) since "
+    "the previous scrape. Above 0.1 s, tenants and deliveries wait on each other.",
+    registry=REGISTRY,
+)
+# The longest lag seen since the last scrape; a scrape shows it and starts over.
+_lag_since_scrape = 0.0
+
 # The dispatcher calls an attempt that schedules another one "pending". The labelled
 # children are looked up once here, not (under a lock) on every attempt.
 _OUTCOMES = {"succeeded": "succeeded", "pending": "retrying", "failed": "failed"}
@@ -118,7 +128,16 @@ def pending(count: int, oldest_seconds: float | None) -> None:
     _OLDEST.set(oldest_seconds or 0.0)
 
 
+def loop_lag(seconds: float) -> None:
+    """The event loop ran a callback ``seconds`` later than it was due."""
+    global _lag_since_scrape
+    _lag_since_scrape = max(_lag_since_scrape, seconds)
+
+
 def exposition(accept: str) -> tuple[bytes, str]:
     """The metrics in the format the scraper asked for, and its content type."""
+    global _lag_since_scrape
+    _LOOP_LAG.set(_lag_since_scrape)
+    _lag_since_scrape = 0.0
     encode, content_type = choose_encoder(accept)
     return encode(REGISTRY), content_type

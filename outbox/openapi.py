@@ -224,7 +224,18 @@ _SCHEMAS: dict[str, Any] = {
             "finished_at": _nullable(_TIME),
             "request_body": {
                 "type": "string",
-                "description": "The body every attempt sent, rebuilt from the event.",
+                "description": "The body every attempt sent, rebuilt from the event: its "
+                "first 8 KiB (see request_body_truncated).",
+            },
+            "request_body_size": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "The whole body's size in bytes.",
+            },
+            "request_body_truncated": {
+                "type": "boolean",
+                "description": "True when request_body is only the start of the body; "
+                "GET /api/v1/deliveries/{id}/request-body answers all of it.",
             },
             "attempt_log": {"type": "array", "items": _ref("Attempt")},
         }
@@ -522,7 +533,8 @@ _PATHS: dict[str, Any] = {
             "operationId": "recoverWebhook",
             "summary": "Re-queue the webhook's failed deliveries since a time",
             "description": "Each is sent again with its X-Webhook-Id and a fresh series of "
-            "retries. 409 when the webhook is disabled.",
+            "retries. 409 when the webhook is disabled. At most 60 retries and recoveries "
+            "a minute per account; past that, 429.",
             "requestBody": _body("RecoverRequest"),
             "responses": _responses(
                 400,
@@ -531,6 +543,7 @@ _PATHS: dict[str, Any] = {
                 409,
                 413,
                 422,
+                429,
                 **{"202": _json(_ref("RecoverResult"), "How many were re-queued.")},
             ),
         },
@@ -689,9 +702,29 @@ _PATHS: dict[str, Any] = {
             "summary": "Re-queue one finished delivery",
             "description": "Succeeded, failed or cancelled deliveries are sent again with "
             "their X-Webhook-Id and a fresh series of retries. 409 while the delivery is "
-            "pending, or when its webhook is disabled.",
+            "pending, or when its webhook is disabled. At most 60 retries and recoveries a "
+            "minute per account; past that, 429.",
             "responses": _responses(
-                401, 404, 409, **{"202": _json(_ref("Delivery"), "Re-queued.")}
+                401, 404, 409, 429, **{"202": _json(_ref("Delivery"), "Re-queued.")}
+            ),
+        },
+    },
+    "/api/v1/deliveries/{id}/request-body": {
+        "parameters": [_DELIVERY_ID],
+        "get": {
+            "operationId": "getDeliveryRequestBody",
+            "summary": "The whole body of a delivery's requests",
+            "description": "Exactly the bytes every attempt sent, in the webhook's format "
+            "(the delivery log shows the first 8 KiB of it).",
+            "responses": _responses(
+                401,
+                404,
+                **{
+                    "200": {
+                        "description": "The body as sent.",
+                        "content": {"application/json": {"schema": {}}},
+                    }
+                },
             ),
         },
     },

@@ -110,8 +110,7 @@ async def settings_page(request: web.Request) -> web.Response:
     current = None
     if cookie:
         try:
-            async with auth.connection(request) as conn:
-                current = await portal.session(conn, cookie)
+            current = await auth.session_of(request, cookie)
         except psycopg.OperationalError:
             return _unavailable_page()
     if current is None:
@@ -128,7 +127,7 @@ async def sign_out(request: web.Request) -> web.Response:
     """The page's Sign out button: ends this browser's session and says so. The form
     carries the session's CSRF token, so that no other page can sign anyone out."""
     cookie = auth.session_cookie(request)
-    if cookie:
+    if cookie and portal.well_formed(cookie):
         sent = await _form_field(request, "csrf_token")
         try:
             async with auth.connection(request) as conn:

@@ -91,6 +91,7 @@ __all__ = [
     "signed_out_page",
     "static_path",
     "verify",
+    "well_formed",
 ]
 
 # Over plain http (local development) the cookie has a plain name; over https it has
@@ -129,7 +130,8 @@ _CONTEXT = b"outbox portal link v1\x00"
 # 1 KiB of UTF-8) makes a token of at most about 1.5 KiB.
 TOKEN_MAX = 2048
 _ACCOUNT_MAX = 256
-_COOKIE_MAX = 128
+# A session cookie is 32 random bytes in unpadded URL-safe base64 (see ``start``).
+_COOKIE_FORM = re.compile(r"[A-Za-z0-9_-]{43}")
 _AGAIN = "Go back to your account and open Settings > Webhooks again to get a new link."
 
 
@@ -401,9 +403,15 @@ async def open_link(conn: psycopg.AsyncConnection[Any], token: str) -> Session:
     return Session(claims.account_id, csrf_token, expires_at, cookie)
 
 
+def well_formed(cookie: str) -> bool:
+    """Whether ``cookie`` could be a session cookie we made (see ``start``); anything
+    else is refused without asking the database."""
+    return _COOKIE_FORM.fullmatch(cookie) is not None
+
+
 async def session(conn: psycopg.AsyncConnection[Any], cookie: str) -> Session | None:
     """The session a cookie belongs to, or None when unknown or expired."""
-    if not cookie or len(cookie) > _COOKIE_MAX or not cookie.isascii():
+    if not well_formed(cookie):
         return None
     row = await db.access.session(conn, _digest(cookie))
     return None if row is None else Session(row.account_id, row.csrf_token, row.expires_at)

@@ -1,4 +1,10 @@
-"""`outbox run`: the dispatcher and the admin server in one process, until a signal."""
+"""`outbox run` and `outbox serve`: the dispatcher, the admin server, or both in one
+process, until a signal.
+
+`outbox run` is both. `outbox run --deliver-only` is the dispatcher, with a listener
+that answers only the probes and /metrics; `outbox serve` is the admin API and the
+settings page without deliveries, so that tenants' use of the page never competes with
+delivery for the event loop (each mode is a Mode below)."""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -14,12 +21,21 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from outbox import api, db, metrics, retention
-from outbox.config import Settings
+from outbox.config import ConfigError, Settings
 from outbox.delivery import Sender
 from outbox.dispatcher import Dispatcher
 from outbox.supervisor import EXIT_SCHEMA, Supervisor
 
-__all__ = ["check_schema", "run", "watch_schema"]
+__all__ = [
+    "BOTH",
+    "DELIVER_ONLY",
+    "SERVE",
+    "Mode",
+    "check_schema",
+    "run",
+    "watch_loop",
+    "watch_schema",
+]
 
 log = structlog.get_logger("outbox")
 
@@ -27,6 +43,21 @@ log = structlog.get_logger("outbox")
 # OUTBOX_CONCURRENCY: each account has at most one per webhook in flight (outbox.throttle),
 # so this bounds only what many accounts testing at the same moment hold.
 TEST_SEND_CONNECTIONS = 32
+# How often the event loop's lag is sampled: a blocked loop shows as a late wake-up.
+LAG_TICK = 0.05
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one process runs: deliveries, the tenants' API and page, or both."""
+
+    deliver: bool
+    serve: bool
+
+
+BOTH = Mode(deliver=True, serve=True)
+DELIVER_ONLY = Mode(deliver=True, serve=False)
+SERVE = Mode(deliver=False, serve=True)
 
 
 def pool(settings: Settings, max_size: int = 4) -> AsyncConnectionPool[Any]:
@@ -91,7 +122,18 @@ async def watch_schema(settings: Settings, parts: Supervisor) -> None:
             parts.beat("schema")
 
 
-async def run(settings: Settings) -> int:
+async def watch_loop(parts: Supervisor) -> None:
+    """Measure how late the event loop wakes up (outbox_event_loop_lag_seconds): the
+    longest any callback waited because something else held the loop."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LAG_TICK
+        await asyncio.sleep(LAG_TICK)
+        metrics.loop_lag(max(0.0, loop.time() - due))
+        parts.beat("loop")
+
+
+async def run(settings: Settings, mode: Mode = BOTH) -> int:
     """The sidecar until it stops; returns the exit status (see outbox.supervisor)."""
     await check_schema(settings)
     # Every attempt allocates a few short-lived objects and no cycles to speak of: move
@@ -104,32 +146,44 @@ async def run(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, parts.stop)
     async with contextlib.AsyncExitStack() as stack:
-        sender = await stack.enter_async_context(Sender(settings))
         runner = None
         if settings.api_listen is not None:
             # Only the admin server and the backlog gauges it serves use the pool; the
             # dispatcher has connections of its own.
             connections = await stack.enter_async_context(pool(settings))
-            test_sender = await stack.enter_async_context(
-                Sender(settings, limit=TEST_SEND_CONNECTIONS)
-            )
-            runner = web.AppRunner(
-                api.make_app(connections, test_sender, settings.public_url, parts=parts),
-                access_log=None,
-            )
+            test_sender = None
+            if mode.serve:
+                test_sender = await stack.enter_async_context(
+                    Sender(settings, limit=TEST_SEND_CONNECTIONS)
+                )
+            app = api.make_app(connections, settings, parts=parts, test_sender=test_sender)
+            runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             host, port = settings.api_listen
-            await web.TCPSite(runner, host, port).start()
-            log.info("admin API listening", url=f"http://{host}:{port}")
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"OUTBOX_API_LISTEN={host}:{port}: cannot listen there ({exc.strerror})"
+                ) from None
+            log.info(
+                "admin API listening" if mode.serve else "probes and metrics listening",
+                url=f"http://{host}:{port}",
+            )
+        sender = await stack.enter_async_context(Sender(settings)) if mode.deliver else None
         # Its parts end first, before the pool and the sender they use are closed.
         await stack.enter_async_context(parts)
+        parts.start("loop", lambda: watch_loop(parts))
         parts.start("schema", lambda: watch_schema(settings, parts))
         if settings.retention is not None:
             parts.start("retention", lambda: retention.run(settings, parts))
         if settings.api_listen is not None:
             parts.start("backlog", lambda: api.refresh_backlog(connections, parts))
         try:
-            await Dispatcher(settings, sender, parts).run()
+            if sender is not None:
+                await Dispatcher(settings, sender, parts).run()
+            else:
+                await parts.stopping.wait()
         finally:
             metrics.dispatcher_up(False)
             if runner is not None:

@@ -8,6 +8,7 @@ by a person, a plain SHA-256 is enough to keep the table useless to whoever read
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from typing import Any
 
@@ -16,15 +17,30 @@ import psycopg
 from outbox import db
 from outbox.errors import Invalid
 
-__all__ = ["PREFIX", "account", "create", "digest", "for_account", "generate", "revoke"]
+__all__ = [
+    "PREFIX",
+    "account",
+    "create",
+    "digest",
+    "for_account",
+    "generate",
+    "revoke",
+    "well_formed",
+]
 
 PREFIX = "obx_"
-# Anything longer is not one of ours, and is not worth hashing.
-_MAX_LENGTH = 128
+# What generate() makes: the prefix and 32 random bytes in unpadded URL-safe base64.
+_FORM = re.compile(r"obx_[A-Za-z0-9_-]{43}")
 
 
 def generate() -> str:
     return PREFIX + secrets.token_urlsafe(32)
+
+
+def well_formed(token: str) -> bool:
+    """Whether ``token`` could be one we issued: anything else is refused without
+    asking the database."""
+    return _FORM.fullmatch(token) is not None
 
 
 def digest(token: str) -> bytes:
@@ -53,6 +69,6 @@ async def revoke(conn: psycopg.AsyncConnection[Any], token_id: int) -> bool:
 
 async def account(conn: psycopg.AsyncConnection[Any], token: str) -> str | None:
     """The account ``token`` belongs to, or None for a token we did not issue."""
-    if not token.startswith(PREFIX) or len(token) > _MAX_LENGTH or not token.isascii():
+    if not well_formed(token):
         return None
     return await db.access.token_account(conn, digest(token))

@@ -6,10 +6,12 @@ The database enforces every rule; these functions turn its refusals into
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -26,6 +28,7 @@ __all__ = [
     "deliveries",
     "delivery",
     "emit",
+    "full_request_body",
     "get",
     "parse_since",
     "recover",
@@ -36,6 +39,13 @@ __all__ = [
     "test",
     "update",
 ]
+
+# The delivery log shows at most this much of each request body; the whole body is one
+# request away (``request_body``), so a page of events at the size limit stays small.
+BODY_SHOWN = 8 * 1024
+# One thread renders delivery logs: however many are asked for at once, the event loop
+# competes for the interpreter with one renderer, not with one per request.
+_RENDERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-log")
 
 # Raised by outbox.webhooks_guard() when an account already has 10 webhooks.
 LIMIT_SQLSTATE = "OB409"
@@ -145,11 +155,13 @@ SIGNATURE_UNKNOWN = "(not shown: the webhook was changed after this attempt)"
 _SIGNATURES = ("X-Webhook-Signature", "webhook-signature")
 
 
-def sent_request(delivery: Mapping[str, Any], attempt: Mapping[str, Any]) -> dict[str, Any]:
+def sent_request(
+    delivery: Mapping[str, Any], attempt: Mapping[str, Any], body: bytes | None = None
+) -> dict[str, Any]:
     """The request of one attempt, rebuilt from the event as it was sent (the body is
-    not stored twice): method, url and headers. Signatures are computed again with the
-    webhook's secret while the webhook is unchanged since the attempt; the secret
-    itself is never part of it."""
+    not stored twice; ``body`` is it when already rendered): method, url and headers.
+    Signatures are computed again with the webhook's secret while the webhook is
+    unchanged since the attempt; the secret itself is never part of it."""
     started_at: datetime = attempt["started_at"]
     # A secret being rotated out signed beside the current one until it expired.
     expires = delivery["wire_previous_secret_expires_at"]
@@ -158,7 +170,7 @@ def sent_request(delivery: Mapping[str, Any], attempt: Mapping[str, Any]) -> dic
         message_id=str(delivery["id"]),
         event=delivery["event"],
         attempt=attempt["attempt"],
-        payload=request_body(delivery),
+        payload=request_body(delivery) if body is None else body,
         secret=delivery["wire_secret"],
         now=int(started_at.timestamp()),
         previous_secret=previous,
@@ -180,24 +192,42 @@ def request_body(delivery: Mapping[str, Any]) -> bytes:
     )
 
 
-async def _with_attempts(
-    conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Give each delivery row its ``request_body`` and ``attempt_log``: every attempt,
-    oldest first, each with the ``request`` it sent and the answer it got."""
-    attempts = await db.webhooks.attempts(conn, [r["id"] for r in rows])
+def _shown(rows: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each delivery row with its ``request_body`` (at most BODY_SHOWN bytes of it) and
+    ``attempt_log``: every attempt, oldest first, with the ``request`` it sent and the
+    answer it got. Each body is rendered once, however many attempts sent it."""
+    bodies = {row["id"]: request_body(row) for row in rows}
     by_delivery: dict[int, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
     rows_by_id = {r["id"]: r for r in rows}
     for attempt in attempts:
         delivery = rows_by_id[attempt.pop("delivery_id")]
-        attempt["request"] = sent_request(delivery, attempt)
+        attempt["request"] = sent_request(delivery, attempt, bodies[delivery["id"]])
         by_delivery[delivery["id"]].append(attempt)
     shown = []
     for row in rows:
-        body = request_body(row).decode()
+        body = bodies[row["id"]]
         visible = {k: v for k, v in row.items() if not k.startswith("wire_")}
-        shown.append(visible | {"request_body": body, "attempt_log": by_delivery[row["id"]]})
+        shown.append(
+            visible
+            | {
+                # A cut may fall inside a character: its bytes are left out.
+                "request_body": body[:BODY_SHOWN].decode("utf-8", "ignore"),
+                "request_body_size": len(body),
+                "request_body_truncated": len(body) > BODY_SHOWN,
+                "attempt_log": by_delivery[row["id"]],
+            }
+        )
     return shown
+
+
+async def _with_attempts(
+    conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The rows as the delivery log shows them (``_shown``). Rendering and signing a
+    page of large events takes tens of milliseconds of CPU: it runs on a thread of its
+    own, so that the event loop goes on serving every other tenant and delivery."""
+    attempts = await db.webhooks.attempts(conn, [r["id"] for r in rows])
+    return await asyncio.get_running_loop().run_in_executor(_RENDERER, _shown, rows, attempts)
 
 
 async def deliveries(
@@ -216,6 +246,17 @@ async def delivery(
     if row is None:
         raise errors.NotFound(f"delivery {delivery_id} not found")
     return (await _with_attempts(conn, [row]))[0]
+
+
+async def full_request_body(
+    conn: psycopg.AsyncConnection[Any], delivery_id: int, account_id: str | None = None
+) -> bytes:
+    """The whole body every attempt of the delivery sent, however large; with
+    ``account_id``, only if that account owns the delivery."""
+    row = await db.webhooks.delivery(conn, delivery_id, account_id)
+    if row is None:
+        raise errors.NotFound(f"delivery {delivery_id} not found")
+    return await asyncio.get_running_loop().run_in_executor(_RENDERER, request_body, row)
 
 
 async def retry(

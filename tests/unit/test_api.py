@@ -157,7 +157,9 @@ class TestDocument:
     def test_documents_exactly_the_routes_the_app_serves(self) -> None:
         """Adding a route without documenting it (or the reverse) fails here."""
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool("", open=False)
-        app = api.make_app(pool, Sender(Settings()), parts=Supervisor(give_up_after=1))
+        app = api.make_app(
+            pool, Settings(), parts=Supervisor(give_up_after=1), test_sender=Sender(Settings())
+        )
         served = {
             (route.method, route.resource.canonical)
             for route in app.router.routes()
