@@ -11,7 +11,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -43,9 +42,6 @@ __all__ = [
 # The delivery log shows at most this much of each request body; the whole body is one
 # request away (``request_body``), so a page of events at the size limit stays small.
 BODY_SHOWN = 8 * 1024
-# One thread renders delivery logs: however many are asked for at once, the event loop
-# competes for the interpreter with one renderer, not with one per request.
-_RENDERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-log")
 
 # Raised by outbox.webhooks_guard() when an account already has 10 webhooks.
 LIMIT_SQLSTATE = "OB409"
@@ -192,20 +188,29 @@ def request_body(delivery: Mapping[str, Any]) -> bytes:
     )
 
 
-def _shown(rows: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def _with_attempts(
+    conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Each delivery row with its ``request_body`` (at most BODY_SHOWN bytes of it) and
     ``attempt_log``: every attempt, oldest first, with the ``request`` it sent and the
-    answer it got. Each body is rendered once, however many attempts sent it."""
-    bodies = {row["id"]: request_body(row) for row in rows}
+    answer it got.
+
+    Each body is rendered once, however many attempts sent it, and the loop is let go
+    between deliveries: a page of a hundred events at the size limit is tens of
+    milliseconds of rendering and signing, which must not hold up other tenants or
+    deliveries. (Not a thread: a busy thread makes the loop wait for the interpreter
+    lock at every turn.)
+    """
+    attempts = await db.webhooks.attempts(conn, [r["id"] for r in rows])
     by_delivery: dict[int, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
-    rows_by_id = {r["id"]: r for r in rows}
     for attempt in attempts:
-        delivery = rows_by_id[attempt.pop("delivery_id")]
-        attempt["request"] = sent_request(delivery, attempt, bodies[delivery["id"]])
-        by_delivery[delivery["id"]].append(attempt)
+        by_delivery[attempt.pop("delivery_id")].append(attempt)
     shown = []
     for row in rows:
-        body = bodies[row["id"]]
+        await asyncio.sleep(0)
+        body = request_body(row)
+        for attempt in by_delivery[row["id"]]:
+            attempt["request"] = sent_request(row, attempt, body)
         visible = {k: v for k, v in row.items() if not k.startswith("wire_")}
         shown.append(
             visible
@@ -218,16 +223,6 @@ def _shown(rows: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> list[d
             }
         )
     return shown
-
-
-async def _with_attempts(
-    conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """The rows as the delivery log shows them (``_shown``). Rendering and signing a
-    page of large events takes tens of milliseconds of CPU: it runs on a thread of its
-    own, so that the event loop goes on serving every other tenant and delivery."""
-    attempts = await db.webhooks.attempts(conn, [r["id"] for r in rows])
-    return await asyncio.get_running_loop().run_in_executor(_RENDERER, _shown, rows, attempts)
 
 
 async def deliveries(
@@ -256,7 +251,7 @@ async def full_request_body(
     row = await db.webhooks.delivery(conn, delivery_id, account_id)
     if row is None:
         raise errors.NotFound(f"delivery {delivery_id} not found")
-    return await asyncio.get_running_loop().run_in_executor(_RENDERER, request_body, row)
+    return request_body(row)
 
 
 async def retry(

@@ -208,11 +208,15 @@ def as_sidecar_role(url: str) -> str:
 
 
 class Sidecar:
-    """A real `outbox run` process, logged in as a role with outbox_sidecar's rights only."""
+    """A real `outbox run` process (or `outbox serve`, or another ``command``), logged
+    in as a role with outbox_sidecar's rights only."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, command: tuple[str, ...] = ("run",)
+    ) -> None:
         self.env = env
         self.log_path = log_path
+        self.command = command
         self.api_port = int(env["OUTBOX_API_LISTEN"].rsplit(":", 1)[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -224,15 +228,16 @@ class Sidecar:
             if self.env.get(name)
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "outbox", "run"],
+            [sys.executable, "-m", "outbox", *self.command],
             env=env,
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        started = "admin API listening" if self.command == ("serve",) else "dispatcher started"
         wait_until(
-            lambda: "dispatcher started" in self.log() or self.proc.poll() is not None,
-            what="dispatcher start",
+            lambda: started in self.log() or self.proc.poll() is not None,
+            what=f"outbox {' '.join(self.command)} start",
         )
         assert self.proc.poll() is None, self.log()
         return self
@@ -304,14 +309,16 @@ def sidecar_env(database_url: str, ca_file: str) -> dict[str, str]:
 
 @pytest.fixture
 def sidecars(sidecar_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Sidecar]]:
-    """Start `outbox run` processes: sidecars(OUTBOX_X="...") with extra settings."""
+    """Start `outbox run` processes: sidecars(OUTBOX_X="...") with extra settings, or
+    sidecars("serve") for `outbox serve`, sidecars("run", "--deliver-only") and so on."""
     started: list[Sidecar] = []
 
-    def start(**overrides: str) -> Sidecar:
+    def start(*command: str, **overrides: str) -> Sidecar:
         env = dict(sidecar_env)
         env.setdefault("OUTBOX_API_LISTEN", f"127.0.0.1:{free_port()}")
         env.update(overrides)
-        sidecar = Sidecar(env, tmp_path / f"sidecar{len(started)}.log").start()
+        log_path = tmp_path / f"sidecar{len(started)}.log"
+        sidecar = Sidecar(env, log_path, command or ("run",)).start()
         started.append(sidecar)
         return sidecar
 
