@@ -238,6 +238,8 @@ def _reason(exc: BaseException, timeout: float) -> str:
             return f"TLS: {cause.reason or cause}"
         if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
             return "connection refused"
+        if isinstance(cause, OSError) and cause.errno == errno.ECONNRESET:
+            return "connection reset by peer"
         if isinstance(cause, socket.gaierror):
             return f"DNS: cannot resolve host ({cause.strerror})"
         cause = getattr(cause, "os_error", None) or cause.__cause__
@@ -339,6 +341,9 @@ class Sender:
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             if budget.expired():
                 error = _timeout(self._settings.http_timeout)
+                if status is not None:
+                    # The status line came in time; the body did not.
+                    error += " reading the body"
             else:
                 error = _reason(exc, self._settings.http_timeout)
                 blocked = _blocked(exc)

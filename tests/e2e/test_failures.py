@@ -136,6 +136,24 @@ class TestResponseBodies:
         finally:
             release.set()
 
+    def test_a_body_that_does_not_finish_in_time_says_so_beside_its_status(
+        self, sql: SQL, receiver: Receiver, sidecars: Start
+    ) -> None:
+        """A receiver that sends its status and then dribbles the body: the attempt is
+        'timeout after 1s reading the body', with the status it did send."""
+        release = threading.Event()
+        receiver.respond = lambda _: Reply(200, body=b"st", rest=b"uck", release=release)
+        sidecars(OUTBOX_RETRY_DELAYS="none", OUTBOX_HTTP_TIMEOUT="1")
+        sql.webhook(receiver.url(), account="acct_dribble")
+        emit(sql, "acct_dribble")
+        try:
+            rows = wait_until(lambda: attempt_rows(sql), what="the attempt")
+            assert [(r["response_status"], r["error"]) for r in rows] == [
+                (200, "timeout after 1s reading the body")
+            ]
+        finally:
+            release.set()
+
     def test_invalid_utf8_is_replaced(self, sql: SQL, receiver: Receiver, sidecars: Start) -> None:
         """Bytes that are not UTF-8, a NUL, and a character cut in two at byte 1024 are
         stored as U+FFFD; a connection error has no body at all."""

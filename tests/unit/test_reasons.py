@@ -92,6 +92,15 @@ class TestReason:
         exc = _chained(aiohttp.ClientError("wrapper"), OSError(errno.ECONNREFUSED, "refused"))
         assert _reason(exc, 10.0) == "connection refused"
 
+    def test_connection_reset_as_aiohttp_reports_it(self) -> None:
+        """A reset while reading the answer (aiohttp's ClientOSError, errno 104) reads
+        "connection reset by peer", without a class name."""
+        exc = aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset by peer")
+        assert _reason(exc, 10.0) == "connection reset by peer"
+        assert _reason(ConnectionResetError(errno.ECONNRESET, "reset"), 10.0) == (
+            "connection reset by peer"
+        )
+
     def test_connection_refused_happy_eyeballs(self) -> None:
         """Happy Eyeballs' combined OSError (same errno for v4 and v6) reads as refused."""
         os_error = OSError(errno.ECONNREFUSED, "Multiple exceptions: [Errno 111] ..., ...")
