@@ -131,7 +131,7 @@ def measure(bench: Bench) -> dict[str, Any]:
         def prune() -> None:
             async def go() -> retention.Pruned:
                 async with await db.connect(url) as conn:
-                    return await retention.prune(conn, RETENTION, wait=True)
+                    return await retention.prune(conn, RETENTION, wait=3600.0)
 
             try:
                 outcome["pruned"] = asyncio.run(go())

@@ -331,11 +331,18 @@ async def _prune(args: argparse.Namespace, settings: Settings) -> int:
         print("OUTBOX_RETENTION is off: nothing to do (give --older-than to prune anyway)")
         return 0
     async with await db.connect(settings.database_url, **settings.connect_options) as conn:
-        pruned = await retention.prune(conn, older_than, wait=True)
+        pruned = await retention.prune(conn, older_than, wait=args.wait)
     print(
         f"deleted {pruned.deliveries} deliveries, {pruned.attempts} attempts,"
         f" {pruned.events} events"
     )
+    if pruned.yielded:
+        print(
+            f"outbox: stopped early: another session held the pruners' lock"
+            f" {retention.LOCK} for {args.wait:g}s; run prune again later",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -466,6 +473,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_duration,
         metavar="DURATION",
         help="90s, 15m, 12h, 30d or seconds (default: OUTBOX_RETENTION)",
+    )
+    prune.add_argument(
+        "--wait",
+        type=_duration,
+        default=retention.WAIT,
+        metavar="DURATION",
+        help=f"how long to wait for another pruner (default {retention.WAIT:g}s)",
     )
     prune.set_defaults(func=_prune)
     return parser

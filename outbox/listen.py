@@ -43,12 +43,18 @@ __all__ = ["PATH", "CannotListen", "check_signatures", "render", "serve", "state
 
 PATH = "/webhooks"
 
-# Long enough never to get in the way of someone trying things out, short enough that
-# a forgotten CA file does not stay trusted for ever.
-_CA_DAYS = 365
+# Long enough for an afternoon of trying things out, renewed by itself, and short
+# enough that a forgotten CA file does not stay trusted for long.
+_CA_DAYS = 30
 # A CA this close to its end is replaced rather than reused.
-_CA_RENEW_DAYS = 30
-_LEAF_DAYS = 30
+_CA_RENEW_DAYS = 7
+_LEAF_DAYS = 7
+# The only names the CA may vouch for, whatever a leaked key signs: this machine.
+_PERMITTED: list[x509.GeneralName] = [
+    x509.DNSName("localhost"),
+    x509.IPAddress(ipaddress.ip_network("127.0.0.0/8")),
+    x509.IPAddress(ipaddress.ip_network("::1/128")),
+]
 
 
 class CannotListen(Exception):
@@ -99,6 +105,10 @@ def _new_ca(now: dt.datetime) -> _Issuer:
         .not_valid_after(now + dt.timedelta(days=_CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(
+            x509.NameConstraints(permitted_subtrees=_PERMITTED, excluded_subtrees=None),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -116,6 +126,11 @@ def _load_ca(directory: Path, now: dt.datetime) -> _Issuer | None:
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
         return None
     if cert.not_valid_after_utc - now < dt.timedelta(days=_CA_RENEW_DAYS):
+        return None
+    try:
+        cert.extensions.get_extension_for_class(x509.NameConstraints)
+    except x509.ExtensionNotFound:
+        # Made by an older outbox, good for any name: replaced.
         return None
     return _Issuer(cert, key)
 
@@ -156,6 +171,8 @@ def ca(directory: Path, now: dt.datetime) -> tuple[_Issuer, Path]:
 
 
 def _san(host: str) -> list[x509.GeneralName]:
+    """This machine's names; ``host`` too when it is a loopback address (the CA may
+    vouch for nothing else)."""
     names: list[x509.GeneralName] = [
         x509.DNSName("localhost"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
@@ -164,12 +181,9 @@ def _san(host: str) -> list[x509.GeneralName]:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        extra: x509.GeneralName = x509.DNSName(host)
-    else:
-        if address.is_unspecified:
-            return names
-        extra = x509.IPAddress(address)
-    return names if extra in names else [*names, extra]
+        return names
+    extra = x509.IPAddress(address)
+    return [*names, extra] if address.is_loopback and extra not in names else names
 
 
 def server_context(issuer: _Issuer, host: str, now: dt.datetime) -> ssl.SSLContext:

@@ -23,7 +23,7 @@ from outbox import db
 from outbox.config import Settings
 from outbox.supervisor import Supervisor
 
-__all__ = ["BATCH_ROWS", "Pruned", "prune", "run"]
+__all__ = ["BATCH_ROWS", "LOCK", "Pruned", "prune", "run"]
 
 log = structlog.get_logger("outbox.retention")
 
@@ -41,6 +41,14 @@ REST_FACTOR = 9.0
 REST_MIN = 0.01
 # How often a running sidecar prunes, at most; more often for a retention shorter.
 EVERY_MAX = 30.0
+# How long `outbox prune` tries for the pruners' lock before it gives up and says so.
+WAIT = 30.0
+WAIT_STEP = 0.1
+# A sidecar that has found the pruners' lock taken for this long says so in its log
+# (and again as often): another pruner's round never holds it nearly that long.
+HELD_WARNING = 600.0
+# The pruners' advisory lock, as pg_locks shows it: (classid, objid).
+LOCK = "(outbox.lock_key(), 2)"
 
 
 @dataclass
@@ -52,8 +60,11 @@ class Pruned:
     events: int = 0
     statements: int = 0
     longest_seconds: float = 0.0
-    # Another process was pruning, so this one left the round to it.
+    # Another process was pruning (or held the pruners' lock), so this one left the
+    # round to it.
     yielded: bool = False
+    # Rotated-out secrets cleared, their overlap over.
+    secrets: int = 0
 
 
 async def _batch(
@@ -61,18 +72,22 @@ async def _batch(
     step: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]],
     pruned: Pruned,
     *,
-    wait: bool,
+    wait: float,
 ) -> _T | None:
-    """Run one batch under the pruners' lock; None when another pruner holds it."""
-    async with conn.transaction():
-        if wait:
-            await db.retention.lock(conn)
-        elif not await db.retention.try_lock(conn):
+    """Run one batch under the pruners' lock; None when another session holds it, also
+    after trying for ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        async with conn.transaction():
+            if await db.retention.try_lock(conn):
+                start = time.monotonic()
+                row = await step(conn)
+                took = time.monotonic() - start
+                break
+        if time.monotonic() >= deadline:
             pruned.yielded = True
             return None
-        start = time.monotonic()
-        row = await step(conn)
-        took = time.monotonic() - start
+        await asyncio.sleep(WAIT_STEP)
     pruned.statements += 1
     pruned.longest_seconds = max(pruned.longest_seconds, took)
     await asyncio.sleep(max(REST_MIN, REST_FACTOR * took))
@@ -83,15 +98,17 @@ async def prune(
     conn: psycopg.AsyncConnection[Any],
     older_than: float,
     *,
-    wait: bool = False,
+    wait: float = 0.0,
     rows: int = BATCH_ROWS,
 ) -> Pruned:
     """Delete what is older than ``older_than`` seconds, batch after batch, until none is left.
 
-    ``conn`` is in autocommit mode. With ``wait`` the round waits its turn when another
-    process is pruning; without, it leaves the rest to that one (``yielded``).
+    ``conn`` is in autocommit mode. When another session holds the pruners' lock, a
+    batch tries again for up to ``wait`` seconds, then leaves the rest of the round to
+    it (``yielded``): the lock is never waited for, so that no session holding it can
+    stop the pruner for good.
     """
-    pruned = Pruned()
+    pruned = Pruned(secrets=await db.retention.forget_expired_secrets(conn))
     cutoff = await db.retention.cutoff(conn, older_than)
     deliveries = functools.partial(db.retention.prune_deliveries, cutoff=cutoff, rows=rows)
     while True:
@@ -120,9 +137,23 @@ async def run(settings: Settings, parts: Supervisor) -> None:
     so the supervisor starts it again after a failure (a lost database included)."""
     assert settings.retention is not None
     every = max(1.0, min(EVERY_MAX, settings.retention))
+    held_since: float | None = None
     async with await db.connect(settings.database_url, **settings.connect_options) as conn:
         while True:
             pruned = await prune(conn, settings.retention)
+            now = time.monotonic()
+            if not pruned.yielded or pruned.statements:
+                held_since = None
+            elif held_since is None:
+                held_since = now
+            elif now - held_since >= HELD_WARNING:
+                log.warning(
+                    "retention has not run: another session has held the pruners' lock"
+                    " all along (an outbox pruner never holds it this long); trying again",
+                    lock=LOCK,
+                    held_for_s=round(now - held_since),
+                )
+                held_since = now
             if pruned.deliveries or pruned.events:
                 log.info(
                     "pruned",

@@ -155,12 +155,15 @@ SET name = coalesce(%(name)s, name),
     event = coalesce(%(event)s, event),
     enabled = coalesce(%(enabled)s, enabled),
     format = coalesce(%(format)s, format),
-    secret = CASE WHEN %(set_secret)s THEN %(secret)s ELSE secret END,
-    -- NULL ends a rotated-out secret's overlap (outbox.webhooks_guard() forgets it).
-    previous_secret_expires_at = CASE WHEN %(end_secret_overlap)s THEN NULL
-                                      ELSE previous_secret_expires_at END
+    secret = CASE WHEN %(set_secret)s THEN %(secret)s ELSE secret END
 WHERE id = %(id)s
 RETURNING id;
+
+-- webhook_end_overlap --
+-- A rotated-out secret stops signing now, also when this statement's transaction has
+-- just changed the secret. Naming the column is what says so: outbox.webhooks_guard()
+-- tells a NULL written here from the column left alone (see migration 11).
+UPDATE outbox.webhooks SET previous_secret_expires_at = NULL WHERE id = %(id)s;
 
 -- token_create --
 INSERT INTO outbox.api_tokens (account_id, token_sha256)
@@ -315,14 +318,17 @@ SELECT now() - make_interval(secs => %(older_than)s);
 
 -- prune_lock --
 -- One pruner at a time, batch by batch: each batch's transaction tries this lock first,
--- and a sidecar that finds it taken leaves the round to the one pruning. A transaction
+-- and a sidecar that finds it taken leaves the round to the one pruning; `outbox prune`
+-- tries again for a bounded time. Never a waiting lock: any role may take advisory
+-- locks, and one holding this key would otherwise stop retention for good. A transaction
 -- lock, not a session lock, because a transaction pooler gives each transaction
 -- whichever server connection is free.
 SELECT pg_try_advisory_xact_lock(outbox.lock_key(), 2);
 
--- prune_lock_wait --
--- `outbox prune` waits its turn (a batch is short) rather than give up.
-SELECT pg_advisory_xact_lock(outbox.lock_key(), 2);
+-- forget_expired_secrets --
+-- A rotated-out secret whose overlap has ended is no longer kept (the guard clears it).
+UPDATE outbox.webhooks SET previous_secret = NULL
+WHERE previous_secret IS NOT NULL AND previous_secret_expires_at <= now();
 
 -- prune_deliveries --
 -- Delete finished deliveries older than the cutoff with their attempts, oldest first,

@@ -292,10 +292,25 @@ BEGIN
             NEW.previous_secret := NULL;
             NEW.previous_secret_expires_at := NULL;
         ELSIF OLD.secret IS NOT NULL AND NEW.secret IS DISTINCT FROM OLD.secret THEN
-            NEW.previous_secret := OLD.secret;
-            NEW.previous_secret_expires_at := now() + interval '24 hours';
-        ELSIF NEW.previous_secret_expires_at IS NULL THEN
+            IF NEW.previous_secret_expires_at IS NOT DISTINCT FROM OLD.previous_secret_expires_at
+            THEN
+                -- A new secret alone: the old one signs beside it for a day.
+                NEW.previous_secret := OLD.secret;
+                NEW.previous_secret_expires_at := now() + interval '24 hours';
+            ELSIF NEW.previous_secret_expires_at > now() THEN
+                -- The same statement said until when: that wins over the day.
+                NEW.previous_secret := OLD.secret;
+            ELSE
+                -- ... or that the overlap ends now (a leaked secret).
+                NEW.previous_secret := NULL;
+            END IF;
+        ELSIF NEW.previous_secret_expires_at IS NULL
+              OR NEW.previous_secret_expires_at <= now() THEN
+            -- An overlap that has ended keeps nothing of the old secret.
             NEW.previous_secret := NULL;
+        END IF;
+        IF NEW.previous_secret_expires_at = '-infinity' THEN
+            NEW.previous_secret_expires_at := NULL;
         END IF;
         NEW.updated_at := now();
         RETURN NEW;
@@ -917,3 +932,75 @@ $$;
 
 -- outbox schema, version 10: the fan-out runs as the schema's owner, and only its
 -- trigger may call it (see sql/migrations/0010_private_fan_out.sql).
+
+-- outbox schema, version 11: the overlap of a secret ended in the statement that
+-- changes it; nothing of outbox executable by PUBLIC but what producers need.
+--
+-- 1. A new secret and the end of the overlap in one statement (contract 12):
+--    `UPDATE ... SET secret = 'new', previous_secret_expires_at = NULL` (or a past time)
+--    ended nothing: the guard gave the old secret its 24 hours whatever the statement
+--    said. A NULL is indistinguishable from the column left alone, so a trigger that
+--    fires only when the statement names the column marks a NULL written on purpose as
+--    '-infinity', which the guard reads as "ends now" and stores as NULL. An old secret
+--    whose overlap has ended is no longer kept either.
+CREATE FUNCTION outbox.webhooks_overlap_given() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.previous_secret_expires_at IS NULL THEN
+        NEW.previous_secret_expires_at := '-infinity';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+-- Named to fire before webhooks_guard (triggers of a kind fire in name order).
+CREATE TRIGGER webhooks_end_overlap BEFORE UPDATE OF previous_secret_expires_at
+    ON outbox.webhooks
+    FOR EACH ROW EXECUTE FUNCTION outbox.webhooks_overlap_given();
+
+-- 2. Nothing of outbox is executable by PUBLIC but what producers need: the checks of
+--    outbox.events (valid_event and what it calls) and outbox.emit, granted to
+--    outbox_producer. The doorbell, the state functions and the webhooks' rules are the
+--    sidecar's; trigger functions need no EXECUTE at all.
+REVOKE ALL ON FUNCTION
+    outbox.valid_url(text),
+    outbox.format_for_url(text),
+    outbox.webhooks_disabled(),
+    outbox.webhooks_guard(),
+    outbox.webhooks_overlap_given(),
+    outbox.lock_key(),
+    outbox.arm_doorbell_v1(),
+    outbox.disarm_doorbell_v1(),
+    outbox.auto_disable_v1(bigint[], double precision, text),
+    outbox.claim_v1(integer, integer, uuid, double precision, integer, bigint[], bigint[],
+                    bigint[], integer, text[], text[], bigint[]),
+    outbox.claim_v2(integer, integer, uuid, double precision, integer, bigint[], bigint[],
+                    bigint[], integer, text[], text[], bigint[]),
+    outbox.record_v1(json),
+    outbox.replay_v1(bigint, text),
+    outbox.recover_v1(bigint, timestamptz),
+    outbox.next_due_v2()
+FROM PUBLIC;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
+        GRANT EXECUTE ON FUNCTION
+            outbox.valid_url(text),
+            outbox.format_for_url(text),
+            outbox.lock_key(),
+            outbox.arm_doorbell_v1(),
+            outbox.disarm_doorbell_v1(),
+            outbox.auto_disable_v1(bigint[], double precision, text),
+            outbox.claim_v1(integer, integer, uuid, double precision, integer, bigint[],
+                            bigint[], bigint[], integer, text[], text[], bigint[]),
+            outbox.claim_v2(integer, integer, uuid, double precision, integer, bigint[],
+                            bigint[], bigint[], integer, text[], text[], bigint[]),
+            outbox.record_v1(json),
+            outbox.replay_v1(bigint, text),
+            outbox.recover_v1(bigint, timestamptz),
+            outbox.next_due_v2()
+        TO outbox_sidecar;
+    END IF;
+END
+$$;

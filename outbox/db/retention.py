@@ -14,7 +14,7 @@ __all__ = [
     "DeliveriesPruned",
     "EventsPruned",
     "cutoff",
-    "lock",
+    "forget_expired_secrets",
     "prune_deliveries",
     "prune_events",
     "try_lock",
@@ -39,9 +39,10 @@ async def try_lock(conn: Conn) -> bool:
     return row is not None and bool(row[0])
 
 
-async def lock(conn: Conn) -> None:
-    """Take the pruners' lock for this transaction, waiting for it if need be."""
-    await conn.execute(query("prune_lock_wait"))
+async def forget_expired_secrets(conn: Conn) -> int:
+    """Clear every rotated-out secret whose overlap has ended; how many."""
+    cur = await conn.execute(query("forget_expired_secrets"))
+    return cur.rowcount
 
 
 class DeliveriesPruned(NamedTuple):

@@ -96,12 +96,15 @@ async def update(
         "event": event,
         "enabled": enabled,
         "format": format,
-        "end_secret_overlap": end_secret_overlap,
         "set_secret": set_secret,
         "secret": secret,
     }
-    cur = await conn.execute(query("webhook_update"), params)
-    return await cur.fetchone() is not None
+    async with conn.transaction():
+        cur = await conn.execute(query("webhook_update"), params)
+        found = await cur.fetchone() is not None
+        if found and end_secret_overlap:
+            await conn.execute(query("webhook_end_overlap"), {"id": webhook_id})
+    return found
 
 
 async def delete(conn: Conn, webhook_id: int) -> bool:

@@ -254,6 +254,40 @@ class TestOneAtATime:
         assert pruned.yielded and pruned.deliveries == 0
         assert prune(database_url).deliveries == 10
 
+    def test_a_lock_held_elsewhere_is_tried_for_a_bounded_time_then_left(
+        self, sql: SQL, database_url: str
+    ) -> None:
+        """Any role may take outbox's advisory locks: a producer holding the pruners'
+        lock makes `outbox prune` (which tries for ``wait`` seconds) give up and say so,
+        never hang; released, pruning goes on."""
+        bulk(sql, 10, attempts=1)
+        with psycopg.connect(database_url) as other:
+            other.execute("SELECT pg_advisory_lock(outbox.lock_key(), 2)")
+            pruned = prune(database_url, wait=0.3)
+        assert pruned.yielded and pruned.deliveries == 0
+        assert prune(database_url, wait=0.3).deliveries == 10
+
+    def test_a_round_forgets_rotated_out_secrets_whose_overlap_ended(
+        self, sql: SQL, database_url: str
+    ) -> None:
+        ended = sql.webhook("https://example.com/a", secret="old-secret-0123456789")
+        running = sql.webhook("https://example.com/b", secret="old-secret-0123456789")
+        for hook in (ended, running):
+            sql(
+                "UPDATE outbox.webhooks SET secret = 'new-secret-0123456789' WHERE id = %s", (hook,)
+            )
+        # As if the day of overlap had passed: written around the guard, as time does.
+        sql("ALTER TABLE outbox.webhooks DISABLE TRIGGER webhooks_guard")
+        sql(
+            "UPDATE outbox.webhooks SET previous_secret_expires_at = now() - interval '1 s'"
+            " WHERE id = %s",
+            (ended,),
+        )
+        sql("ALTER TABLE outbox.webhooks ENABLE TRIGGER webhooks_guard")
+        assert prune(database_url).secrets == 1
+        kept = sql("SELECT id, previous_secret FROM outbox.webhooks ORDER BY id")
+        assert kept == [(ended, None), (running, "old-secret-0123456789")]
+
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield plan

@@ -162,6 +162,35 @@ class TestFanOutFunction:
         )
         assert public == []
 
+    def test_nothing_is_public_but_what_producers_need(self, sql: SQL) -> None:
+        """Only the checks an INSERT into outbox.events runs are executable by PUBLIC
+        (emit is granted to outbox_producer); the doorbell, state functions and rules
+        belong to the sidecar."""
+        public = sql(
+            "SELECT p.proname::text FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace,"
+            " aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a"
+            " WHERE n.nspname = 'outbox' AND a.grantee = 0 AND a.privilege_type = 'EXECUTE'"
+            " ORDER BY 1"
+        )
+        assert [name for (name,) in public] == [
+            "event_names",
+            "reject",
+            "reject_data",
+            "reject_event",
+            "valid_event",
+        ]
+
+    def test_a_producer_cannot_ring_or_hold_the_doorbell(self, sql: SQL, attacker: str) -> None:
+        with connect_as(sql, attacker) as conn:
+            for call in ("outbox.arm_doorbell_v1()", "outbox.next_due_v2()", "outbox.lock_key()"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(f"SELECT {call}")
+            conn.execute(
+                "INSERT INTO outbox.events (account_id, event, data)"
+                " VALUES ('a', 'lead.scored', '{}')"
+            )
+
 
 class TestSidecarRole:
     """outbox_sidecar has the rights `outbox run` uses, and owns nothing."""

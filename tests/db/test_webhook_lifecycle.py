@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 
@@ -98,6 +100,64 @@ class TestSecretRotation:
             sql.one("SELECT previous_secret FROM outbox.webhooks WHERE id = %s", (hook,))
             == "old-secret-0123456789"
         )
+
+    def previous(self, sql: SQL, hook: int) -> tuple[Any, ...]:
+        return tuple(
+            sql(
+                "SELECT previous_secret, previous_secret_expires_at"
+                " FROM outbox.webhooks WHERE id = %s",
+                (hook,),
+            )[0]
+        )
+
+    @pytest.mark.parametrize("ends", ["NULL", "now()", "now() - interval '1 minute'"])
+    def test_the_statement_that_changes_the_secret_may_end_the_overlap(
+        self, sql: SQL, ends: str
+    ) -> None:
+        """A new secret and previous_secret_expires_at NULL or past in one UPDATE: the
+        old secret stops signing at once (a leaked secret), first rotation or not."""
+        for earlier_rotation in (False, True):
+            hook = sql.webhook("https://crm.example.com/in", secret="old-secret-0123456789")
+            if earlier_rotation:
+                sql(
+                    "UPDATE outbox.webhooks SET secret = 'mid-secret-0123456789' WHERE id = %s",
+                    (hook,),
+                )
+            sql(
+                "UPDATE outbox.webhooks SET secret = 'new-secret-0123456789',"
+                f" previous_secret_expires_at = {ends} WHERE id = %s",
+                (hook,),
+            )
+            previous, expires = self.previous(sql, hook)
+            assert previous is None, (ends, earlier_rotation)
+            assert expires is None or ends != "NULL"
+
+    def test_a_time_given_with_the_new_secret_wins_over_the_day(self, sql: SQL) -> None:
+        hook = sql.webhook("https://crm.example.com/in", secret="old-secret-0123456789")
+        sql(
+            "UPDATE outbox.webhooks SET secret = 'new-secret-0123456789',"
+            " previous_secret_expires_at = now() + interval '1 hour' WHERE id = %s",
+            (hook,),
+        )
+        hours = sql.one(
+            "SELECT extract(epoch FROM previous_secret_expires_at - now()) / 3600"
+            " FROM outbox.webhooks WHERE id = %s",
+            (hook,),
+        )
+        assert self.previous(sql, hook)[0] == "old-secret-0123456789"
+        assert 0.9 < float(hours) <= 1
+
+    def test_an_overlap_that_has_ended_keeps_no_old_secret(self, sql: SQL) -> None:
+        """Once its time has passed, the next change of the webhook forgets the old
+        secret (retention's round makes that change when nothing else does)."""
+        hook = sql.webhook("https://crm.example.com/in", secret="old-secret-0123456789")
+        sql("UPDATE outbox.webhooks SET secret = 'new-secret-0123456789' WHERE id = %s", (hook,))
+        sql(
+            "UPDATE outbox.webhooks SET previous_secret_expires_at = now() - interval '1 s'"
+            " WHERE id = %s",
+            (hook,),
+        )
+        assert self.previous(sql, hook)[0] is None
 
 
 class TestDisabledReason:

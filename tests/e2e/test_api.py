@@ -509,6 +509,22 @@ class TestWebhooks:
         )
         assert created.status == 422 and "unknown field" in created.error[1]
 
+    def test_a_leaked_secret_is_replaced_with_no_overlap_in_one_request(
+        self, api: Api, db: SQL
+    ) -> None:
+        """PATCH of a new secret with previous_secret_expires_at null: the old secret
+        stops signing at once, the first rotation as the next."""
+        hook = api("POST", "/api/v1/webhooks", hook_body()).json
+        path = f"/api/v1/webhooks/{hook['id']}"
+        for secret in (OTHER_SECRET, SECRET):
+            changed = api("PATCH", path, {"secret": secret, "previous_secret_expires_at": None})
+            assert changed.status == 200, changed
+            assert changed.json["previous_secret_expires_at"] is None
+            assert db.one(
+                "SELECT (secret, previous_secret) FROM outbox.webhooks WHERE id = %s",
+                (hook["id"],),
+            ) == (secret, None)
+
     def test_format_on_create_and_change(self, api: Api, db: SQL) -> None:
         """format is json by default, follows a Slack or Discord URL when left out,
         changes by PATCH; a bad one is 422 naming the valid ones and changes nothing."""

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import psycopg
 import pytest
 import standardwebhooks
 
@@ -345,6 +346,21 @@ class TestPrune:
         assert result.stdout == "deleted 1 deliveries, 1 attempts, 1 events\n"
         assert [r[0] for r in sql("SELECT id FROM outbox.events")] == [young]
         assert sql.one("SELECT count(*) FROM outbox.delivery_attempts") == 1
+
+    def test_prune_gives_up_on_a_lock_held_elsewhere_and_says_so(  # type: ignore[no-untyped-def]
+        self, outbox, sql: SQL
+    ) -> None:
+        """A session holding the pruners' lock: prune waits --wait, then exits 1 with one
+        line naming the lock; nothing is deleted."""
+        old_and_young(sql)
+        with psycopg.connect(sql.url) as other:
+            other.execute("SELECT pg_advisory_lock(outbox.lock_key(), 2)")
+            result = outbox("prune", "--older-than", "1h", "--wait", "1s")
+        assert result.returncode == 1, result.stderr
+        assert result.stdout == "deleted 0 deliveries, 0 attempts, 0 events\n"
+        (line,) = result.stderr.strip().splitlines()
+        assert "pruners' lock (outbox.lock_key(), 2) for 1s" in line
+        assert sql.one("SELECT count(*) FROM outbox.events") == 2
 
     def test_prune_defaults_to_the_retention_setting(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
         """Without --older-than, OUTBOX_RETENTION says what is old; the default keeps 30 days."""

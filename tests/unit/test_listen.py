@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from outbox import listen, signing, wire
 
@@ -94,7 +100,7 @@ class TestRender:
 
 
 class TestCertificates:
-    @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "0.0.0.0", "192.0.2.7"])
+    @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "0.0.0.0", "127.0.0.2", "::1"])
     def test_a_client_trusting_the_ca_file_accepts_the_server(
         self, tmp_path: Path, host: str
     ) -> None:
@@ -111,11 +117,93 @@ class TestCertificates:
                 assert tls.version()
                 accepted.result(timeout=10).close()
 
+    @pytest.mark.parametrize("host", ["192.0.2.7", "example.com"])
+    def test_the_ca_vouches_for_this_machine_only(self, tmp_path: Path, host: str) -> None:
+        """The CA is name-constrained to localhost and loopback addresses: even a
+        certificate its key signs for another name is refused by a verifying client."""
+        now = dt.datetime.now(dt.UTC)
+        issuer, ca_file = listen.ca(tmp_path, now)
+        constraints = issuer.cert.extensions.get_extension_for_class(x509.NameConstraints)
+        assert constraints.critical
+        leaf = tmp_path / "leaf.pem"
+        cert = ca_signed(issuer, host, now)
+        leaf.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        store = ssl.create_default_context(cafile=str(ca_file))
+        server = listen.server_context(issuer, "127.0.0.1", now)
+        assert issuer.cert.not_valid_after_utc - now <= dt.timedelta(days=31)
+        # The listener's own certificate never names another host...
+        ours, theirs = socket.socketpair()
+        with ThreadPoolExecutor(1) as pool, ours, theirs:
+            pool.submit(server.wrap_socket, theirs, server_side=True)
+            with pytest.raises(ssl.SSLCertVerificationError):
+                store.wrap_socket(ours, server_hostname=host)
+        # ... and one forged with the CA's key for it is outside the CA's names.
+        forged = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        key_file = tmp_path / "leaf-key.pem"
+        key_file.write_bytes(
+            cert_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        forged.load_cert_chain(leaf, key_file)
+        ours, theirs = socket.socketpair()
+        with ThreadPoolExecutor(1) as pool, ours, theirs:
+            pool.submit(forged.wrap_socket, theirs, server_side=True)
+            with pytest.raises(ssl.SSLCertVerificationError, match=r"name constraint|permitted"):
+                store.wrap_socket(ours, server_hostname=host)
+
     def test_the_ca_is_reused_and_renewed_near_its_end(self, tmp_path: Path) -> None:
-        """The kept CA is used again until 30 days before it ends, then replaced."""
+        """The kept CA lives 30 days and is used again until 7 days before it ends."""
         now = dt.datetime.now(dt.UTC)
         first, _ = listen.ca(tmp_path, now)
-        again, _ = listen.ca(tmp_path, now + dt.timedelta(days=300))
+        again, _ = listen.ca(tmp_path, now + dt.timedelta(days=22))
         assert again.cert == first.cert
-        renewed, _ = listen.ca(tmp_path, now + dt.timedelta(days=340))
+        renewed, _ = listen.ca(tmp_path, now + dt.timedelta(days=24))
         assert renewed.cert != first.cert
+
+    def test_a_kept_ca_without_name_constraints_is_replaced(self, tmp_path: Path) -> None:
+        """One made by an older outbox (good for any name) is not used again."""
+        now = dt.datetime.now(dt.UTC)
+        first, ca_file = listen.ca(tmp_path, now)
+        unconstrained = (
+            x509.CertificateBuilder()
+            .subject_name(first.cert.subject)
+            .issuer_name(first.cert.subject)
+            .public_key(first.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(first.key.public_key()), critical=False
+            )
+            .sign(first.key, hashes.SHA256())
+        )
+        ca_file.write_bytes(unconstrained.public_bytes(serialization.Encoding.PEM))
+        replaced, _ = listen.ca(tmp_path, now)
+        assert replaced.cert != unconstrained
+        replaced.cert.extensions.get_extension_for_class(x509.NameConstraints)
+
+
+cert_key = ec.generate_private_key(ec.SECP256R1())
+
+
+def ca_signed(issuer: Any, host: str, now: dt.datetime) -> x509.Certificate:
+    """A server certificate for ``host`` signed with the CA's own key."""
+    try:
+        name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        name = x509.DNSName(host)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(issuer.cert.subject)
+        .public_key(cert_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([name]), critical=False)
+        .sign(issuer.key, hashes.SHA256())
+    )
