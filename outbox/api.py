@@ -33,7 +33,7 @@ from outbox.events import EVENTS, check_event
 from outbox.supervisor import Supervisor
 from outbox.throttle import Refused, Throttle
 
-__all__ = ["BODY_LIMIT", "make_app"]
+__all__ = ["BODY_LIMIT", "make_app", "make_probe_app"]
 
 log = structlog.get_logger("outbox.api")
 
@@ -467,6 +467,19 @@ async def end_portal_sessions(request: web.Request) -> web.Response:
         count = await portal.end_sessions(conn, account)
     log.info("api: portal sessions ended", account_id=account, count=count)
     return web.Response(status=204)
+
+
+def make_probe_app(pool: AsyncConnectionPool[Any], *, parts: Supervisor) -> web.Application:
+    """``/healthz``, ``/readyz`` and ``/metrics`` alone: what a sidecar waiting for a
+    schema it knows serves (outbox.sidecar.wait_for_schema), no route that reads outbox's
+    tables."""
+    app = web.Application()
+    app[auth.POOL] = pool
+    app[PARTS] = parts
+    app.router.add_route("GET", "/healthz", healthz)
+    app.router.add_route("GET", "/readyz", readyz)
+    app.router.add_route("GET", "/metrics", prometheus)
+    return app
 
 
 def make_app(

@@ -19,7 +19,7 @@ from outbox.delivery import Sender
 from outbox.dispatcher import Dispatcher
 from outbox.supervisor import EXIT_SCHEMA, Supervisor
 
-__all__ = ["check_schema", "run", "watch_schema"]
+__all__ = ["check_schema", "read_schema_version", "run", "wait_for_schema", "watch_schema"]
 
 log = structlog.get_logger("outbox")
 
@@ -51,6 +51,14 @@ async def check_schema(settings: Settings) -> None:
 
     Waits for a database that does not answer yet, as the dispatcher would.
     """
+    problem = db.schema_problem(await read_schema_version(settings), db.expected_version())
+    if problem is not None:
+        raise db.SchemaMismatch(problem)
+
+
+async def read_schema_version(settings: Settings) -> int | None:
+    """The database's outbox schema version, once it answers; SchemaMismatch when this
+    login may not read it."""
     pause = 0.1
     while True:
         try:
@@ -66,9 +74,7 @@ async def check_schema(settings: Settings) -> None:
                 "this login may not read outbox.schema_migrations: log in as a role granted"
                 " outbox_sidecar (`outbox migrate` grants it what outbox run needs)"
             ) from None
-    problem = db.schema_problem(found, db.expected_version())
-    if problem is not None:
-        raise db.SchemaMismatch(problem)
+    return found
 
 
 async def watch_schema(settings: Settings, parts: Supervisor) -> None:
@@ -92,7 +98,87 @@ async def watch_schema(settings: Settings, parts: Supervisor) -> None:
 
 
 async def run(settings: Settings) -> int:
-    """The sidecar until it stops; returns the exit status (see outbox.supervisor)."""
+    """The sidecar until it stops; returns the exit status (see outbox.supervisor).
+
+    With OUTBOX_SCHEMA_MISMATCH=wait a schema this version does not know never ends the
+    process (see wait_for_schema): where outbox runs in the app's own pod, a container
+    that exits makes the app's pod unready until it runs again, and on a newer schema
+    the same version would only exit again until the pod is rolled.
+    """
+    wait = settings.schema_mismatch == "wait"
+    while True:
+        if wait and not await wait_for_schema(settings):
+            return 0
+        try:
+            code = await _run(settings)
+        except db.SchemaMismatch:
+            # Changed again since wait_for_schema looked.
+            if not wait:
+                raise
+            continue
+        if code != EXIT_SCHEMA or not wait:
+            return code
+
+
+async def wait_for_schema(settings: Settings) -> bool:
+    """Wait until the database has the schema this version runs against: True then,
+    False if stopped by a signal first.
+
+    Meanwhile the process delivers nothing and serves only ``/healthz`` (200: it is
+    alive, and a restart would change nothing), ``/readyz`` (503) and ``/metrics``
+    (``outbox_dispatcher_up`` 0), from the start, even while the database does not
+    answer; it logs the problem each time it changes, and looks again every
+    OUTBOX_SCHEMA_CHECK_INTERVAL: a migrate it was started before lets it go on, a newer
+    version's migrate leaves it waiting to be replaced.
+    """
+    expected = db.expected_version()
+    metrics.dispatcher_up(False)
+    parts = Supervisor(give_up_after=settings.lease_seconds)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, parts.stop)
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.api_listen is not None:
+            connections = await stack.enter_async_context(pool(settings))
+            runner = web.AppRunner(api.make_probe_app(connections, parts=parts), access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            host, port = settings.api_listen
+            await web.TCPSite(runner, host, port).start()
+        said = None
+        while True:
+            # Reading waits for a database that does not answer: a signal ends that too.
+            reading = asyncio.create_task(read_schema_version(settings))
+            stopped = asyncio.create_task(parts.stopping.wait())
+            await asyncio.wait((reading, stopped), return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not reading.done():
+                reading.cancel()
+                return False
+            try:
+                problem = db.schema_problem(reading.result(), expected)
+            except db.SchemaMismatch as exc:
+                problem = str(exc)
+            if problem is None:
+                break
+            if problem != said:
+                log.error(
+                    "waiting for the schema this version knows (OUTBOX_SCHEMA_MISMATCH=wait):"
+                    " delivering nothing",
+                    problem=problem,
+                )
+                said = problem
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.schema_check_interval):
+                    await parts.stopping.wait()
+            if parts.stopping.is_set():
+                return False
+    if said is not None:
+        log.info("the schema is the one this version knows: starting", schema_version=expected)
+    return True
+
+
+async def _run(settings: Settings) -> int:
     await check_schema(settings)
     # Every attempt allocates a few short-lived objects and no cycles to speak of: move
     # the start-up objects out of the collector's way and collect young objects rarely.
