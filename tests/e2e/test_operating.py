@@ -1,19 +1,34 @@
-"""Operating outbox: the gauges the alerts read.
+"""Operating outbox: the gauges the alerts read, and the app's pod through an upgrade.
 
-Real `outbox run` processes against real Postgres.
+Real `outbox run` processes against real Postgres. The upgrade tests read the sidecar
+container of deploy/kubernetes/deployment.yaml (its settings and its probes) and call
+what the kubelet would call, before and after a migrate of a newer schema.
 """
 
 from __future__ import annotations
 
 import http.client
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import pytest
+
+from outbox import db
 from tests.conftest import (
+    ROOT,
     SQL,
     Sidecar,
+    as_sidecar_role,
+    free_port,
+    sidecar_environment,
     wait_until,
 )
-from tests.receiver import BlackHole
+from tests.receiver import BlackHole, Receiver
+from tests.unit.test_deploy import outbox_container
 
 Start = Callable[..., Sidecar]
 
@@ -83,3 +98,147 @@ class TestBacklogGauges:
         )
         assert values["outbox_due_deliveries"] == 0
         assert values["outbox_oldest_due_age_seconds"] == 0
+
+
+# The outbox container beside the app, as the manifest runs it.
+APP_SIDECAR = outbox_container("example-app")
+WAITING = (
+    "waiting for the schema this version knows (OUTBOX_SCHEMA_MISMATCH=wait): delivering nothing"
+)
+
+
+class PodSidecar(Sidecar):
+    """`outbox run` with the manifest container's settings, started as the kubelet
+    would: without waiting for it to deliver (it may be waiting for its schema)."""
+
+    def start(self) -> PodSidecar:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        env = self.env | {"OUTBOX_DATABASE_URL": as_sidecar_role(self.env["OUTBOX_DATABASE_URL"])}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "outbox", *APP_SIDECAR.get("args", ["run"])],
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: self.probe("startupProbe") == 200, what="the startup probe")
+        return self
+
+    def probe(self, name: str) -> int | None:
+        """What the container's probe ``name`` gets: its path on its port (the
+        manifest's named port is the container's, here the one this process listens on)."""
+        answer = get(self.api_port, APP_SIDECAR[name]["httpGet"]["path"])
+        return None if answer is None else answer[0]
+
+    def container_ready(self) -> bool:
+        """As the kubelet counts it: running, its readiness probe (if it has one)
+        passing, and its liveness probe passing (else it is restarted, not running)."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            return False
+        probes = [p for p in ("readinessProbe", "livenessProbe") if p in APP_SIDECAR]
+        return all(self.probe(p) == 200 for p in probes)
+
+    def waiting(self) -> int:
+        return sum(1 for line in self.log_lines() if line.get("event") == WAITING)
+
+
+@pytest.fixture
+def pod_sidecars(
+    database_url: str, ca_file: str, tmp_path: Path
+) -> Iterator[Callable[[], PodSidecar]]:
+    manifest_env = {e["name"]: e["value"] for e in APP_SIDECAR["env"] if "value" in e}
+    started: list[PodSidecar] = []
+
+    def start() -> PodSidecar:
+        env = sidecar_environment(
+            database_url,
+            ca_file,
+            OUTBOX_API_LISTEN=f"127.0.0.1:{free_port()}",
+            # Seconds, not the default half minute, for the test's sake.
+            OUTBOX_SCHEMA_CHECK_INTERVAL="0.2",
+        )
+        env |= manifest_env
+        sidecar = PodSidecar(env, tmp_path / f"pod{len(started)}.log").start()
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        if sidecar.proc is not None and sidecar.proc.poll() is None:
+            sidecar.proc.kill()
+            sidecar.wait()
+
+
+def schema_is(sql: SQL, change: str) -> int:
+    """Move the recorded schema version as a migrate would; the version it is then."""
+    expected = db.expected_version()
+    if change == "newer":
+        sql(
+            "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, 'x')", (expected + 1,)
+        )
+    elif change == "older":
+        sql("DELETE FROM outbox.schema_migrations WHERE version = %s", (expected,))
+    elif change == "current":
+        sql("DELETE FROM outbox.schema_migrations WHERE version > %s", (expected,))
+        sql(
+            "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, 'x')"
+            " ON CONFLICT DO NOTHING",
+            (expected,),
+        )
+    return int(sql.one("SELECT max(version) FROM outbox.schema_migrations"))
+
+
+def attempts(sql: SQL, event: int) -> Any:
+    return sql.one("SELECT attempts FROM outbox.deliveries WHERE event_id = %s", (event,))
+
+
+class TestAppPodThroughAnUpgrade:
+    def test_a_newer_schema_migrated_under_it_leaves_the_pod_ready(
+        self, sql: SQL, receiver: Receiver, pod_sidecars: Callable[[], PodSidecar]
+    ) -> None:
+        """Migrate a newer version while the old sidecar runs: it stops delivering
+        (the fence holds) but its container stays ready, also once restarted on the
+        same version (a crash, an OOM kill), until a rollout replaces it."""
+        sql.webhook(receiver.url())
+        sidecar = pod_sidecars()
+        assert sidecar.container_ready()
+        sql.emit()
+        receiver.wait_for(1)
+
+        assert schema_is(sql, "newer") == db.expected_version() + 1
+        wait_until(lambda: sidecar.waiting() == 1, what="the sidecar to notice")
+        assert sidecar.container_ready()
+        assert get(sidecar.api_port, "/readyz") == (503, b'{"status": "unavailable"}')
+        assert samples(sidecar.api_port)["outbox_dispatcher_up"] == 0
+
+        event = sql.emit()
+        sidecar.signal(signal.SIGKILL)
+        sidecar.wait()
+        restarted = pod_sidecars()
+        wait_until(lambda: restarted.waiting() == 1, what="the restarted sidecar to wait")
+        assert restarted.container_ready()
+        assert attempts(sql, event) == 0
+        assert len(receiver.received()) == 1
+
+        restarted.signal(signal.SIGTERM)
+        assert restarted.wait() == 0
+
+    def test_a_pod_started_before_the_migrate_is_ready_and_delivers_after_it(
+        self, sql: SQL, receiver: Receiver, pod_sidecars: Callable[[], PodSidecar]
+    ) -> None:
+        """A new pod rolled out before its migrate: ready at once, delivering nothing
+        until the schema is the one it knows, then delivering what waited."""
+        sql.webhook(receiver.url())
+        schema_is(sql, "older")
+        event = sql.emit()
+        sidecar = pod_sidecars()
+        wait_until(lambda: sidecar.waiting() == 1, what="the sidecar to wait")
+        assert sidecar.container_ready()
+        assert attempts(sql, event) == 0
+
+        schema_is(sql, "current")
+        (delivery,) = receiver.wait_for(1)
+        assert delivery.headers["X-Webhook-Event"] == "lead.scored"
+        assert sidecar.container_ready()
+        assert wait_until(lambda: get(sidecar.api_port, "/readyz") == (200, b'{"status": "ok"}'))
