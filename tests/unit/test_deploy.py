@@ -432,7 +432,7 @@ class TestKubernetes:
             text = path.read_text()
             for cited in re.findall(r"(?:deploy|docs)/[\w./-]+\w", text):
                 assert (ROOT / cited).exists(), cited
-            for cited in re.findall(r"\b([\w-]+\.yaml)\b", text):
+            for cited in re.findall(r"(?<![/\w.-])([\w-]+\.yaml)\b", text):
                 assert (DEPLOY / "kubernetes" / cited).is_file(), cited
 
 
