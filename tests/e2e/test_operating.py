@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import promql_parser
 import pytest
 
 from outbox import db
@@ -31,6 +30,7 @@ from tests.conftest import (
 )
 from tests.receiver import BlackHole, Receiver
 from tests.unit.test_alerts import rules
+from tests.unit.test_dashboard import dashboard_metrics, named_metrics
 from tests.unit.test_deploy import outbox_container
 
 Start = Callable[..., Sidecar]
@@ -116,28 +116,19 @@ def exposed(port: int) -> set[str]:
     return {name.partition("{")[0] for name in samples(port)}
 
 
-def named_metrics(expr: str) -> set[str]:
-    """The metric names an expression selects (it must parse)."""
-    names: set[str] = set()
-
-    def visit(node: Any) -> None:
-        if isinstance(node, promql_parser.VectorSelector):
-            assert node.name, f"a selector without a metric name in {expr!r}"
-            names.add(node.name)
-
-    promql_parser.walk(promql_parser.parse(expr), visit)
-    return names
-
-
 class TestMetricNames:
-    def test_alerts_name_only_metrics_a_sidecar_exposes(self, sidecars: Start) -> None:
+    def test_alerts_and_dashboard_name_only_metrics_a_sidecar_exposes(
+        self, sidecars: Start
+    ) -> None:
         """A rule on a misspelt metric would never fire, and its unit cases (written
-        with the same spelling) would still pass."""
+        with the same spelling) would still pass; a panel would stay empty."""
         have = exposed(sidecars().api_port)
         assert not have & PENDING_ON_MAIN, "exposed now: empty PENDING_ON_MAIN"
         for rule in rules():
             missing = named_metrics(rule["expr"]) - have - SCRAPE_SERIES - PENDING_ON_MAIN
             assert not missing, (rule["alert"], missing)
+        missing = dashboard_metrics() - have - SCRAPE_SERIES - PENDING_ON_MAIN
+        assert not missing, missing
 
 
 # The outbox container beside the app, as the manifest runs it.
