@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api, db, metrics, retention
+from outbox import api, db, metrics, retention, tracing
 from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.dispatcher import Dispatcher
@@ -106,18 +106,23 @@ async def run(settings: Settings) -> int:
     the same version would only exit again until the pod is rolled.
     """
     wait = settings.schema_mismatch == "wait"
-    while True:
-        if wait and not await wait_for_schema(settings):
-            return 0
-        try:
-            code = await _run(settings)
-        except db.SchemaMismatch:
-            # Changed again since wait_for_schema looked.
-            if not wait:
-                raise
-            continue
-        if code != EXIT_SCHEMA or not wait:
-            return code
+    tracing.start()
+    try:
+        while True:
+            if wait and not await wait_for_schema(settings):
+                return 0
+            try:
+                code = await _run(settings)
+            except db.SchemaMismatch:
+                # Changed again since wait_for_schema looked.
+                if not wait:
+                    raise
+                continue
+            if code != EXIT_SCHEMA or not wait:
+                return code
+    finally:
+        # The spans not sent yet, off the event loop (the exporter's requests block).
+        await asyncio.to_thread(tracing.stop)
 
 
 async def wait_for_schema(settings: Settings) -> bool:
