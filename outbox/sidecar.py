@@ -131,13 +131,17 @@ async def wait_for_schema(settings: Settings) -> bool:
 
     Meanwhile the process delivers nothing and serves only ``/healthz`` (200: it is
     alive, and a restart would change nothing), ``/readyz`` (503) and ``/metrics``
-    (``outbox_dispatcher_up`` 0), from the start, even while the database does not
-    answer; it logs the problem each time it changes, and looks again every
-    OUTBOX_SCHEMA_CHECK_INTERVAL: a migrate it was started before lets it go on, a newer
-    version's migrate leaves it waiting to be replaced.
+    (``outbox_dispatcher_up`` 0, the backlog gauges 0), from the start, even while the
+    database does not answer; it logs the problem each time it changes, and looks again
+    every OUTBOX_SCHEMA_CHECK_INTERVAL: a migrate it was started before lets it go on, a
+    newer version's migrate leaves it waiting to be replaced.
     """
     expected = db.expected_version()
     metrics.dispatcher_up(False)
+    # Not read while waiting: 0, not a stale value that would hold an alert up for as
+    # long as this waits (replicas that deliver report the real ones; the rules take
+    # the max).
+    metrics.pending(0, None, 0, None)
     parts = Supervisor(give_up_after=settings.lease_seconds)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

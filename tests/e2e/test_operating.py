@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from outbox import db
@@ -230,30 +231,46 @@ class TestAppPodThroughAnUpgrade:
     ) -> None:
         """Migrate a newer version while the old sidecar runs: it stops delivering
         (the fence holds) but its container stays ready, also once restarted on the
-        same version (a crash, an OOM kill), until a rollout replaces it."""
-        sql.webhook(receiver.url())
-        sidecar = pod_sidecars()
-        assert sidecar.container_ready()
-        sql.emit()
-        receiver.wait_for(1)
+        same version (a crash, an OOM kill), until a rollout replaces it. Waiting, it
+        reports no stale backlog that would keep an alert up."""
+        hook = sql.webhook(receiver.url())
+        # A delivery due for 90 s that a transaction holds, so no claim takes it.
+        other = sql.emit(account="acct_2")
+        held_id = sql.one(
+            "INSERT INTO outbox.deliveries (event_id, webhook_id, next_attempt_at)"
+            " VALUES (%s, %s, now() - interval '90 seconds') RETURNING id",
+            (other, hook),
+        )
+        with psycopg.connect(sql.url) as held:
+            held.execute("SELECT 1 FROM outbox.deliveries WHERE id = %s FOR UPDATE", (held_id,))
+            sidecar = pod_sidecars()
+            assert sidecar.container_ready()
+            sql.emit()
+            receiver.wait_for(1)
+            wait_until(
+                lambda: samples(sidecar.api_port)["outbox_oldest_due_age_seconds"] >= 90,
+                what="the held delivery in the backlog gauges",
+            )
 
-        assert schema_is(sql, "newer") == db.expected_version() + 1
-        wait_until(lambda: sidecar.waiting() == 1, what="the sidecar to notice")
-        assert sidecar.container_ready()
-        assert get(sidecar.api_port, "/readyz") == (503, b'{"status": "unavailable"}')
-        assert samples(sidecar.api_port)["outbox_dispatcher_up"] == 0
+            assert schema_is(sql, "newer") == db.expected_version() + 1
+            wait_until(lambda: sidecar.waiting() == 1, what="the sidecar to notice")
+            assert sidecar.container_ready()
+            assert get(sidecar.api_port, "/readyz") == (503, b'{"status": "unavailable"}')
+            waiting = samples(sidecar.api_port)
+            assert waiting["outbox_dispatcher_up"] == 0
+            assert waiting["outbox_oldest_due_age_seconds"] == 0
 
-        event = sql.emit()
-        sidecar.signal(signal.SIGKILL)
-        sidecar.wait()
-        restarted = pod_sidecars()
-        wait_until(lambda: restarted.waiting() == 1, what="the restarted sidecar to wait")
-        assert restarted.container_ready()
-        assert attempts(sql, event) == 0
-        assert len(receiver.received()) == 1
+            event = sql.emit()
+            sidecar.signal(signal.SIGKILL)
+            sidecar.wait()
+            restarted = pod_sidecars()
+            wait_until(lambda: restarted.waiting() == 1, what="the restarted sidecar to wait")
+            assert restarted.container_ready()
+            assert attempts(sql, event) == 0
+            assert len(receiver.received()) == 1
 
-        restarted.signal(signal.SIGTERM)
-        assert restarted.wait() == 0
+            restarted.signal(signal.SIGTERM)
+            assert restarted.wait() == 0
 
     def test_a_pod_started_before_the_migrate_is_ready_and_delivers_after_it(
         self, sql: SQL, receiver: Receiver, pod_sidecars: Callable[[], PodSidecar]
