@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint format bench clean db-url chromium pgbouncer screenshot verifiers image-test
+.PHONY: setup run test lint format bench clean db-url chromium pgbouncer promtool screenshot verifiers image-test
 
 setup: $(VENV)/.installed
 
@@ -36,7 +36,7 @@ run: setup
 	echo; \
 	exec $(BIN)/outbox run
 
-test: setup chromium pgbouncer verifiers
+test: setup chromium pgbouncer promtool verifiers
 	$(BIN)/pytest -q
 
 # A second, independent Standard Webhooks verifier: the npm package, run by Node.js.
@@ -83,6 +83,22 @@ pgbouncer:
 		systemctl disable --now pgbouncer >/dev/null 2>&1 || true; \
 	else \
 		echo "the PgBouncer tests will skip: sudo apt-get install pgbouncer" >&2; \
+	fi
+
+# The alert rules' unit tests and the dashboard's queries are checked by promtool, from
+# Debian's prometheus package. Installed here when missing and we are root (only the
+# program is needed: the Prometheus service the package sets up is turned off); else
+# those tests skip.
+promtool:
+	@command -v promtool >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's prometheus for promtool (alert rule tests)"; \
+		apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus >/dev/null || { echo "could not install prometheus" >&2; exit 1; }; \
+		systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	else \
+		echo "the alert rule tests will skip: sudo apt-get install prometheus" >&2; \
 	fi
 
 lint: setup

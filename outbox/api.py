@@ -333,7 +333,7 @@ async def refresh_backlog(pool: AsyncConnectionPool[Any], parts: Supervisor) -> 
     while True:
         async with pool.connection() as conn:
             backlog = await db.deliveries.pending_stats(conn)
-        metrics.pending(backlog.pending, backlog.oldest_seconds)
+        metrics.pending(*backlog)
         parts.beat("backlog")
         await asyncio.sleep(BACKLOG_EVERY)
 

@@ -80,6 +80,13 @@ def _pooler(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _schema_mismatch(env: Mapping[str, str]) -> str:
+    raw = env.get("OUTBOX_SCHEMA_MISMATCH", "").strip().lower() or "exit"
+    if raw not in ("exit", "wait"):
+        raise ConfigError(f"OUTBOX_SCHEMA_MISMATCH: {raw!r} is not exit or wait")
+    return raw
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -163,6 +170,10 @@ class Settings:
     poll_interval: float = 1.0
     # How often a running sidecar checks that the schema is still the one it knows.
     schema_check_interval: float = 30.0
+    # What `outbox run` does on a schema it does not know: "exit" (2 at start, 3 once
+    # running), or "wait" for one it knows, alive, answering only its probes and
+    # /metrics, and delivering nothing (outbox.sidecar.wait_for_schema).
+    schema_mismatch: str = "exit"
     # Parts that fail at their first starts, for tests (outbox.supervisor.parse_faults).
     test_faults: tuple[tuple[str, int], ...] = ()
     # Seconds finished deliveries and their events are kept; None keeps everything.
@@ -199,6 +210,7 @@ class Settings:
             log_format=log_format,
             poll_interval=_number(env, "OUTBOX_POLL_INTERVAL", 1.0, 0.01),
             schema_check_interval=_number(env, "OUTBOX_SCHEMA_CHECK_INTERVAL", 30.0, 0.01),
+            schema_mismatch=_schema_mismatch(env),
             test_faults=_faults(env),
             retention=_retention(env),
             database_pooler=_pooler(env),

@@ -24,7 +24,7 @@ import psycopg
 import structlog
 from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
-from outbox import db, metrics, wire
+from outbox import db, metrics, tracing, wire
 from outbox.config import Settings
 from outbox.db.deliveries import AttemptResult, Claimed, Job
 from outbox.delivery import Attempt, Sender
@@ -310,6 +310,7 @@ class Dispatcher:
             await self._sleep(poll if due_in is None else min(poll, due_in))
 
     async def _claim(self, limit: int) -> Claimed:
+        started = tracing.hooks.clock()
         claimed = await self._claims.run(
             db.deliveries.claim,
             limit=limit,
@@ -320,6 +321,7 @@ class Dispatcher:
             accounts_in_flight=self._in_flight_accounts,
         )
         metrics.claimed(claimed.rows)
+        tracing.hooks.claimed(started, limit, claimed)
         return claimed
 
     async def _next_due(self) -> float | None:
@@ -378,6 +380,7 @@ class Dispatcher:
             )
             outcome = "failed" if retry_in is None else "pending"
         metrics.attempt(outcome, attempt.duration_ms / 1000)
+        tracing.hooks.attempted(job, attempt, outcome)
         log.info(
             "attempt",
             delivery_id=job.id,
@@ -457,7 +460,9 @@ class Dispatcher:
             }
             for r in batch
         ]
+        started = tracing.hooks.clock()
         failed_for_good = await self._records.run(db.deliveries.record, results)
+        tracing.hooks.recorded(started, (r.job for r in batch))
         after = self._settings.auto_disable_after
         if failed_for_good and after is not None:
             await self._auto_disable(failed_for_good, after)

@@ -1,8 +1,9 @@
 """Prometheus metrics of one `outbox run` process, served at ``GET /metrics``.
 
 Counters and histograms are this process's own (sum them over replicas). The pending
-gauges describe the whole database, read by the sidecar every few seconds (never by a
-scrape), so every replica reports about the same values (take the max, not the sum).
+and due gauges describe the whole database, read by the sidecar every few seconds (never
+by a scrape), so every replica reports about the same values (take the max, not the
+sum).
 """
 
 from __future__ import annotations
@@ -69,6 +70,18 @@ _OLDEST = Gauge(
     "Age of the oldest pending delivery (since it was enqueued); 0 when none is pending.",
     registry=REGISTRY,
 )
+_DUE = Gauge(
+    "outbox_due_deliveries",
+    "Pending deliveries that are due now, in the whole database: waiting for a "
+    "dispatcher, not for a retry's time and not held by one.",
+    registry=REGISTRY,
+)
+_OLDEST_DUE = Gauge(
+    "outbox_oldest_due_age_seconds",
+    "How long the delivery due longest has been waiting for a dispatcher (since its "
+    "attempt fell due); 0 when none is due.",
+    registry=REGISTRY,
+)
 _AUTO_DISABLED = Counter(
     "outbox_webhooks_auto_disabled",
     "Webhooks this process disabled because their deliveries kept failing and none "
@@ -122,10 +135,14 @@ def dispatcher_up(up: bool) -> None:
     _UP.set(1 if up else 0)
 
 
-def pending(count: int, oldest_seconds: float | None) -> None:
-    """The database's pending deliveries, as last read."""
+def pending(
+    count: int, oldest_seconds: float | None, due: int, oldest_due_seconds: float | None
+) -> None:
+    """The database's pending deliveries, and those of them due now, as last read."""
     _PENDING.set(count)
     _OLDEST.set(oldest_seconds or 0.0)
+    _DUE.set(due)
+    _OLDEST_DUE.set(oldest_due_seconds or 0.0)
 
 
 def loop_lag(seconds: float) -> None:

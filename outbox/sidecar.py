@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api, db, metrics, retention
+from outbox import api, db, metrics, retention, tracing
 from outbox.config import ConfigError, Settings
 from outbox.delivery import Sender
 from outbox.dispatcher import Dispatcher
@@ -32,7 +32,9 @@ __all__ = [
     "SERVE",
     "Mode",
     "check_schema",
+    "read_schema_version",
     "run",
+    "wait_for_schema",
     "watch_loop",
     "watch_schema",
 ]
@@ -82,6 +84,14 @@ async def check_schema(settings: Settings) -> None:
 
     Waits for a database that does not answer yet, as the dispatcher would.
     """
+    problem = db.schema_problem(await read_schema_version(settings), db.expected_version())
+    if problem is not None:
+        raise db.SchemaMismatch(problem)
+
+
+async def read_schema_version(settings: Settings) -> int | None:
+    """The database's outbox schema version, once it answers; SchemaMismatch when this
+    login may not read it."""
     pause = 0.1
     while True:
         try:
@@ -97,9 +107,7 @@ async def check_schema(settings: Settings) -> None:
                 "this login may not read outbox.schema_migrations: log in as a role granted"
                 " outbox_sidecar (`outbox migrate` grants it what outbox run needs)"
             ) from None
-    problem = db.schema_problem(found, db.expected_version())
-    if problem is not None:
-        raise db.SchemaMismatch(problem)
+    return found
 
 
 async def watch_schema(settings: Settings, parts: Supervisor) -> None:
@@ -122,6 +130,97 @@ async def watch_schema(settings: Settings, parts: Supervisor) -> None:
             parts.beat("schema")
 
 
+async def run(settings: Settings, mode: Mode = BOTH) -> int:
+    """The sidecar until it stops; returns the exit status (see outbox.supervisor).
+
+    With OUTBOX_SCHEMA_MISMATCH=wait a schema this version does not know never ends the
+    process (see wait_for_schema): where outbox runs in the app's own pod, a container
+    that exits makes the app's pod unready until it runs again, and on a newer schema
+    the same version would only exit again until the pod is rolled.
+    """
+    wait = settings.schema_mismatch == "wait"
+    tracing.start()
+    try:
+        while True:
+            if wait and not await wait_for_schema(settings):
+                return 0
+            try:
+                code = await _run(settings, mode)
+            except db.SchemaMismatch:
+                # Changed again since wait_for_schema looked.
+                if not wait:
+                    raise
+                continue
+            if code != EXIT_SCHEMA or not wait:
+                return code
+    finally:
+        # The spans not sent yet, off the event loop (the exporter's requests block).
+        await asyncio.to_thread(tracing.stop)
+
+
+async def wait_for_schema(settings: Settings) -> bool:
+    """Wait until the database has the schema this version runs against: True then,
+    False if stopped by a signal first.
+
+    Meanwhile the process delivers nothing and serves only ``/healthz`` (200: it is
+    alive, and a restart would change nothing), ``/readyz`` (503) and ``/metrics``
+    (``outbox_dispatcher_up`` 0, the backlog gauges 0), from the start, even while the
+    database does not answer; it logs the problem each time it changes, and looks again
+    every OUTBOX_SCHEMA_CHECK_INTERVAL: a migrate it was started before lets it go on, a
+    newer version's migrate leaves it waiting to be replaced.
+    """
+    expected = db.expected_version()
+    metrics.dispatcher_up(False)
+    # Not read while waiting: 0, not a stale value that would hold an alert up for as
+    # long as this waits (replicas that deliver report the real ones; the rules take
+    # the max).
+    metrics.pending(0, None, 0, None)
+    parts = Supervisor(give_up_after=settings.lease_seconds)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, parts.stop)
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.api_listen is not None:
+            connections = await stack.enter_async_context(pool(settings))
+            runner = web.AppRunner(
+                api.make_app(connections, settings, parts=parts), access_log=None
+            )
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await _listen(runner, settings)
+        said = None
+        while True:
+            # Reading waits for a database that does not answer: a signal ends that too.
+            reading = asyncio.create_task(read_schema_version(settings))
+            stopped = asyncio.create_task(parts.stopping.wait())
+            await asyncio.wait((reading, stopped), return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not reading.done():
+                reading.cancel()
+                return False
+            try:
+                problem = db.schema_problem(reading.result(), expected)
+            except db.SchemaMismatch as exc:
+                problem = str(exc)
+            if problem is None:
+                break
+            if problem != said:
+                log.error(
+                    "waiting for the schema this version knows (OUTBOX_SCHEMA_MISMATCH=wait):"
+                    " delivering nothing",
+                    problem=problem,
+                )
+                said = problem
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.schema_check_interval):
+                    await parts.stopping.wait()
+            if parts.stopping.is_set():
+                return False
+    if said is not None:
+        log.info("the schema is the one this version knows: starting", schema_version=expected)
+    return True
+
+
 async def watch_loop(parts: Supervisor) -> None:
     """Measure how late the event loop wakes up (outbox_event_loop_lag_seconds): the
     longest any callback waited because something else held the loop."""
@@ -133,8 +232,7 @@ async def watch_loop(parts: Supervisor) -> None:
         parts.beat("loop")
 
 
-async def run(settings: Settings, mode: Mode = BOTH) -> int:
-    """The sidecar until it stops; returns the exit status (see outbox.supervisor)."""
+async def _run(settings: Settings, mode: Mode) -> int:
     await check_schema(settings)
     # Every attempt allocates a few short-lived objects and no cycles to speak of: move
     # the start-up objects out of the collector's way and collect young objects rarely.
@@ -159,13 +257,7 @@ async def run(settings: Settings, mode: Mode = BOTH) -> int:
             app = api.make_app(connections, settings, parts=parts, test_sender=test_sender)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
-            host, port = settings.api_listen
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as exc:
-                raise ConfigError(
-                    f"OUTBOX_API_LISTEN={host}:{port}: cannot listen there ({exc.strerror})"
-                ) from None
+            host, port = await _listen(runner, settings)
             log.info(
                 "admin API listening" if mode.serve else "probes and metrics listening",
                 url=f"http://{host}:{port}",
@@ -189,3 +281,16 @@ async def run(settings: Settings, mode: Mode = BOTH) -> int:
             if runner is not None:
                 await runner.cleanup()
     return parts.exit_code
+
+
+async def _listen(runner: web.AppRunner, settings: Settings) -> tuple[str, int]:
+    """Serve ``runner`` on OUTBOX_API_LISTEN; an address in use is a bad setting."""
+    assert settings.api_listen is not None
+    host, port = settings.api_listen
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        raise ConfigError(
+            f"OUTBOX_API_LISTEN={host}:{port}: cannot listen there ({exc.strerror})"
+        ) from None
+    return host, port

@@ -256,11 +256,17 @@ SELECT outbox.recover_v1(%(webhook_id)s::bigint, %(since)s::timestamptz);
 SELECT pg_notify('outbox_wake', 'replay');
 
 -- pending_stats --
--- For /metrics: how many deliveries are pending, and how long ago the oldest was
--- enqueued (NULL when none is pending).
-SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
-FROM outbox.deliveries
-WHERE status = 'pending';
+-- For /metrics, in one scan of the pending rows: how many are pending and how long ago
+-- the oldest was enqueued; how many of them are due (waiting for a dispatcher: not for
+-- a retry's time, not under a lease that still runs) and how long the one due longest
+-- has waited since it fell due (NULL ages when there is none).
+SELECT count(*), extract(epoch FROM now() - min(created_at))::float8,
+       count(*) FILTER (WHERE due_at <= now()),
+       extract(epoch FROM now() - min(due_at) FILTER (WHERE due_at <= now()))::float8
+FROM (
+    SELECT created_at, greatest(next_attempt_at, leased_until) AS due_at
+    FROM outbox.deliveries WHERE status = 'pending'
+) pending;
 
 -- portal_secret --
 -- The key that signs portal links, and the time by this database's clock, which is the

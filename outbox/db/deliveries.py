@@ -255,11 +255,13 @@ async def ping(conn: Conn) -> None:
 class Backlog(NamedTuple):
     pending: int
     oldest_seconds: float | None  # since the oldest pending delivery was enqueued
+    due: int  # pending and due now: waiting for a dispatcher
+    oldest_due_seconds: float | None  # since the delivery due longest fell due
 
 
 async def pending_stats(conn: Conn) -> Backlog:
-    """How many deliveries are pending, and the age of the oldest."""
+    """How many deliveries are pending and due, and the age of the oldest of each."""
     cur = await conn.execute(query("pending_stats"))
     row = await cur.fetchone()
     assert row is not None
-    return Backlog(row[0], row[1])
+    return Backlog(*row)

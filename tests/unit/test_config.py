@@ -353,3 +353,24 @@ class TestAutoDisableAfter:
         env = {"OUTBOX_LOG_FORMAT": "json", "OUTBOX_AUTO_DISABLE_AFTER": raw}
         with pytest.raises(ConfigError, match=r"OUTBOX_AUTO_DISABLE_AFTER: .* is not a duration"):
             Settings.from_env(env)
+
+
+class TestSchemaMismatch:
+    """OUTBOX_SCHEMA_MISMATCH: exit (the default) or wait."""
+
+    def test_default_is_exit(self) -> None:
+        assert Settings.from_env({"OUTBOX_LOG_FORMAT": "json"}).schema_mismatch == "exit"
+
+    @pytest.mark.parametrize(
+        ("raw", "value"), [("wait", "wait"), (" WAIT ", "wait"), ("exit", "exit")]
+    )
+    def test_values(self, raw: str, value: str) -> None:
+        env = {"OUTBOX_LOG_FORMAT": "json", "OUTBOX_SCHEMA_MISMATCH": raw}
+        assert Settings.from_env(env).schema_mismatch == value
+
+    def test_anything_else_is_named(self) -> None:
+        env = {"OUTBOX_LOG_FORMAT": "json", "OUTBOX_SCHEMA_MISMATCH": "restart"}
+        with pytest.raises(
+            ConfigError, match="OUTBOX_SCHEMA_MISMATCH: 'restart' is not exit or wait"
+        ):
+            Settings.from_env(env)
