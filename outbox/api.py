@@ -16,9 +16,10 @@ of a token; outbox.auth says how either is judged. make_app serves both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -45,6 +46,9 @@ THROTTLE = web.AppKey("throttle", Throttle)
 # Retries and recoveries an account may ask for: each queues requests again, and what
 # comes of them is read back, so no path replays without limit.
 REPLAYS = web.AppKey("replays", PerMinute)
+# Delivery logs being read per account, at most LOG_SLOTS at once.
+LOGS = web.AppKey("logs", dict[str, int])
+LOG_SLOTS = 2
 PARTS = web.AppKey("parts", Supervisor)
 # How often the backlog gauges of /metrics are read from the database.
 BACKLOG_EVERY = 5.0
@@ -454,29 +458,58 @@ def _rate_limited(exc: Refused) -> ApiError:
     )
 
 
-def _check_replay(request: web.Request, account: str) -> None:
-    """Refuse a replay past the account's budget. Only replays that re-queued something
-    count (``_count_replay``): asking for an unknown id replays nothing."""
+@contextlib.contextmanager
+def _replay(request: web.Request, account: str) -> Iterator[None]:
+    """A replay within the account's budget, counted from the moment it is admitted (so
+    that requests at once cannot all pass), and given back when it replays nothing (an
+    id that is not the account's, a delivery still pending)."""
+    replays = request.app[REPLAYS]
+    admitted_at = time.monotonic()
     try:
-        request.app[REPLAYS].check(account, time.monotonic())
+        replays.admit(account, admitted_at)
     except Refused as exc:
         log.info("api: replay refused", account_id=account, reason=str(exc))
         raise _rate_limited(exc) from None
+    try:
+        yield
+    except (errors.NotFound, errors.Conflict, errors.Invalid):
+        replays.refund(account, admitted_at)
+        raise
 
 
-def _count_replay(request: web.Request, account: str) -> None:
-    request.app[REPLAYS].count(account, time.monotonic())
+@contextlib.asynccontextmanager
+async def _log_slot(request: web.Request, account: str) -> AsyncIterator[None]:
+    """One of the account's LOG_SLOTS: a tenant fetching its log many times at once
+    holds at most that many of the pool's connections and rendering turns."""
+    in_flight = request.app[LOGS]
+    if in_flight.get(account, 0) >= LOG_SLOTS:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"at most {LOG_SLOTS} delivery logs at once per account; try again in 1 s",
+            {"Retry-After": "1"},
+        )
+    in_flight[account] = in_flight.get(account, 0) + 1
+    try:
+        yield
+    finally:
+        in_flight[account] -= 1
+        if not in_flight[account]:
+            del in_flight[account]
 
 
 async def list_deliveries(request: web.Request) -> web.Response:
-    webhook_id = _id(request, "webhook")
+    account, webhook_id = auth.account(request), _id(request, "webhook")
     before, limit = page_params(request.query)
-    async with auth.connection(request) as conn:
-        await _owned(conn, auth.account(request), webhook_id)
-        # One more than asked for tells whether there is a next page.
-        rows = await webhooks.deliveries(conn, webhook_id, before=before, limit=limit + 1)
-    page = [_delivery(row) for row in rows[:limit]]
-    cursor = str(page[-1]["id"]) if len(rows) > limit else None
+    async with _log_slot(request, account):
+        async with auth.connection(request) as conn:
+            await _owned(conn, account, webhook_id)
+            # One more than asked for tells whether there is a next page.
+            found = await webhooks.deliveries(conn, webhook_id, before=before, limit=limit + 1)
+        more = len(found.rows) > limit
+        found = webhooks.Log(found.rows[:limit], found.attempts)
+        page = [_delivery(row) for row in await webhooks.render(found)]
+    cursor = str(page[-1]["id"]) if more else None
     return _json({"deliveries": page, "next_cursor": cursor})
 
 
@@ -491,12 +524,12 @@ async def delivery_request_body(request: web.Request) -> web.Response:
 
 async def retry_delivery(request: web.Request) -> web.Response:
     account, delivery_id = auth.account(request), _id(request, "delivery")
-    _check_replay(request, account)
-    async with auth.connection(request) as conn:
-        await webhooks.retry(conn, delivery_id, account)
-        _count_replay(request, account)
-        delivery = await webhooks.delivery(conn, delivery_id, account)
+    with _replay(request, account):
+        async with auth.connection(request) as conn:
+            await webhooks.retry(conn, delivery_id, account)
+            found = await webhooks.delivery(conn, delivery_id, account)
     log.info("api: delivery re-queued", account_id=account, delivery_id=delivery_id)
+    (delivery,) = await webhooks.render(found)
     return _json(_delivery(delivery), status=202)
 
 
@@ -507,11 +540,10 @@ async def recover_webhook(request: web.Request) -> web.Response:
         if key != "since":
             raise errors.Invalid(f"unknown field {key!r}: recover takes only since")
     since = webhooks.parse_since(body.get("since"))
-    _check_replay(request, account)
-    async with auth.connection(request) as conn:
-        await _owned(conn, account, webhook_id)
-        count = await webhooks.recover(conn, webhook_id, since)
-    _count_replay(request, account)
+    with _replay(request, account):
+        async with auth.connection(request) as conn:
+            await _owned(conn, account, webhook_id)
+            count = await webhooks.recover(conn, webhook_id, since)
     log.info(
         "api: failed deliveries re-queued", account_id=account, webhook_id=webhook_id, count=count
     )
@@ -578,6 +610,7 @@ def make_app(
     app[TEST_SENDER] = test_sender
     app[THROTTLE] = Throttle(test_sender.timeout)
     app[REPLAYS] = PerMinute(REPLAYS_PER_MINUTE, "retries and recoveries")
+    app[LOGS] = {}
     # Portal links start with OUTBOX_PUBLIC_URL, or else the address each request came to.
     app[auth.PUBLIC_URL] = settings.public_url
     add("GET", "/api/v1/openapi.json", openapi_document)

@@ -221,6 +221,17 @@ def _timeout(seconds: float) -> str:
     return f"timeout after {seconds:g}s"
 
 
+# Why a connection failed, in words that name no address.
+_ERRNO_WORDS = {
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ETIMEDOUT: "connection timed out",
+    errno.ECONNABORTED: "connection aborted",
+    errno.EPIPE: "connection closed by the server",
+    errno.EADDRNOTAVAIL: "address not available",
+}
+
+
 def _reason(exc: BaseException, timeout: float) -> str:
     """The failure in the words the contract promises users (and psql shows)."""
     if isinstance(exc, TimeoutError):
@@ -248,8 +259,13 @@ def _reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connection closed by the server before it answered"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"connection failed: {exc.os_error.strerror or exc.os_error}"
-    return f"connection failed: {exc.__class__.__name__}: {exc}"
+        # Never the OS's own text: it names the address connected to ("Connect call
+        # failed ('10.0.0.7', 443)"), which a tenant must not learn.
+        words = _ERRNO_WORDS.get(exc.os_error.errno or 0)
+        return f"connection failed: {words}" if words else "connection failed"
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_WORDS:
+        return f"connection failed: {_ERRNO_WORDS[exc.errno]}"
+    return "connection failed"
 
 
 def _blocked(exc: BaseException) -> bool:

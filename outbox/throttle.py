@@ -48,23 +48,22 @@ class PerMinute:
         self._started: dict[str, deque[float]] = {}
 
     def admit(self, account: str, now: float) -> None:
-        """Count one more, or raise Refused saying why and for how long."""
-        self.check(account, now)
-        self.count(account, now)
-
-    def check(self, account: str, now: float) -> None:
-        """Raise Refused if one more would be too many; count nothing."""
+        """Count one more, or raise Refused saying why and for how long. A request
+        that then turns out to do nothing may be given back (``refund``)."""
         self._forget(now)
-        started = self._started.get(account)
-        if started is not None and len(started) >= self._per_minute:
+        started = self._started.setdefault(account, deque())
+        if len(started) >= self._per_minute:
             raise Refused(
                 f"at most {self._per_minute} {self._what} a minute per account",
                 _seconds(started[0] + WINDOW - now),
             )
+        started.append(now)
 
-    def count(self, account: str, now: float) -> None:
-        """Count one that was let through by ``check`` and then done."""
-        self._started.setdefault(account, deque()).append(now)
+    def refund(self, account: str, admitted_at: float) -> None:
+        """Uncount what was admitted at ``admitted_at``."""
+        started = self._started.get(account)
+        if started is not None and admitted_at in started:
+            started.remove(admitted_at)
 
     def _forget(self, now: float) -> None:
         """Drop starts older than the window, and accounts left with none."""

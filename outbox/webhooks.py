@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +23,7 @@ from outbox.delivery import Attempt, Sender
 from outbox.events import check_event, sample
 
 __all__ = [
+    "Log",
     "add",
     "delete",
     "deliveries",
@@ -31,6 +33,7 @@ __all__ = [
     "get",
     "parse_since",
     "recover",
+    "render",
     "request_body",
     "retry",
     "sent_request",
@@ -42,6 +45,10 @@ __all__ = [
 # The delivery log shows at most this much of each request body; the whole body is one
 # request away (``request_body``), so a page of events at the size limit stays small.
 BODY_SHOWN = 8 * 1024
+
+# The delivery log shows each delivery's newest attempts, this many at most: replays
+# add attempts without end, and each shown one is signed again.
+ATTEMPTS_SHOWN = 20
 
 # Raised by outbox.webhooks_guard() when an account already has 10 webhooks.
 LIMIT_SQLSTATE = "OB409"
@@ -188,25 +195,53 @@ def request_body(delivery: Mapping[str, Any]) -> bytes:
     )
 
 
-async def _with_attempts(
-    conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Each delivery row with its ``request_body`` (at most BODY_SHOWN bytes of it) and
-    ``attempt_log``: every attempt, oldest first, with the ``request`` it sent and the
-    answer it got.
+@dataclass(frozen=True)
+class Log:
+    """Deliveries as read for the delivery log, not yet rendered (see ``render``)."""
 
-    Each body is rendered once, however many attempts sent it, and the loop is let go
-    between deliveries: a page of a hundred events at the size limit is tens of
-    milliseconds of rendering and signing, which must not hold up other tenants or
-    deliveries. (Not a thread: a busy thread makes the loop wait for the interpreter
-    lock at every turn.)
+    rows: list[dict[str, Any]]
+    attempts: list[dict[str, Any]]
+
+
+async def _log(conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]) -> Log:
+    attempts = await db.webhooks.attempts(conn, [r["id"] for r in rows], ATTEMPTS_SHOWN)
+    return Log(rows, attempts)
+
+
+async def deliveries(
+    conn: psycopg.AsyncConnection[Any], webhook_id: int, *, before: int | None, limit: int
+) -> Log:
+    """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``."""
+    rows = await db.webhooks.delivery_page(conn, webhook_id, before=before, limit=limit)
+    return await _log(conn, rows)
+
+
+async def delivery(
+    conn: psycopg.AsyncConnection[Any], delivery_id: int, account_id: str | None = None
+) -> Log:
+    """One delivery with its attempts; with ``account_id``, only if that account owns it."""
+    row = await db.webhooks.delivery(conn, delivery_id, account_id)
+    if row is None:
+        raise errors.NotFound(f"delivery {delivery_id} not found")
+    return await _log(conn, [row])
+
+
+async def render(log: Log) -> list[dict[str, Any]]:
+    """Each delivery with its ``request_body`` (at most BODY_SHOWN bytes of it) and
+    ``attempt_log``: its newest ATTEMPTS_SHOWN attempts, oldest first, each with the
+    ``request`` it sent and the answer it got.
+
+    Rendering and signing a page of large events is tens of milliseconds of CPU, so
+    this needs no database connection (the caller gives its back first) and lets the
+    event loop go between deliveries: other tenants and deliveries never wait on it.
+    (Not a thread: a busy thread makes the loop wait for the interpreter lock at every
+    turn.) Each body is rendered once, however many attempts sent it.
     """
-    attempts = await db.webhooks.attempts(conn, [r["id"] for r in rows])
-    by_delivery: dict[int, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
-    for attempt in attempts:
+    by_delivery: dict[int, list[dict[str, Any]]] = {r["id"]: [] for r in log.rows}
+    for attempt in log.attempts:
         by_delivery[attempt.pop("delivery_id")].append(attempt)
     shown = []
-    for row in rows:
+    for row in log.rows:
         await asyncio.sleep(0)
         body = request_body(row)
         for attempt in by_delivery[row["id"]]:
@@ -223,24 +258,6 @@ async def _with_attempts(
             }
         )
     return shown
-
-
-async def deliveries(
-    conn: psycopg.AsyncConnection[Any], webhook_id: int, *, before: int | None, limit: int
-) -> list[dict[str, Any]]:
-    """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``."""
-    rows = await db.webhooks.delivery_page(conn, webhook_id, before=before, limit=limit)
-    return await _with_attempts(conn, rows)
-
-
-async def delivery(
-    conn: psycopg.AsyncConnection[Any], delivery_id: int, account_id: str | None = None
-) -> dict[str, Any]:
-    """One delivery with its attempts; with ``account_id``, only if that account owns it."""
-    row = await db.webhooks.delivery(conn, delivery_id, account_id)
-    if row is None:
-        raise errors.NotFound(f"delivery {delivery_id} not found")
-    return (await _with_attempts(conn, [row]))[0]
 
 
 async def full_request_body(

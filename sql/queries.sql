@@ -238,9 +238,15 @@ WHERE d.id = %(id)s
   AND (%(account_id)s::text IS NULL OR w.account_id = %(account_id)s::text);
 
 -- delivery_attempts --
+-- The newest %(per_delivery)s attempts of each delivery, oldest first: replays add
+-- attempts without end, and the log renders each one.
 SELECT delivery_id, attempt, started_at, duration_ms, response_status, error, response_body
-FROM outbox.delivery_attempts
-WHERE delivery_id = ANY (%(ids)s::bigint[])
+FROM (
+    SELECT a.*, row_number() OVER (PARTITION BY delivery_id ORDER BY attempt DESC) AS newest
+    FROM outbox.delivery_attempts a
+    WHERE delivery_id = ANY (%(ids)s::bigint[])
+) a
+WHERE newest <= %(per_delivery)s
 ORDER BY delivery_id, attempt;
 
 -- delivery_retry --

@@ -146,10 +146,12 @@ async def delivery(conn: Conn, delivery_id: int, account_id: str | None) -> Row 
         return await cur.fetchone()
 
 
-async def attempts(conn: Conn, delivery_ids: list[int]) -> list[Row]:
-    """Every attempt of these deliveries, by delivery and then oldest first."""
+async def attempts(conn: Conn, delivery_ids: list[int], per_delivery: int) -> list[Row]:
+    """The newest ``per_delivery`` attempts of these deliveries, by delivery and then
+    oldest first."""
+    params = {"ids": delivery_ids, "per_delivery": per_delivery}
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(query("delivery_attempts"), {"ids": delivery_ids})
+        await cur.execute(query("delivery_attempts"), params)
         return await cur.fetchall()
 
 

@@ -76,10 +76,16 @@ BEGIN
         END IF;
         IF NEW.previous_secret_expires_at = '-infinity' THEN
             NEW.previous_secret_expires_at := NULL;
+        ELSIF NEW.previous_secret_expires_at = 'infinity' THEN
+            RAISE EXCEPTION 'previous_secret_expires_at must be a time, not infinity'
+                USING ERRCODE = 'check_violation';
         END IF;
         NEW.updated_at := now();
         RETURN NEW;
     END IF;
+    -- A new webhook has no secret to overlap with.
+    NEW.previous_secret := NULL;
+    NEW.previous_secret_expires_at := NULL;
     INSERT INTO outbox.webhook_quota AS q (account_id, webhooks) VALUES (NEW.account_id, 1)
     ON CONFLICT (account_id) DO UPDATE SET webhooks = q.webhooks + 1
     RETURNING webhooks INTO used;

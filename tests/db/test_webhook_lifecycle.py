@@ -147,6 +147,23 @@ class TestSecretRotation:
         assert self.previous(sql, hook)[0] == "old-secret-0123456789"
         assert 0.9 < float(hours) <= 1
 
+    def test_no_endless_overlap_and_none_on_a_new_webhook(self, sql: SQL) -> None:
+        """infinity is refused (it would break every read of the time); a new webhook
+        has nothing to overlap, whatever the INSERT says."""
+        hook = sql.webhook("https://crm.example.com/in", secret="old-secret-0123456789")
+        with pytest.raises(psycopg.errors.CheckViolation, match="not infinity"):
+            sql(
+                "UPDATE outbox.webhooks SET previous_secret_expires_at = 'infinity' WHERE id = %s",
+                (hook,),
+            )
+        new = sql.one(
+            "INSERT INTO outbox.webhooks (account_id, name, url, event, secret, previous_secret,"
+            " previous_secret_expires_at) VALUES ('acct_1', 'n', 'https://crm.example.com/in',"
+            " 'lead.scored', 'new-secret-0123456789', 'planted-secret-012345', '-infinity')"
+            " RETURNING id"
+        )
+        assert self.previous(sql, new) == (None, None)
+
     def test_an_overlap_that_has_ended_keeps_no_old_secret(self, sql: SQL) -> None:
         """Once its time has passed, the next change of the webhook forgets the old
         secret (retention's round makes that change when nothing else does)."""

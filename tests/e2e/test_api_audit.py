@@ -89,6 +89,28 @@ class TestReplaysAreLimited:
         other = add_delivery(db, other_hook)
         assert api("POST", f"/api/v1/deliveries/{other}/retry", account=api.other).status == 202
 
+    def test_replays_at_once_cannot_pass_the_budget_together(self, api: Api, db: SQL) -> None:
+        """70 retries sent at the same moment: 60 re-queue, the rest are 429."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        hook = db.webhook("https://example.com/hook", account=api.main)
+        deliveries = [add_delivery(db, hook) for _ in range(70)]
+        with ThreadPoolExecutor(35) as pool:
+            answers = list(
+                pool.map(lambda d: api("POST", f"/api/v1/deliveries/{d}/retry").status, deliveries)
+            )
+        assert sorted(set(answers)) == [202, 429]
+        assert answers.count(202) == 60
+
+    def test_the_log_shows_each_deliverys_newest_20_attempts(self, api: Api, db: SQL) -> None:
+        """Replays add attempts without end; the log signs and shows the newest 20."""
+        hook = db.webhook("https://example.com/hook", account=api.main)
+        delivery = add_delivery(db, hook, attempts=25)
+        (logged,) = api("GET", f"/api/v1/webhooks/{hook}/deliveries").json["deliveries"]
+        assert logged["attempts"] == 25
+        assert [a["attempt"] for a in logged["attempt_log"]] == list(range(6, 26))
+        assert delivery == logged["id"]
+
 
 class TestHeadersAndTokens:
     def test_every_answer_says_nosniff(self, api: Api) -> None:

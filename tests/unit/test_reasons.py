@@ -111,9 +111,17 @@ class TestReason:
         """A different errno is a connection failure, not "connection refused"."""
         os_error = OSError(errno.EHOSTUNREACH, "No route to host")
         exc = _chained(aiohttp.ClientConnectorError(KEY, os_error), os_error)
-        reason = _reason(exc, 10.0)
-        assert reason != "connection refused"
-        assert "No route to host" in reason
+        assert _reason(exc, 10.0) == "connection failed: host unreachable"
+
+    def test_no_reason_names_the_address_connected_to(self) -> None:
+        """The OS's text ("Connect call failed ('10.0.0.7', 443)") is never the reason:
+        an account reads it, and it names an address inside the network."""
+        for code in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, 0, None):
+            os_error = OSError(code, "Connect call failed ('10.0.0.7', 443)")
+            exc = _chained(aiohttp.ClientConnectorError(KEY, os_error), os_error)
+            reason = _reason(exc, 10.0)
+            assert reason.startswith("connection failed") and "10.0.0.7" not in reason
+        assert "10.0.0.7" not in _reason(OSError("Multiple exceptions: ('10.0.0.7', 443)"), 10)
 
     def test_cert_verify_bare(self) -> None:
         """A real certificate verification failure starts "TLS: certificate verify failed"."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from outbox.throttle import TEST_SENDS_PER_MINUTE, Refused, Throttle
+from outbox.throttle import TEST_SENDS_PER_MINUTE, PerMinute, Refused, Throttle
 
 
 def refused(throttle: Throttle, account: str, webhook_id: int, now: float) -> Refused:
@@ -72,3 +72,25 @@ class TestPerMinute:
         throttle.admit("a", 1, now=0.0)
         throttle.admit("b", 2, now=0.0)
         refused(throttle, "a", 3, now=1.0)
+
+
+class TestReplayWindow:
+    def test_admits_the_budget_then_refuses_until_the_oldest_leaves_the_window(self) -> None:
+        window = PerMinute(3, "replays")
+        for at in (0.0, 1.0, 2.0):
+            window.admit("a", at)
+        with pytest.raises(Refused) as refused:
+            window.admit("a", 10.0)
+        assert refused.value.retry_after == 50
+        window.admit("b", 10.0)
+        window.admit("a", 60.5)
+
+    def test_a_refund_gives_back_what_was_admitted(self) -> None:
+        """A request that turned out to replay nothing does not use the budget."""
+        window = PerMinute(2, "replays")
+        window.admit("a", 1.0)
+        window.admit("a", 2.0)
+        window.refund("a", 2.0)
+        window.admit("a", 3.0)
+        with pytest.raises(Refused):
+            window.admit("a", 4.0)
