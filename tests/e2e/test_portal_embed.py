@@ -369,7 +369,13 @@ class TestLearning:
         )
         site.sql.emit(account, "reply.received", {"lead": {"id": 1}})
         wait_until(lambda: site.status(failing) == "failed", what="the failed delivery")
-        page = signed_in(new_page, site, account)
+        # An address a reader recognises, rather than the test receiver's.
+        site.sql(
+            "UPDATE outbox.webhooks SET url = 'https://hooks.slack.example.com/services/T000/B000'"
+            " WHERE id = %s",
+            (failing,),
+        )
+        page = signed_in(new_page, site, account, "Ada's Bakery")
         page.set_viewport_size({"width": 390, "height": 844})
         expect(row(page, "Slack Alerts").locator(".reason")).to_have_text("HTTP 503")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
