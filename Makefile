@@ -120,6 +120,6 @@ clean:
 	-$(BIN)/python -m outbox.localpg stop
 	rm -rf $(VENV) .pgdata .mypy_cache .ruff_cache
 
-# Retake docs/settings-webhooks.png, the picture README shows.
+# Retake docs/settings-webhooks.png (the picture README shows) and its phone-width twin.
 screenshot: setup chromium
-	OUTBOX_UPDATE_SCREENSHOT=1 $(BIN)/pytest -q tests/e2e/test_portal_page.py tests/e2e/test_chat_preview.py -k "readme_screenshot or chat_preview"
+	OUTBOX_UPDATE_SCREENSHOT=1 $(BIN)/pytest -q tests/e2e/test_portal_page.py tests/e2e/test_portal_embed.py tests/e2e/test_chat_preview.py -k "readme_screenshot or chat_preview or phone"

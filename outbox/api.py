@@ -27,11 +27,11 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import auth, db, errors, metrics, openapi, page, portal, webhooks
+from outbox import auth, db, errors, metrics, openapi, page, portal, webhooks, wire
 from outbox.auth import ApiError
 from outbox.config import Settings
 from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender, for_tenant
-from outbox.events import EVENTS, check_event
+from outbox.events import EVENTS, check_event, sample
 from outbox.supervisor import Supervisor
 from outbox.throttle import REPLAYS_PER_MINUTE, PerMinute, Refused, Throttle
 
@@ -352,8 +352,34 @@ async def openapi_document(request: web.Request) -> web.Response:
     return _json(openapi.DOCUMENT)
 
 
+# The example a customer learns from (the settings page shows it): a real body and real
+# headers of a first attempt, signed with a secret the page shows too, so that a
+# receiver's verification can be tried on it.
+EXAMPLE_SECRET = "whsec_" + "ZXhhbXBsZS1zZWNyZXQtb2YtMzItYnl0ZXMtISEhISE="
+_EXAMPLE_TIME = "2026-11-27T12:34:56.789Z"
+_EXAMPLE_NOW = 1_795_783_000
+
+
+def example(event: str) -> dict[str, Any]:
+    """A first attempt of ``event`` in the json format: its headers and its body."""
+    data_json = json.dumps(sample(event), indent=2, ensure_ascii=False)
+    body = wire.body(event, _EXAMPLE_TIME, data_json)
+    headers = wire.headers(
+        message_id="48213",
+        event=event,
+        attempt=1,
+        payload=body,
+        secret=EXAMPLE_SECRET,
+        now=_EXAMPLE_NOW,
+    )
+    return {"headers": headers, "body": body.decode(), "secret": EXAMPLE_SECRET}
+
+
 async def list_events(request: web.Request) -> web.Response:
-    events = [{"name": name, "display_name": display} for name, display in EVENTS.items()]
+    events = [
+        {"name": name, "display_name": display, "example": example(name)}
+        for name, display in EVENTS.items()
+    ]
     return _json({"events": events})
 
 
@@ -551,24 +577,41 @@ async def recover_webhook(request: web.Request) -> web.Response:
 
 
 async def create_portal_link(request: web.Request) -> web.Response:
-    """A one-time link to the settings page of the token's account."""
+    """A one-time link to the settings page of the token's account (an operator
+    token's: Outbox-Account's), which shows ``display_name`` instead of the account id
+    and waits ``ttl`` to be opened."""
     if auth.SESSION in request:
         raise ApiError(403, "forbidden", "portal links are made with an API token")
     account = auth.account(request)
     body = await _body(request, required=False)
     for key in body:
-        if key != "ttl":
-            raise errors.Invalid(f"unknown field {key!r}: a portal link takes only ttl")
-    ttl = body.get("ttl", portal.LINK_SECONDS)
-    if type(ttl) is not int or not 1 <= ttl <= portal.LINK_SECONDS_MAX:
-        raise errors.Invalid(
-            f"ttl must be a whole number of seconds from 1 to {portal.LINK_SECONDS_MAX}"
-        )
+        if key not in ("ttl", "display_name"):
+            raise errors.Invalid(
+                f"unknown field {key!r}: a portal link takes only ttl and display_name"
+            )
+    ttl = _ttl(body.get("ttl", portal.LINK_SECONDS))
+    display_name = body.get("display_name")
+    if display_name is not None:
+        display_name = portal.check_display_name(_text("display_name", display_name))
     base_url = request.app[auth.PUBLIC_URL] or f"{request.scheme}://{request.host}"
     async with auth.connection(request) as conn:
-        link = await portal.mint(conn, account, base_url=base_url, seconds=ttl)
+        link = await portal.mint(
+            conn, account, base_url=base_url, seconds=ttl, display_name=display_name
+        )
     log.info("api: portal link made", account_id=account, expires_at=link.expires_at)
     return _json({"url": link.url, "expires_at": link.expires_at}, status=201)
+
+
+def _ttl(value: Any) -> int:
+    """A portal link's ttl: whole seconds, or a DURATION string ("15m"), at most 24 h."""
+    if isinstance(value, str):
+        return portal.parse_ttl(value)
+    if type(value) is not int or not 1 <= value <= portal.LINK_SECONDS_MAX:
+        raise errors.Invalid(
+            "ttl must be a whole number of seconds from 1 to "
+            f'{portal.LINK_SECONDS_MAX}, or a duration like "15m" or "1h", at most 24h'
+        )
+    return value
 
 
 async def end_portal_sessions(request: web.Request) -> web.Response:

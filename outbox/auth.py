@@ -1,9 +1,15 @@
 """Who is asking the admin server, and the pieces every route shares.
 
-An ``/api/`` call is made for one account: the one its bearer token belongs to, or, for
-the settings page's own calls, the one its session cookie was signed in to (then every
-change must also carry the session's CSRF token in ``X-CSRF-Token``, which only the page
-itself can read). A request with an Authorization header is judged by its token alone.
+An ``/api/`` call is made for one account: the one its bearer token belongs to; for an
+operator token, the one named in the ``Outbox-Account`` header; or, for the settings
+page's own calls, the one its session was signed in to (then every change must also
+carry the session's CSRF token in ``X-CSRF-Token``, which only the page itself can
+read). The page sends its session as the cookie, or, inside another site's iframe where
+browsers keep third-party cookies away, as the ``X-Outbox-Session`` header. A request
+with an Authorization header is judged by its token alone.
+
+``Outbox-Account`` on anything but an operator token is refused (403) unless it names
+the credential's own account: a header never widens what a credential may see.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from outbox import portal, tokens
 
 __all__ = [
     "ACCOUNT",
+    "ACCOUNT_HEADER",
     "CREDENTIALS",
     "CSRF_HEADER",
     "POOL",
     "PUBLIC_URL",
     "SESSION",
+    "SESSION_HEADER",
     "ApiError",
     "Credentials",
     "account",
@@ -48,11 +56,17 @@ POOL = web.AppKey("pool", AsyncConnectionPool)
 # The admin server's address as people reach it, for portal links; "" for the
 # address each request came to.
 PUBLIC_URL = web.AppKey("public_url", str)
-# Set by the auth middleware on every /api/ request that got past it.
+# Set by the auth middleware on every /api/ request that got past it: the account, or
+# None for an operator token that named none (see ``account``).
 ACCOUNT = "outbox.account"
-# Set as well when that request was signed in by the settings page's session cookie.
+# Set as well when that request was signed in by the settings page's session.
 SESSION = "outbox.session"
 CSRF_HEADER = "X-CSRF-Token"
+# The account an operator token acts for.
+ACCOUNT_HEADER = "Outbox-Account"
+# The settings page's session when no cookie can carry it (a page inside an iframe).
+SESSION_HEADER = "X-Outbox-Session"
+_ACCOUNT_MAX = 256
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # How long a request waits for a database connection before answering 503.
 DB_WAIT = 5.0
@@ -159,10 +173,13 @@ def session_cookie(request: web.Request) -> str | None:
     return request.cookies.get(portal.cookie_name(secure(request)))
 
 
-async def authenticate(request: web.Request) -> str:
-    cookie = session_cookie(request)
-    if "Authorization" not in request.headers and cookie is not None:
-        return await _authenticate_session(request, cookie)
+async def authenticate(request: web.Request) -> str | None:
+    """The account an /api/ request acts for; None for an operator token that names
+    none (routes that need an account then answer 400, see ``account``)."""
+    if "Authorization" not in request.headers:
+        sent = request.headers.get(SESSION_HEADER) or session_cookie(request)
+        if sent is not None:
+            return _own_account(request, await _authenticate_session(request, sent))
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -170,25 +187,58 @@ async def authenticate(request: web.Request) -> str:
     if not tokens.well_formed(token):
         raise _unauthorized("unknown or revoked token")
 
-    async def ask() -> str | None:
+    async def ask() -> tokens.Holder | None:
         async with connection(request) as conn:
             return await tokens.account(conn, token)
 
-    account: str | None = await request.app[CREDENTIALS].look_up(token, ask)
-    if account is None:
+    holder: tokens.Holder | None = await request.app[CREDENTIALS].look_up(token, ask)
+    if holder is None:
         raise _unauthorized("unknown or revoked token")
-    return account
+    if holder.operator:
+        named = request.headers.get(ACCOUNT_HEADER)
+        return None if named is None else _account_named(named)
+    assert holder.account_id is not None
+    return _own_account(request, holder.account_id)
 
 
-async def _authenticate_session(request: web.Request, cookie: str) -> str:
-    """The settings page's calls: the session cookie stands for a token, and a change
-    must also send the session's CSRF token, which only the page itself can read."""
-    current = await session_of(request, cookie)
+def _account_named(raw: str) -> str:
+    """The account an operator token names in Outbox-Account, checked."""
+    named = raw.strip()
+    if not named:
+        raise ApiError(400, "bad_request", f"{ACCOUNT_HEADER} must name an account")
+    if len(named) > _ACCOUNT_MAX or any(ord(c) < 32 or ord(c) == 127 for c in named):
+        raise ApiError(
+            400,
+            "bad_request",
+            f"{ACCOUNT_HEADER} must be an account id of at most {_ACCOUNT_MAX} characters, "
+            "without control characters",
+        )
+    return named
+
+
+def _own_account(request: web.Request, own: str) -> str:
+    """``own``, the credential's account; Outbox-Account may only repeat it."""
+    named = request.headers.get(ACCOUNT_HEADER)
+    if named is not None and named.strip() != own:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"this credential acts for one account only: {ACCOUNT_HEADER} is for operator "
+            "tokens (outbox tokens create --operator)",
+        )
+    return own
+
+
+async def _authenticate_session(request: web.Request, sent: str) -> str:
+    """The settings page's calls: the session (cookie or header) stands for a token, and
+    a change must also send the session's CSRF token, which only the page itself can
+    read."""
+    current = await session_of(request, sent)
     if current is None:
         raise _unauthorized("the session has ended: open a new link to the settings page")
     if request.method not in SAFE_METHODS:
-        sent = request.headers.get(CSRF_HEADER, "").encode(errors="replace")
-        if not hmac.compare_digest(sent, current.csrf_token.encode()):
+        csrf = request.headers.get(CSRF_HEADER, "").encode(errors="replace")
+        if not hmac.compare_digest(csrf, current.csrf_token.encode()):
             raise ApiError(
                 403, "forbidden", f"missing or wrong {CSRF_HEADER}: reload the settings page"
             )
@@ -211,7 +261,15 @@ async def session_of(request: web.Request, cookie: str) -> portal.Session | None
 
 
 def account(request: web.Request) -> str:
-    account: str = request[ACCOUNT]
+    """The account the request acts for; 400 for an operator token that names none."""
+    account: str | None = request[ACCOUNT]
+    if account is None:
+        raise ApiError(
+            400,
+            "missing_account",
+            f"an operator token acts for the account named in the {ACCOUNT_HEADER} header: "
+            f"send {ACCOUNT_HEADER}: <account id>",
+        )
     return account
 
 

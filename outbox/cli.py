@@ -237,11 +237,14 @@ def _since(raw: str) -> datetime:
 async def _token_create(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         token_id, token = await tokens.create(conn, args.account)
+    whose = f"of account {args.account}" if args.account is not None else "(operator)"
     print(token)
-    print(
-        f"token {token_id} of account {args.account}: keep it now, it is not shown again",
-        file=sys.stderr,
-    )
+    print(f"token {token_id} {whose}: keep it now, it is not shown again", file=sys.stderr)
+    if args.account is None:
+        print(
+            "it acts for any account, named in each request's Outbox-Account header",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -251,7 +254,10 @@ async def _token_list(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(rows, default=auth.json_default, indent=2))
     elif rows:
-        print(_table(rows, ("id", "created_at", "last_used_at")))
+        kinds = [{**r, "kind": "operator" if r["operator"] else "account"} for r in rows]
+        print(_table(kinds, ("id", "kind", "created_at", "last_used_at")))
+    elif args.account is None:
+        print("there are no operator tokens")
     else:
         print(f"account {args.account} has no tokens")
     return 0
@@ -286,6 +292,13 @@ def _ttl(raw: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _display_name(raw: str) -> str | None:
+    try:
+        return portal.check_display_name(raw)
+    except errors.Invalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 async def _portal_link(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.public_url:
         raise UsageError(
@@ -293,7 +306,13 @@ async def _portal_link(args: argparse.Namespace, settings: Settings) -> int:
             "set OUTBOX_PUBLIC_URL to the address of a sidecar's admin server"
         )
     async with await db.connect(settings.database_url) as conn:
-        link = await portal.mint(conn, args.account, base_url=settings.public_url, seconds=args.ttl)
+        link = await portal.mint(
+            conn,
+            args.account,
+            base_url=settings.public_url,
+            seconds=args.ttl,
+            display_name=args.display_name,
+        )
     print(link.url)
     expires = link.expires_at.isoformat(timespec="seconds").replace("+00:00", "Z")
     print(
@@ -424,10 +443,20 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", required=True, parser_class=_Parser
     )
     create = keys.add_parser("create", help="a new token; printed once")
-    create.add_argument("--account", required=True)
+    whom = create.add_mutually_exclusive_group(required=True)
+    whom.add_argument("--account", help="the one account the token acts for")
+    whom.add_argument(
+        "--operator",
+        action="store_true",
+        help="a token for any account, named in each request's Outbox-Account header",
+    )
     create.set_defaults(func=_token_create)
-    key_list = keys.add_parser("list", help="an account's tokens (never the tokens)")
-    key_list.add_argument("--account", required=True)
+    key_list = keys.add_parser(
+        "list", help="an account's tokens, or the operator tokens (never the tokens)"
+    )
+    listed = key_list.add_mutually_exclusive_group(required=True)
+    listed.add_argument("--account")
+    listed.add_argument("--operator", action="store_true", help="the operator tokens")
     key_list.add_argument("--json", action="store_true")
     key_list.set_defaults(func=_token_list)
     revoke = keys.add_parser("revoke", help="revoke a token")
@@ -448,6 +477,11 @@ def _parser() -> argparse.ArgumentParser:
         type=_ttl,
         default=portal.LINK_SECONDS,
         help="how long the link may wait to be opened: 15m (default), 1h, 90s; at most 24h",
+    )
+    link.add_argument(
+        "--display-name",
+        type=_display_name,
+        help="the customer's name, shown on the page instead of the account id",
     )
     link.set_defaults(func=_portal_link)
 

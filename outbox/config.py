@@ -152,6 +152,44 @@ def _public_url(env: Mapping[str, str], listen: tuple[str, int] | None) -> str:
     return _admin_url(listen)
 
 
+# A CSP source of scheme and host (a leading "*." allowed), with an optional port.
+_ORIGIN = re.compile(r"https?://(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:[0-9]{1,5})?")
+_COLOR = re.compile(r"#[0-9A-Fa-f]{6}")
+_PRODUCT_NAME_MAX = 60
+
+
+def _frame_ancestors(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The origins allowed to frame the settings page (CSP frame-ancestors)."""
+    origins = tuple(env.get("OUTBOX_PORTAL_FRAME_ANCESTORS", "").split())
+    for origin in origins:
+        if _ORIGIN.fullmatch(origin) is None:
+            raise ConfigError(
+                f"OUTBOX_PORTAL_FRAME_ANCESTORS: {origin!r} is not an origin like "
+                "https://app.example.com (scheme and host, optional port, no path), "
+                "space-separated"
+            )
+    return origins
+
+
+def _product_name(env: Mapping[str, str]) -> str:
+    raw = env.get("OUTBOX_PORTAL_PRODUCT_NAME", "").strip()
+    if len(raw) > _PRODUCT_NAME_MAX or any(ord(c) < 32 or ord(c) == 127 for c in raw):
+        raise ConfigError(
+            f"OUTBOX_PORTAL_PRODUCT_NAME: {raw[:80]!r} must be at most {_PRODUCT_NAME_MAX} "
+            "characters on one line"
+        )
+    return raw
+
+
+def _accent_color(env: Mapping[str, str]) -> str:
+    raw = env.get("OUTBOX_PORTAL_ACCENT_COLOR", "").strip()
+    if raw and _COLOR.fullmatch(raw) is None:
+        raise ConfigError(
+            f"OUTBOX_PORTAL_ACCENT_COLOR: {raw!r} is not a colour like #1f5fd6 (#RRGGBB)"
+        )
+    return raw.lower()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the sidecar can be told; see README for each variable."""
@@ -185,6 +223,12 @@ class Settings:
     # Seconds without a successful attempt after which a failing webhook is disabled;
     # None: never.
     auto_disable_after: float | None = 5 * 86400.0
+    # Origins that may show the settings page in an iframe; none: it refuses framing.
+    portal_frame_ancestors: tuple[str, ...] = ()
+    # The product's name on the settings page; "" names none.
+    portal_product_name: str = ""
+    # The page's accent colour as #rrggbb; "" keeps the page's blue.
+    portal_accent_color: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -216,6 +260,9 @@ class Settings:
             database_pooler=_pooler(env),
             listen_database_url=env.get("OUTBOX_LISTEN_DATABASE_URL", "").strip(),
             auto_disable_after=_auto_disable_after(env),
+            portal_frame_ancestors=_frame_ancestors(env),
+            portal_product_name=_product_name(env),
+            portal_accent_color=_accent_color(env),
         )
 
     @property

@@ -102,7 +102,25 @@ _SCHEMAS: dict[str, Any] = {
         }
     ),
     "Event": _object(
-        {"name": _EVENT, "display_name": {"type": "string", "enum": list(EVENTS.values())}}
+        {
+            "name": _EVENT,
+            "display_name": {"type": "string", "enum": list(EVENTS.values())},
+            "example": {
+                **_object(
+                    {
+                        "headers": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                        },
+                        "body": {"type": "string"},
+                        "secret": {"type": "string"},
+                    }
+                ),
+                "description": "A first attempt of this event in the json format, as a "
+                "receiver gets it: its headers and its body, signed with the example "
+                "secret given, so that a receiver's verification can be tried on it.",
+            },
+        }
     ),
     "Webhook": _object(
         {
@@ -279,12 +297,21 @@ _SCHEMAS: dict[str, Any] = {
     "PortalLinkRequest": _object(
         {
             "ttl": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": portal.LINK_SECONDS_MAX,
+                "oneOf": [
+                    {"type": "integer", "minimum": 1, "maximum": portal.LINK_SECONDS_MAX},
+                    {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*[smhdSMHD]?\s*$"},
+                ],
                 "default": portal.LINK_SECONDS,
-                "description": "Seconds until the link expires if it has not been opened.",
-            }
+                "description": "How long the link may wait to be opened: seconds, or a "
+                'DURATION such as "15m", "1h" or "90s"; from 1 second to 24 hours.',
+            },
+            "display_name": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": portal.DISPLAY_NAME_MAX,
+                "description": "Shown on the settings page instead of the account id: the "
+                "customer's name in your product. One line.",
+            },
         },
         required=[],
     ),
@@ -300,12 +327,18 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 _COMMON_RESPONSES = {
-    "400": _error("The body is not a JSON object, or a query parameter is malformed."),
+    "400": _error(
+        "The body is not a JSON object, a query parameter is malformed, or an operator "
+        "token's call lacks Outbox-Account (code missing_account)."
+    ),
     "401": {
         **_error("No token, or one that is unknown or revoked."),
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
     },
-    "403": _error("A change made with a settings-page session but without its X-CSRF-Token."),
+    "403": _error(
+        "A change made with a settings-page session but without its X-CSRF-Token, or an "
+        "Outbox-Account header naming another account than an account token's own."
+    ),
     "404": _error("No such id for this account (also for ids that are not numbers)."),
     "409": _error("The limit of 10 webhooks, or a replay the delivery's state forbids."),
     "413": _error("The request body is over 64 KiB."),
@@ -615,10 +648,14 @@ _PATHS: dict[str, Any] = {
             "operationId": "openPortalLink",
             "summary": "Sign in with a portal link (the Continue button)",
             "description": "Uses the link up, sets the session cookie and redirects to "
-            "/settings/webhooks. Refused (403) when the browser says the request came "
-            "from another site (Sec-Fetch-Site, or Origin).",
+            "/settings/webhooks. Inside an iframe (Sec-Fetch-Dest: iframe) of an origin "
+            "OUTBOX_PORTAL_FRAME_ANCESTORS allows, answers the settings page itself, "
+            "which carries its session (X-Outbox-Session) rather than a cookie. Refused "
+            "(403) when the browser says the request came from another site "
+            "(Sec-Fetch-Site, or Origin).",
             "security": [],
             "responses": {
+                "200": _html("Signed in inside an iframe: the settings page."),
                 "303": {
                     "description": "Signed in: on to the settings page.",
                     "headers": {
@@ -657,7 +694,14 @@ _PATHS: dict[str, Any] = {
                     "application/x-www-form-urlencoded": {
                         "schema": {
                             "type": "object",
-                            "properties": {"csrf_token": {"type": "string"}},
+                            "properties": {
+                                "csrf_token": {"type": "string"},
+                                "session": {
+                                    "type": "string",
+                                    "description": "The session, from a page inside an "
+                                    "iframe (which has no cookie).",
+                                },
+                            },
                         }
                     }
                 },
@@ -666,6 +710,19 @@ _PATHS: dict[str, Any] = {
                 "200": _html("Signed out."),
                 "403": _html("The form did not carry the session's CSRF token."),
                 "503": _html("The database does not answer."),
+            },
+        }
+    },
+    "/static/theme.css": {
+        "get": {
+            "operationId": "themeStylesheet",
+            "summary": "The settings page's branding (OUTBOX_PORTAL_ACCENT_COLOR)",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "The stylesheet.",
+                    "content": {"text/css": {"schema": {"type": "string"}}},
+                }
             },
         }
     },
@@ -739,7 +796,39 @@ def _refuse_changes_without_csrf(paths: dict[str, Any]) -> None:
                 operation["responses"].setdefault("403", {"$ref": "#/components/responses/403"})
 
 
+_OUTBOX_ACCOUNT = {
+    "name": "Outbox-Account",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+    "description": "With an operator token (outbox tokens create --operator): the account "
+    "this call acts for; a call about an account's webhooks, deliveries or portal answers "
+    "400 without it. With an account token it may only name that token's own account "
+    "(403 otherwise).",
+}
+# Calls that need no account: an operator token may make them without Outbox-Account.
+_ACCOUNTLESS = {"/api/v1/events", "/api/v1/openapi.json"}
+
+
+def _name_the_account(paths: dict[str, Any]) -> None:
+    """Every /api/ call takes Outbox-Account, and may answer 400 and 403 for it."""
+    for path, item in paths.items():
+        if not path.startswith("/api/"):
+            continue
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            operation.setdefault("parameters", []).append(_OUTBOX_ACCOUNT)
+            responses = operation["responses"]
+            responses.setdefault("403", {"$ref": "#/components/responses/403"})
+            if path not in _ACCOUNTLESS:
+                responses.setdefault("400", {"$ref": "#/components/responses/400"})
+            else:
+                responses.setdefault("400", _error("Outbox-Account is not an account id."))
+
+
 _refuse_changes_without_csrf(_PATHS)
+_name_the_account(_PATHS)
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -748,9 +837,11 @@ DOCUMENT: dict[str, Any] = {
         "version": __version__,
         "description": "Manage an account's webhooks, see their deliveries, replay them. "
         "Every /api/ call needs Authorization: Bearer <token> (outbox tokens create). "
-        "The settings page makes the same calls with its session cookie instead, and "
-        "sends the session's CSRF token in X-CSRF-Token with every change (403 "
-        "without it).",
+        "An account token acts for its account; an operator token (outbox tokens create "
+        "--operator) acts for the account named in each call's Outbox-Account header. "
+        "The settings page makes the same calls with its session instead (its cookie, or "
+        "inside an iframe the X-Outbox-Session header), and sends the session's CSRF "
+        "token in X-CSRF-Token with every change (403 without it).",
     },
     "security": [{"bearer": []}, {"portalSession": []}],
     "paths": _PATHS,
@@ -764,6 +855,13 @@ DOCUMENT: dict[str, Any] = {
                 "description": "Set by signing in with a portal link; for the settings "
                 f"page. Named {portal.SECURE_SESSION_COOKIE} when the page is served "
                 "over https.",
+            },
+            "portalSessionHeader": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-Outbox-Session",
+                "description": "The settings page's session inside an iframe, where no "
+                "cookie can be relied on: the page receives it when it signs in there.",
             },
         },
         "schemas": _SCHEMAS,

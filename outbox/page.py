@@ -3,7 +3,9 @@
 A portal link is opened in two steps: a GET shows a Continue button and uses nothing
 up (mail scanners and chat previews fetch links), and only that button's POST uses the
 link and sets the session cookie. The page then calls the JSON API (outbox.api) with
-that cookie; outbox.auth says how such calls are judged.
+that cookie; outbox.auth says how such calls are judged. Inside an iframe of an origin
+that OUTBOX_PORTAL_FRAME_ANCESTORS allows, the POST answers the page itself with its
+session in it instead (see outbox.portal).
 """
 
 from __future__ import annotations
@@ -19,28 +21,47 @@ from aiohttp import web
 from outbox import auth, errors, portal
 from outbox.config import Settings
 
-__all__ = ["LINK_KEYS", "SETTINGS", "add_routes"]
+__all__ = ["HEADERS", "LINK_KEYS", "SETTINGS", "add_routes"]
 
 log = structlog.get_logger("outbox.page")
 
 LINK_KEYS = web.AppKey("link_keys", portal.LinkKeys)
 # What the page says about retries comes from the settings in force.
 SETTINGS = web.AppKey("settings", Settings)
+# Every page's and file's security headers: who may frame them comes from the settings.
+HEADERS = web.AppKey("page_headers", dict[str, str])
 
 
-def _page(text: str, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    sent = {**portal.PAGE_HEADERS, "Cache-Control": "no-store", **(headers or {})}
+def _headers(request: web.Request) -> dict[str, str]:
+    headers: dict[str, str] = request.app[HEADERS]
+    return headers
+
+
+def _page(
+    request: web.Request,
+    text: str,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    sent = {**_headers(request), "Cache-Control": "no-store", **(headers or {})}
     return web.Response(text=text, status=status, content_type="text/html", headers=sent)
 
 
-def _unavailable_page() -> web.Response:
+def _unavailable_page(request: web.Request) -> web.Response:
     message = "The database is not answering. Try again in a moment."
-    return _page(portal.message_page("Settings are unavailable", message), 503)
+    return _page(request, portal.message_page("Settings are unavailable", message), 503)
 
 
-def _refused_page(exc: portal.LinkRefused) -> web.Response:
+def _refused_page(request: web.Request, exc: portal.LinkRefused) -> web.Response:
     log.info("portal: link refused", reason=exc.reason)
-    return _page(portal.message_page(exc.title, exc.explanation), exc.status)
+    return _page(request, portal.message_page(exc.title, exc.explanation), exc.status)
+
+
+def _framed(request: web.Request) -> bool:
+    """Whether this navigation loads the page inside a frame that the settings allow
+    (browsers send Sec-Fetch-Dest; the CSP keeps every other origin out)."""
+    dest = request.headers.get("Sec-Fetch-Dest", "")
+    return bool(request.app[SETTINGS].portal_frame_ancestors) and dest in ("iframe", "frame")
 
 
 def _set_session_cookie(
@@ -70,12 +91,12 @@ async def show_portal_link(request: web.Request) -> web.Response:
     try:
         claims = await _checked_link(request)
     except portal.LinkRefused as exc:
-        return _refused_page(exc)
+        return _refused_page(request, exc)
     except psycopg.OperationalError:
-        return _unavailable_page()
+        return _unavailable_page(request)
     # The button's POST must say where it comes from (see same_origin): a page whose
     # referrer policy is no-referrer makes browsers send Origin: null.
-    return _page(portal.continue_page(claims), headers={"Referrer-Policy": "same-origin"})
+    return _page(request, portal.continue_page(claims), headers={"Referrer-Policy": "same-origin"})
 
 
 async def open_portal_link(request: web.Request) -> web.Response:
@@ -89,17 +110,22 @@ async def open_portal_link(request: web.Request) -> web.Response:
             "Signing in must start from the page the link opens. Open your link again "
             "and press Continue."
         )
-        return _page(portal.message_page("This sign-in was not completed", message), 403)
+        return _page(request, portal.message_page("This sign-in was not completed", message), 403)
     try:
         await _checked_link(request)
         async with auth.connection(request) as conn:
             current = await portal.open_link(conn, request.match_info["token"])
     except portal.LinkRefused as exc:
-        return _refused_page(exc)
+        return _refused_page(request, exc)
     except psycopg.OperationalError:
-        return _unavailable_page()
-    log.info("portal: link opened", account_id=current.account_id)
-    response = _page("", 303, {"Location": "../settings/webhooks"})
+        return _unavailable_page(request)
+    log.info("portal: link opened", account_id=current.account_id, framed=_framed(request))
+    if _framed(request):
+        # A cookie set here would be a third-party cookie, which browsers may drop: the
+        # page carries its session itself, in memory, for as long as it is open.
+        page = portal.settings_page(current, request.app[SETTINGS], session_token=current.cookie)
+        return _page(request, page)
+    response = _page(request, "", 303, {"Location": "../settings/webhooks"})
     _set_session_cookie(request, response, current.cookie, portal.SESSION_SECONDS)
     return response
 
@@ -112,21 +138,22 @@ async def settings_page(request: web.Request) -> web.Response:
         try:
             current = await auth.session_of(request, cookie)
         except psycopg.OperationalError:
-            return _unavailable_page()
+            return _unavailable_page(request)
     if current is None:
         message = (
             "This page opens from a one-time link, and stays signed in for "
             f"{portal.SESSION_SECONDS // 3600} hours. Go back to your account and open "
             "Settings > Webhooks again to get a new link."
         )
-        return _page(portal.message_page("You are not signed in", message), 401)
-    return _page(portal.settings_page(current, request.app[SETTINGS]))
+        return _page(request, portal.message_page("You are not signed in", message), 401)
+    return _page(request, portal.settings_page(current, request.app[SETTINGS]))
 
 
 async def sign_out(request: web.Request) -> web.Response:
     """The page's Sign out button: ends this browser's session and says so. The form
-    carries the session's CSRF token, so that no other page can sign anyone out."""
-    cookie = auth.session_cookie(request)
+    carries the session's CSRF token, so that no other page can sign anyone out; inside
+    a frame it also carries the session itself, which no cookie does there."""
+    cookie = await _form_field(request, "session") or auth.session_cookie(request)
     if cookie and portal.well_formed(cookie):
         sent = await _form_field(request, "csrf_token")
         try:
@@ -137,12 +164,13 @@ async def sign_out(request: web.Request) -> web.Response:
                         sent.encode(errors="replace"), current.csrf_token.encode()
                     ):
                         message = "Reload the settings page and press Sign out again."
-                        return _page(portal.message_page("You are still signed in", message), 403)
+                        still = portal.message_page("You are still signed in", message)
+                        return _page(request, still, 403)
                     await portal.end_session(conn, cookie)
                     log.info("portal: signed out", account_id=current.account_id)
         except psycopg.OperationalError:
-            return _unavailable_page()
-    response = _page(portal.signed_out_page())
+            return _unavailable_page(request)
+    response = _page(request, portal.signed_out_page())
     _set_session_cookie(request, response, "", 0)
     return response
 
@@ -164,18 +192,27 @@ async def static_file(request: web.Request) -> web.FileResponse:
     if path is None:
         raise errors.NotFound(f"file {name} not found")
     headers = {
-        **portal.PAGE_HEADERS,
+        **_headers(request),
         "Content-Type": portal.STATIC_FILES[name],
         "Cache-Control": "no-cache",
     }
     return web.FileResponse(path, headers=headers)
 
 
+async def theme(request: web.Request) -> web.Response:
+    """The stylesheet that brands the page (OUTBOX_PORTAL_ACCENT_COLOR)."""
+    headers = {**_headers(request), "Cache-Control": "no-cache"}
+    css = portal.theme_css(request.app[SETTINGS].portal_accent_color)
+    return web.Response(text=css, content_type="text/css", headers=headers)
+
+
 def add_routes(app: web.Application, settings: Settings) -> None:
     """The page's routes, on the admin server's ``app``."""
     app[LINK_KEYS] = portal.LinkKeys()
     app[SETTINGS] = settings
+    app[HEADERS] = portal.page_headers(settings.portal_frame_ancestors)
     add = app.router.add_route
+    add("GET", "/static/theme.css", theme)
     add("GET", "/portal/{token}", show_portal_link)
     add("POST", "/portal/{token}", open_portal_link)
     add("GET", "/settings/webhooks", settings_page)

@@ -25,6 +25,14 @@ same JSON API as everyone else, with the session cookie instead of a token.
   the ``__Host-`` prefix over https, so that no other host of the domain can plant one.
 - Signing in must come from the Continue page itself (same_origin), so that another
   site cannot sign a visitor's browser in to an account of its choosing.
+- Inside another site's iframe (OUTBOX_PORTAL_FRAME_ANCESTORS) browsers that block
+  third-party cookies would drop the session cookie, so there the Continue button's
+  POST answers the settings page itself, with the session token in the page; its script
+  keeps it in memory and sends it as ``X-Outbox-Session``. The token is then readable
+  by the page's own script, which the cookie never is: that is why a top-level page
+  keeps the cookie.
+- A link may carry a display name (the customer's name in the SaaS), shown instead of
+  the account id; it is signed with the rest of the link, so no one can change it.
 """
 
 from __future__ import annotations
@@ -55,10 +63,12 @@ import psycopg
 from outbox import db
 from outbox.config import Settings
 from outbox.errors import Invalid
+from outbox.events import EVENTS
 from outbox.retry import duration_words
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
+    "DISPLAY_NAME_MAX",
     "KEY_REREAD_SECONDS",
     "LINK_SECONDS",
     "LINK_SECONDS_MAX",
@@ -75,6 +85,7 @@ __all__ = [
     "LinkRefused",
     "Session",
     "check",
+    "check_display_name",
     "continue_page",
     "cookie_name",
     "end_session",
@@ -82,6 +93,7 @@ __all__ = [
     "message_page",
     "mint",
     "open_link",
+    "page_headers",
     "parse_ttl",
     "retry_note",
     "same_origin",
@@ -90,6 +102,7 @@ __all__ = [
     "sign",
     "signed_out_page",
     "static_path",
+    "theme_css",
     "verify",
     "well_formed",
 ]
@@ -116,13 +129,28 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
-# Sent with every page, error page and static file.
+# Sent with every page, error page and static file, unless frames are allowed (see
+# page_headers).
 PAGE_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+
+
+def page_headers(frame_ancestors: tuple[str, ...]) -> dict[str, str]:
+    """PAGE_HEADERS, or with origins that may frame the page, a policy naming them and
+    no X-Frame-Options (whose DENY would win over the policy in some browsers)."""
+    if not frame_ancestors:
+        return dict(PAGE_HEADERS)
+    policy = CONTENT_SECURITY_POLICY.replace(
+        "frame-ancestors 'none'", "frame-ancestors " + " ".join(frame_ancestors)
+    )
+    headers = {**PAGE_HEADERS, "Content-Security-Policy": policy}
+    del headers["X-Frame-Options"]
+    return headers
+
 
 # Domain separation: this key signs nothing else, but a signature says what it is for.
 _CONTEXT = b"outbox portal link v1\x00"
@@ -133,6 +161,7 @@ _ACCOUNT_MAX = 256
 # A session cookie is 32 random bytes in unpadded URL-safe base64 (see ``start``).
 _COOKIE_FORM = re.compile(r"[A-Za-z0-9_-]{43}")
 _AGAIN = "Go back to your account and open Settings > Webhooks again to get a new link."
+DISPLAY_NAME_MAX = 100
 
 
 @dataclass(frozen=True)
@@ -142,6 +171,7 @@ class Claims:
     account_id: str
     expires: int  # Unix seconds, by the database's clock
     nonce: str
+    display_name: str | None = None  # shown instead of the account id
 
 
 class LinkRefused(Exception):
@@ -186,7 +216,9 @@ def _mac(secret: bytes, payload: str) -> str:
 
 def sign(secret: bytes, claims: Claims) -> str:
     """The link token for ``claims``: URL-safe, ``<payload>.<signature>``."""
-    body = {"a": claims.account_id, "e": claims.expires, "n": claims.nonce}
+    body: dict[str, Any] = {"a": claims.account_id, "e": claims.expires, "n": claims.nonce}
+    if claims.display_name is not None:
+        body["d"] = claims.display_name
     payload = _b64encode(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
     return f"{payload}.{_mac(secret, payload)}"
 
@@ -214,9 +246,10 @@ def verify(secret: bytes, token: str) -> Claims:
         and type(body.get("e")) is int
         and isinstance(body.get("n"), str)
         and body["n"]
+        and isinstance(body.get("d", ""), str)
     ):
         raise LinkRefused("invalid")
-    return Claims(body["a"], body["e"], body["n"])
+    return Claims(body["a"], body["e"], body["n"], body.get("d"))
 
 
 def check(secret: bytes, token: str, now: float) -> Claims:
@@ -228,17 +261,37 @@ def check(secret: bytes, token: str, now: float) -> Claims:
     return claims
 
 
-_TTL = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
-_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
+_TTL = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_ttl(raw: str) -> int:
-    """Seconds in ``15m``, ``1h``, ``90s`` or ``90``; from 1 s to 24 h."""
+    """Seconds in a DURATION (``15m``, ``1h``, ``90s``, ``1d`` or ``90``); from 1 s to
+    24 h."""
     match = _TTL.fullmatch(raw.strip().lower())
     seconds = math.ceil(float(match[1]) * _UNIT[match[2]]) if match else 0
     if not 1 <= seconds <= LINK_SECONDS_MAX:
         raise Invalid(f"ttl must be a time like 15m, 1h or 90s, from 1s to 24h, not {raw!r}")
     return seconds
+
+
+def check_display_name(display_name: str | None) -> str | None:
+    """A display name for the page, trimmed: one line of 1 to 100 characters."""
+    if display_name is None:
+        return None
+    name = display_name.strip()
+    if not 1 <= len(name) <= DISPLAY_NAME_MAX or any(
+        ord(c) < 32 or 127 <= ord(c) < 160 for c in name
+    ):
+        raise Invalid(
+            f"display_name must be one line of 1 to {DISPLAY_NAME_MAX} characters, "
+            f"not {display_name[:120]!r}"
+        )
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise Invalid("display_name must be valid Unicode text") from None
+    return name
 
 
 def _check_account(account_id: str) -> str:
@@ -350,14 +403,18 @@ async def mint(
     *,
     base_url: str,
     seconds: int = LINK_SECONDS,
+    display_name: str | None = None,
 ) -> Link:
-    """A one-time link to ``account_id``'s settings page, valid for ``seconds``."""
+    """A one-time link to ``account_id``'s settings page, valid for ``seconds``; the
+    page shows ``display_name`` instead of the account id."""
     _check_account(account_id)
+    display_name = check_display_name(display_name)
     if not 1 <= seconds <= LINK_SECONDS_MAX:
         raise Invalid(f"ttl must be from 1 to {LINK_SECONDS_MAX} seconds")
     secret, now = await _secret(conn)
     expires = math.ceil(now + seconds)
-    token = sign(secret, Claims(account_id, expires, secrets.token_urlsafe(16)))
+    claims = Claims(account_id, expires, secrets.token_urlsafe(16), display_name)
+    token = sign(secret, claims)
     return Link(f"{base_url}/portal/{token}", datetime.fromtimestamp(expires, UTC))
 
 
@@ -369,6 +426,7 @@ class Session:
     csrf_token: str
     expires_at: datetime
     cookie: str = ""
+    display_name: str | None = None
 
 
 def _digest(cookie: str) -> bytes:
@@ -399,8 +457,9 @@ async def open_link(conn: psycopg.AsyncConnection[Any], token: str) -> Session:
             session_sha256=_digest(cookie),
             csrf_token=csrf_token,
             seconds=SESSION_SECONDS,
+            display_name=claims.display_name,
         )
-    return Session(claims.account_id, csrf_token, expires_at, cookie)
+    return Session(claims.account_id, csrf_token, expires_at, cookie, claims.display_name)
 
 
 def well_formed(cookie: str) -> bool:
@@ -414,7 +473,9 @@ async def session(conn: psycopg.AsyncConnection[Any], cookie: str) -> Session | 
     if not well_formed(cookie):
         return None
     row = await db.access.session(conn, _digest(cookie))
-    return None if row is None else Session(row.account_id, row.csrf_token, row.expires_at)
+    if row is None:
+        return None
+    return Session(row.account_id, row.csrf_token, row.expires_at, display_name=row.display_name)
 
 
 async def end_session(conn: psycopg.AsyncConnection[Any], cookie: str) -> None:
@@ -465,15 +526,61 @@ def _fill(name: str, **values: str) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: html.escape(values[m[1]]), _template(name))
 
 
-def settings_page(current: Session, settings: Settings) -> str:
+def _who(account_id: str, display_name: str | None) -> dict[str, str]:
+    """How the page names whose settings these are: the display name, or the id."""
+    if display_name:
+        return {"account_prefix": "", "account": display_name}
+    return {"account_prefix": "Account ", "account": account_id}
+
+
+def settings_page(current: Session, settings: Settings, session_token: str = "") -> str:
     """The Settings > Webhooks page for a signed-in browser; what it says about retries
-    comes from the settings in force."""
+    comes from the settings in force. ``session_token`` is given only inside a frame,
+    where the page must send its session itself (see the module's docstring)."""
+    product = settings.portal_product_name
     return _fill(
         "webhooks.html",
-        account=current.account_id,
+        **_who(current.account_id, current.display_name),
         csrf_token=current.csrf_token,
+        session_token=session_token,
         max_attempts=str(len(settings.retry_delays) + 1),
         retry_note=retry_note(settings),
+        product=product,
+        title=f"Webhooks · Settings · {product}" if product else "Webhooks · Settings",
+        intro=intro(product),
+        events=_series(list(EVENTS.values())),
+    )
+
+
+def intro(product: str) -> str:
+    """The page's first words: what a webhook is, for the events of the catalogue."""
+    where = f" in {product}" if product else ""
+    return (
+        f"Receive real-time notifications when important events happen{where}. An HTTP "
+        "request is sent to a URL you specify whenever the event you choose happens."
+    )
+
+
+def theme_css(accent: str) -> str:
+    """The stylesheet that brands the page: the accent colour (#rrggbb) for buttons and
+    links, with a darker shade for hovering and the text colour that reads on it."""
+    if not accent:
+        return "/* the page's own colours */\n"
+    red, green, blue = (int(accent[i : i + 2], 16) for i in (1, 3, 5))
+    dark = "#" + "".join(f"{round(c * 0.8):02x}" for c in (red, green, blue))
+
+    def linear(c: int) -> float:
+        v = c / 255
+        return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
+
+    luminance = 0.2126 * linear(red) + 0.7152 * linear(green) + 0.0722 * linear(blue)
+    # White on the accent, unless black reads better on it (WCAG contrast).
+    on_accent = (
+        "#ffffff" if (1.05 / (luminance + 0.05)) >= ((luminance + 0.05) / 0.05) else "#111111"
+    )
+    return (
+        f":root {{\n  --primary: {accent};\n  --primary-dark: {dark};\n"
+        f"  --focus: {accent};\n  --on-primary: {on_accent};\n}}\n"
     )
 
 
@@ -520,7 +627,10 @@ def continue_page(claims: Claims) -> str:
     to the settings page sends the new SameSite=Strict cookie; a navigation begun on
     the host application's site would not.
     """
-    return _fill("continue.html", account=claims.account_id)
+    who = _who(claims.account_id, claims.display_name)
+    return _fill(
+        "continue.html", account=who["account"], account_prefix_lower=who["account_prefix"].lower()
+    )
 
 
 def signed_out_page() -> str:

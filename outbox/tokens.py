@@ -1,4 +1,9 @@
-"""Admin API tokens: random, shown once, kept only as a SHA-256 digest, one account each.
+"""Admin API tokens: random, shown once, kept only as a SHA-256 digest.
+
+An account token acts for its one account. An operator token (``tokens create
+--operator``) belongs to no account: the SaaS's backend names the account each request
+is for in the ``Outbox-Account`` header (outbox.auth), so it needs one credential, not
+one per customer.
 
 A token is ``obx_`` and 43 URL-safe characters (256 random bits). The prefix lets
 secret scanners recognise a leaked token. Since the token is random rather than chosen
@@ -15,10 +20,12 @@ from typing import Any
 import psycopg
 
 from outbox import db
+from outbox.db.access import TokenHolder as Holder
 from outbox.errors import Invalid
 
 __all__ = [
     "PREFIX",
+    "Holder",
     "account",
     "create",
     "digest",
@@ -47,8 +54,9 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def create(conn: psycopg.AsyncConnection[Any], account_id: str) -> tuple[int, str]:
-    """A new token for ``account_id``: its id, and the token itself (shown once)."""
+async def create(conn: psycopg.AsyncConnection[Any], account_id: str | None) -> tuple[int, str]:
+    """A new token for ``account_id``, or an operator token for None: its id, and the
+    token itself (shown once)."""
     token = generate()
     try:
         token_id = await db.access.create_token(conn, account_id, digest(token))
@@ -57,8 +65,11 @@ async def create(conn: psycopg.AsyncConnection[Any], account_id: str) -> tuple[i
     return token_id, token
 
 
-async def for_account(conn: psycopg.AsyncConnection[Any], account_id: str) -> list[dict[str, Any]]:
-    """The account's tokens: id, account_id, created_at, last_used_at; never the token."""
+async def for_account(
+    conn: psycopg.AsyncConnection[Any], account_id: str | None
+) -> list[dict[str, Any]]:
+    """The account's tokens, or for None the operator tokens: id, account_id, operator,
+    created_at, last_used_at; never the token."""
     return await db.access.tokens(conn, account_id)
 
 
@@ -67,8 +78,9 @@ async def revoke(conn: psycopg.AsyncConnection[Any], token_id: int) -> bool:
     return await db.access.revoke_token(conn, token_id)
 
 
-async def account(conn: psycopg.AsyncConnection[Any], token: str) -> str | None:
-    """The account ``token`` belongs to, or None for a token we did not issue."""
+async def account(conn: psycopg.AsyncConnection[Any], token: str) -> Holder | None:
+    """Whom ``token`` acts for (an account, or any as an operator), or None for a
+    token we did not issue."""
     if not well_formed(token):
         return None
     return await db.access.token_account(conn, digest(token))

@@ -166,24 +166,27 @@ RETURNING id;
 UPDATE outbox.webhooks SET previous_secret_expires_at = NULL WHERE id = %(id)s;
 
 -- token_create --
-INSERT INTO outbox.api_tokens (account_id, token_sha256)
-VALUES (%(account_id)s, %(token_sha256)s)
+-- An operator token has no account_id (migration 12).
+INSERT INTO outbox.api_tokens (account_id, token_sha256, operator)
+VALUES (%(account_id)s, %(token_sha256)s, %(account_id)s::text IS NULL)
 RETURNING id;
 
 -- token_list --
-SELECT id, account_id, created_at, last_used_at
+-- One account's tokens, or with a NULL account_id the operator tokens.
+SELECT id, account_id, operator, created_at, last_used_at
 FROM outbox.api_tokens
-WHERE account_id = %(account_id)s
+WHERE account_id = %(account_id)s OR (%(account_id)s::text IS NULL AND operator)
 ORDER BY id;
 
 -- token_revoke --
 DELETE FROM outbox.api_tokens WHERE id = %(id)s RETURNING id;
 
 -- token_account --
--- The account a token belongs to, or no row. last_used_at is written at most once a
+-- The account a token belongs to (NULL for an operator token) and whether it is an
+-- operator token, or no row. last_used_at is written at most once a
 -- minute per token, so a busy client does not turn every read into a write.
 WITH token AS (
-    SELECT id, account_id, last_used_at
+    SELECT id, account_id, operator, last_used_at
     FROM outbox.api_tokens
     WHERE token_sha256 = %(token_sha256)s
 ),
@@ -194,7 +197,7 @@ touched AS (
     WHERE t.id = token.id
       AND (token.last_used_at IS NULL OR token.last_used_at < now() - interval '1 minute')
 )
-SELECT account_id FROM token;
+SELECT account_id, operator FROM token;
 
 -- delivery_page --
 -- One page of a webhook's delivery log, newest first; %(before)s is the cursor (the
@@ -299,14 +302,15 @@ SELECT %(expires_at)s::timestamptz > now(), EXISTS (SELECT FROM used);
 WITH swept AS (
     DELETE FROM outbox.portal_sessions WHERE expires_at < now()
 )
-INSERT INTO outbox.portal_sessions (account_id, session_sha256, csrf_token, expires_at)
+INSERT INTO outbox.portal_sessions
+    (account_id, session_sha256, csrf_token, expires_at, display_name)
 VALUES (%(account_id)s, %(session_sha256)s, %(csrf_token)s,
-        now() + make_interval(secs => %(seconds)s))
+        now() + make_interval(secs => %(seconds)s), %(display_name)s)
 RETURNING expires_at;
 
 -- portal_session --
 -- The signed-in account of a session cookie, or no row once it has expired.
-SELECT account_id, csrf_token, expires_at
+SELECT account_id, csrf_token, expires_at, display_name
 FROM outbox.portal_sessions
 WHERE session_sha256 = %(session_sha256)s AND expires_at > now();
 

@@ -17,6 +17,7 @@ __all__ = [
     "LinkUse",
     "PortalKey",
     "SessionRow",
+    "TokenHolder",
     "create_session",
     "create_token",
     "end_session",
@@ -32,8 +33,8 @@ __all__ = [
 Conn = psycopg.AsyncConnection[Any]
 
 
-async def create_token(conn: Conn, account_id: str, token_sha256: bytes) -> int:
-    """Store a new token's digest for the account; its id."""
+async def create_token(conn: Conn, account_id: str | None, token_sha256: bytes) -> int:
+    """Store a new token's digest for the account (None: an operator token); its id."""
     cur = await conn.execute(
         query("token_create"), {"account_id": account_id, "token_sha256": token_sha256}
     )
@@ -42,8 +43,9 @@ async def create_token(conn: Conn, account_id: str, token_sha256: bytes) -> int:
     return int(row[0])
 
 
-async def tokens(conn: Conn, account_id: str) -> list[dict[str, Any]]:
-    """The account's tokens: id, account_id, created_at, last_used_at."""
+async def tokens(conn: Conn, account_id: str | None) -> list[dict[str, Any]]:
+    """The account's tokens (None: the operator tokens): id, account_id, operator,
+    created_at, last_used_at."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query("token_list"), {"account_id": account_id})
         return await cur.fetchall()
@@ -55,11 +57,16 @@ async def revoke_token(conn: Conn, token_id: int) -> bool:
     return await cur.fetchone() is not None
 
 
-async def token_account(conn: Conn, token_sha256: bytes) -> str | None:
-    """The account of the token with this digest (noting that it was used), or None."""
+class TokenHolder(NamedTuple):
+    account_id: str | None  # None for an operator token
+    operator: bool
+
+
+async def token_account(conn: Conn, token_sha256: bytes) -> TokenHolder | None:
+    """Whom the token with this digest acts for (noting that it was used), or None."""
     cur = await conn.execute(query("token_account"), {"token_sha256": token_sha256})
     row = await cur.fetchone()
-    return None if row is None else str(row[0])
+    return None if row is None else TokenHolder(row[0], bool(row[1]))
 
 
 class PortalKey(NamedTuple):
@@ -90,11 +97,18 @@ async def use_link(conn: Conn, *, nonce: str, account_id: str, expires_at: datet
 
 
 async def create_session(
-    conn: Conn, *, account_id: str, session_sha256: bytes, csrf_token: str, seconds: int
+    conn: Conn,
+    *,
+    account_id: str,
+    session_sha256: bytes,
+    csrf_token: str,
+    seconds: int,
+    display_name: str | None,
 ) -> datetime:
     """Store a new page session for ``seconds``; when it expires."""
     params = {
         "account_id": account_id,
+        "display_name": display_name,
         "session_sha256": session_sha256,
         "csrf_token": csrf_token,
         "seconds": seconds,
@@ -110,6 +124,7 @@ class SessionRow(NamedTuple):
     account_id: str
     csrf_token: str
     expires_at: datetime
+    display_name: str | None
 
 
 async def session(conn: Conn, session_sha256: bytes) -> SessionRow | None:

@@ -2,7 +2,9 @@
 //
 // Plain JavaScript, no framework, no build. It calls the admin JSON API with the
 // session cookie the link set, and sends the session's CSRF token (from the page's
-// <meta>) with every change. Every string that comes from a person or a server is put
+// <meta>) with every change. Inside another site's iframe no cookie can be relied on:
+// there the page comes with its session in a <meta>, kept in memory only and sent as
+// X-Outbox-Session. Every string that comes from a person or a server is put
 // on the page with textContent or as an attribute value set through the DOM, never
 // parsed as HTML.
 (() => {
@@ -13,6 +15,9 @@
   const LIST_POLL_MS = 5000;
   const LOG_POLL_MS = 3000;
   const csrfToken = document.querySelector('meta[name="outbox-csrf-token"]').content;
+  const sessionMeta = document.querySelector('meta[name="outbox-session"]');
+  const sessionToken = sessionMeta.content;
+  sessionMeta.remove();
   // Attempts in one series of a delivery: the first and its retries (OUTBOX_RETRY_DELAYS).
   const MAX_ATTEMPTS = Number(document.querySelector('meta[name="outbox-max-attempts"]').content);
 
@@ -137,6 +142,7 @@
       cache: "no-store",
     };
     if (method !== "GET") init.headers["X-CSRF-Token"] = csrfToken;
+    if (sessionToken) init.headers["X-Outbox-Session"] = sessionToken;
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -331,16 +337,16 @@
       el("td", { class: "who" }, name, urlText(hook.url)),
       el(
         "td",
-        { class: "event" },
+        { class: "event", "data-label": "Event" },
         displayName(hook.event),
         hook.format && hook.format !== "json"
           ? el("span", { class: "badge format", text: FORMAT_NAMES[hook.format] || hook.format })
           : null,
       ),
-      el("td", {}, toggle),
-      el("td", { class: "last" }, ...statusCell(hook)),
-      el("td", { class: "num pending", text: String(hook.pending) }),
-      el("td", {}, actions),
+      el("td", { class: "enabled-cell", "data-label": "Enabled" }, toggle),
+      el("td", { class: "last", "data-label": "Last delivery" }, ...statusCell(hook)),
+      el("td", { class: "num pending", "data-label": "Pending", text: String(hook.pending) }),
+      el("td", { class: "actions-cell" }, actions),
     );
   }
 
@@ -379,6 +385,23 @@
   // ---------------------------------------------------------------- add and edit
 
   const FIELDS = ["name", "url", "event", "format", "secret", "enabled"];
+
+  // What the page can tell before asking the server, per field, in the API's own words:
+  // "" when fine. All are shown at once, and each goes away as its field is corrected.
+  const CHECKS = {
+    name: () => ($("f-name").value.trim() ? "" : "name must not be empty"),
+    url: () => {
+      const url = $("f-url").value.trim();
+      if (!url) return "url is required";
+      const https = /^https:\/\/[^/?#\s]+/i.test(url);
+      return https ? "" : "url must be an absolute https:// URL with a host";
+    },
+    event: () => ($("f-event").value ? "" : "event is required: choose one"),
+    secret: () => {
+      const length = $("f-secret").value.length;
+      return length && length < 16 ? "secret must be at least 16 characters" : "";
+    },
+  };
 
   const FORMAT_NAMES = { json: "JSON", slack: "Slack", discord: "Discord" };
   const FORMAT_HINTS = {
@@ -433,16 +456,43 @@
   function showError(message) {
     const field = fieldOf(message);
     if (field && !$(`f-${field}`).closest("[hidden]")) {
-      const error = $(`f-${field}-error`);
-      error.textContent = message;
-      show(error, true);
-      const input = $(`f-${field}`);
-      input.setAttribute("aria-invalid", "true");
-      input.focus();
+      fieldError(field, message);
+      $(`f-${field}`).focus();
     } else {
       $("form-error").textContent = message;
       show($("form-error"), true);
     }
+  }
+
+  function fieldError(field, message) {
+    const error = $(`f-${field}-error`);
+    error.textContent = message;
+    show(error, Boolean(message));
+    if (message) $(`f-${field}`).setAttribute("aria-invalid", "true");
+    else $(`f-${field}`).removeAttribute("aria-invalid");
+  }
+
+  // Every problem the page can see, each at its field; false when there are any.
+  function checkForm() {
+    const wrong = Object.keys(CHECKS).filter((field) => {
+      const message = CHECKS[field]();
+      fieldError(field, message);
+      return Boolean(message);
+    });
+    if (!wrong.length) return true;
+    $("form-error").textContent =
+      wrong.length === 1 ? "Correct the field marked below." : `Correct the ${wrong.length} fields marked below.`;
+    show($("form-error"), true);
+    $(`f-${wrong[0]}`).focus();
+    return false;
+  }
+
+  // A field that is changed loses its error, or gets the one it still has.
+  function recheck(field) {
+    if ($(`f-${field}-error`).hidden) return;
+    fieldError(field, CHECKS[field] ? CHECKS[field]() : "");
+    const left = FIELDS.some((f) => !$(`f-${f}-error`).hidden);
+    if (!left) show($("form-error"), false);
   }
 
   function fillEventSelect(select, withPlaceholder) {
@@ -488,6 +538,7 @@
         ? "A signing secret is set. Enter a new one (at least 16 characters) to replace it."
         : "At least 16 characters. Every delivery is signed with it (X-Webhook-Signature), " +
           "so your endpoint can verify where it came from.";
+    $("sample").open = false;
     show($("remove-secret-label"), editing && hook.has_secret);
     show($("enabled-field"), editing);
     $("f-enabled").checked = editing ? hook.enabled : true;
@@ -498,6 +549,7 @@
       $("test-result").replaceChildren();
       $("test-result").className = "test-result";
     }
+    showSample();
     openDialog($("webhook-dialog"), opener);
     $("f-name").focus();
   }
@@ -523,6 +575,7 @@
   async function submitForm(event) {
     event.preventDefault();
     clearErrors();
+    if (!checkForm()) return;
     const hook = state.editing;
     const button = $("submit-webhook");
     button.disabled = true;
@@ -539,6 +592,48 @@
     } finally {
       button.disabled = false;
     }
+  }
+
+  // What a delivery of the chosen event looks like to the endpoint, as the form stands.
+  function showSample() {
+    const found = state.events.find((e) => e.name === $("f-event").value);
+    const intro = $("sample-intro");
+    if (!found) {
+      intro.textContent = "Choose an event to see a sample delivery of it.";
+      $("sample-request").textContent = "";
+      show($("sample-request"), false);
+      return;
+    }
+    const hook = state.editing;
+    const signed =
+      Boolean($("f-secret").value) ||
+      Boolean(hook && hook.has_secret && !$("f-remove-secret").checked);
+    const example = found.example;
+    const headers = Object.entries(example.headers).filter(
+      ([name]) => signed || !/^(x-webhook-signature|webhook-)/i.test(name),
+    );
+    const url = /^https:\/\/[^/?#\s]+/i.test($("f-url").value.trim())
+      ? $("f-url").value.trim()
+      : "https://your-endpoint.example.com/webhooks";
+    const lines = [`POST ${url}`, ...headers.map(([name, value]) => `${name}: ${value}`)];
+    $("sample-request").textContent = `${lines.join("\n")}\n\n${example.body}`;
+    show($("sample-request"), true);
+    const words = [`A delivery of ${found.display_name}, as your endpoint receives it.`];
+    if (signed) {
+      words.push(
+        `These signatures are made with the example secret ${example.secret}, so you can ` +
+          "try your verification on them; your deliveries are signed with your own secret.",
+      );
+    } else {
+      words.push("Without a signing secret, deliveries carry no signature to verify.");
+    }
+    if ($("f-format").value !== "json") {
+      words.push(
+        `With the ${FORMAT_NAMES[$("f-format").value]} format the body is a chat message ` +
+          "about the event instead; the headers are the same.",
+      );
+    }
+    intro.textContent = words.join(" ");
   }
 
   // Replacing a secret keeps the old one signing for a while: say so as it is typed.
@@ -868,6 +963,20 @@
     });
     $("webhook-form").addEventListener("submit", submitForm);
     $("f-url").addEventListener("input", followUrl);
+    for (const field of FIELDS) {
+      const input = $(`f-${field}`);
+      input.addEventListener("input", () => recheck(field));
+      input.addEventListener("change", () => recheck(field));
+    }
+    for (const id of ["f-event", "f-format", "f-secret", "f-url", "f-remove-secret"]) {
+      $(id).addEventListener("input", showSample);
+      $(id).addEventListener("change", showSample);
+    }
+    if (sessionToken) {
+      $("signout").elements.session.value = sessionToken;
+      // The sign-in's POST answered this page: a reload must not post the link again.
+      if (location.pathname.includes("/portal/")) history.replaceState(null, "", "../settings/webhooks");
+    }
     $("f-format").addEventListener("change", () => {
       state.formatPicked = true;
       showFormatHint();

@@ -346,7 +346,8 @@ class TestTokens:
         listed = outbox("tokens", "list", "--account", account, "--json", env=env)
         assert listed.returncode == 0, listed.stderr
         (row,) = json.loads(listed.stdout)
-        assert set(row) == {"id", "account_id", "created_at", "last_used_at"}
+        assert set(row) == {"id", "account_id", "operator", "created_at", "last_used_at"}
+        assert row["operator"] is False
         assert row["last_used_at"] is not None
         assert token not in listed.stdout + listed.stderr
 

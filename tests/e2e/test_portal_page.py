@@ -432,9 +432,14 @@ class TestAdding:
         assert generated not in page.content()
         expect(page.locator("#f-secret-rotation")).to_be_hidden()
         page.locator("#f-secret").fill("a-brand-new-secret-0123")
-        expect(page.locator("#f-secret-rotation")).to_contain_text(
-            "keeps signing beside the new one for 24 hours"
+        # Contract 12: X-Webhook-Signature changes at once; only webhook-signature
+        # carries both secrets for 24 hours.
+        rotation = page.locator("#f-secret-rotation")
+        expect(rotation).to_contain_text(
+            "X-Webhook-Signature uses the new secret as soon as you save"
         )
+        expect(rotation).to_contain_text("For 24 hours, webhook-signature carries two signatures")
+        expect(rotation).not_to_contain_text("keeps signing beside the new one")
 
     def test_the_limit_of_ten(self, open_page: Opener, site: Site) -> None:
         """The tenth webhook fills the account: "10 of 10 used", Add Webhook disabled

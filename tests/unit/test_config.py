@@ -374,3 +374,53 @@ class TestSchemaMismatch:
             ConfigError, match="OUTBOX_SCHEMA_MISMATCH: 'restart' is not exit or wait"
         ):
             Settings.from_env(env)
+
+
+class TestPortalSettings:
+    """The settings page's frame ancestors and branding (contract 8, 20)."""
+
+    def test_defaults_refuse_framing_and_brand_nothing(self) -> None:
+        settings = Settings.from_env({})
+        assert settings.portal_frame_ancestors == ()
+        assert settings.portal_product_name == ""
+        assert settings.portal_accent_color == ""
+
+    def test_values(self) -> None:
+        """Origins are split on any whitespace; the colour is kept in lower case."""
+        settings = Settings.from_env(
+            {
+                "OUTBOX_PORTAL_FRAME_ANCESTORS": " https://app.example.com\thttp://localhost:3000 "
+                "https://*.example.org",
+                "OUTBOX_PORTAL_PRODUCT_NAME": " AutoReach ",
+                "OUTBOX_PORTAL_ACCENT_COLOR": "#7A3E9D",
+            }
+        )
+        assert settings.portal_frame_ancestors == (
+            "https://app.example.com",
+            "http://localhost:3000",
+            "https://*.example.org",
+        )
+        assert settings.portal_product_name == "AutoReach"
+        assert settings.portal_accent_color == "#7a3e9d"
+
+    @pytest.mark.parametrize(
+        ("name", "raw"),
+        [
+            ("OUTBOX_PORTAL_FRAME_ANCESTORS", "app.example.com"),
+            ("OUTBOX_PORTAL_FRAME_ANCESTORS", "https://app.example.com/settings"),
+            ("OUTBOX_PORTAL_FRAME_ANCESTORS", "*"),
+            ("OUTBOX_PORTAL_FRAME_ANCESTORS", "'none'"),
+            ("OUTBOX_PORTAL_FRAME_ANCESTORS", "https://ok.example.com, https://b.example.com"),
+            ("OUTBOX_PORTAL_ACCENT_COLOR", "blue"),
+            ("OUTBOX_PORTAL_ACCENT_COLOR", "#12345"),
+            ("OUTBOX_PORTAL_ACCENT_COLOR", "#1234567"),
+            ("OUTBOX_PORTAL_ACCENT_COLOR", "1f5fd6"),
+            ("OUTBOX_PORTAL_PRODUCT_NAME", "x" * 61),
+            ("OUTBOX_PORTAL_PRODUCT_NAME", "two\nlines"),
+        ],
+    )
+    def test_bad_values_name_the_variable(self, name: str, raw: str) -> None:
+        with pytest.raises(ConfigError) as raised:
+            Settings.from_env({name: raw})
+        message = str(raised.value)
+        assert message.startswith(f"{name}: ") and "\n" not in message

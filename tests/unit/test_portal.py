@@ -248,12 +248,20 @@ def test_the_cookie_has_the_host_prefix_over_https_only() -> None:
 class TestTtl:
     @pytest.mark.parametrize(
         ("raw", "seconds"),
-        [("15m", 900), ("1h", 3600), ("90s", 90), ("90", 90), (" 2H ", 7200), ("1.5m", 90)],
+        [
+            ("15m", 900),
+            ("1h", 3600),
+            ("90s", 90),
+            ("90", 90),
+            (" 2H ", 7200),
+            ("1.5m", 90),
+            ("1d", 86400),
+        ],
     )
     def test_durations(self, raw: str, seconds: int) -> None:
         assert portal.parse_ttl(raw) == seconds
 
-    @pytest.mark.parametrize("raw", ["0", "0s", "25h", "86401", "-1m", "soon", "", "1d"])
+    @pytest.mark.parametrize("raw", ["0", "0s", "25h", "86401", "-1m", "soon", "", "2d", "1w"])
     def test_out_of_range_or_unreadable(self, raw: str) -> None:
         with pytest.raises(Invalid, match="ttl"):
             portal.parse_ttl(raw)
@@ -336,9 +344,13 @@ class TestPages:
         session = portal.Session("acct_1", "csrf-token_1", datetime.now(UTC))
         page = _parse(portal.settings_page(session, Settings()))
         forms = [a for t, a in page.tags if t == "form" and a.get("method") == "post"]
-        assert forms == [{"method": "post", "action": "signout"}]
+        assert forms == [{"method": "post", "action": "signout", "id": "signout"}]
         hidden = [a for t, a in page.tags if t == "input" and a.get("type") == "hidden"]
-        assert hidden == [{"type": "hidden", "name": "csrf_token", "value": "csrf-token_1"}]
+        assert hidden == [
+            {"type": "hidden", "name": "csrf_token", "value": "csrf-token_1"},
+            # Filled in by the page's script only inside an iframe (no cookie there).
+            {"type": "hidden", "name": "session", "value": ""},
+        ]
 
     def test_the_signed_out_page_says_so(self) -> None:
         page = _parse(portal.signed_out_page())
@@ -433,3 +445,50 @@ class TestRetryNote:
         meta = [a for t, a in page.tags if t == "meta" and a.get("name") == "outbox-max-attempts"]
         assert meta == [{"name": "outbox-max-attempts", "content": "3"}]
         assert "retried up to 2 times: after about 1 second and 2 seconds" in "".join(page.text)
+
+
+class TestInsideTheSaas:
+    """Display names, frames and branding (contract 20)."""
+
+    def test_a_display_name_is_signed_with_the_link(self) -> None:
+        """It survives the round trip, and changing it breaks the signature."""
+        key = b"k" * 32
+        claims = portal.Claims("acct_1", 2**31, "nonce", "Ada's Bakery")
+        token = portal.sign(key, claims)
+        assert portal.verify(key, token) == claims
+        signature = token.split(".")[1]
+        other = portal.sign(key, portal.Claims("acct_1", 2**31, "nonce", "Mallory"))
+        with pytest.raises(portal.LinkRefused):
+            portal.verify(key, f"{other.split('.')[0]}.{signature}")
+        assert (
+            portal.verify(key, portal.sign(key, portal.Claims("a", 2**31, "n"))).display_name
+            is None
+        )
+
+    @pytest.mark.parametrize("bad", ["", "   ", "x" * 101, "two\nlines", "tab\there"])
+    def test_bad_display_names(self, bad: str) -> None:
+        with pytest.raises(Invalid, match="display_name"):
+            portal.check_display_name(bad)
+
+    def test_the_page_names_the_customer_and_the_product(self) -> None:
+        session = portal.Session("acct_1", "c", datetime.now(UTC), display_name="Ada's Bakery")
+        page = portal.settings_page(session, Settings(portal_product_name="AutoReach"))
+        assert "Ada&#x27;s Bakery" in page and "acct_1" not in page
+        assert "<title>Webhooks · Settings · AutoReach</title>" in page
+        assert "Lead Created" in page and "Enrichment Completed" in page
+
+    def test_framing_is_refused_unless_origins_are_given(self) -> None:
+        assert portal.page_headers(()) == portal.PAGE_HEADERS
+        headers = portal.page_headers(("https://app.example.com", "http://localhost:3000"))
+        assert "X-Frame-Options" not in headers
+        policy = headers["Content-Security-Policy"]
+        assert "frame-ancestors https://app.example.com http://localhost:3000;" in policy
+        assert "'none'" not in policy.split("frame-ancestors")[1].split(";")[0]
+
+    def test_the_theme(self) -> None:
+        """The accent colour, a darker shade, and text that reads on it."""
+        assert "--primary" not in portal.theme_css("")
+        dark = portal.theme_css("#1f5fd6")
+        assert "--primary: #1f5fd6;" in dark and "--on-primary: #ffffff;" in dark
+        assert "--primary-dark: #194cab;" in dark
+        assert "--on-primary: #111111;" in portal.theme_css("#ffd84a")
