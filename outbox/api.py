@@ -650,6 +650,7 @@ def make_app(
     if test_sender is None:
         return app
     app[auth.CREDENTIALS] = auth.Credentials()
+    app[auth.ROSTER] = auth.Roster(pool)
     app[TEST_SENDER] = test_sender
     app[THROTTLE] = Throttle(test_sender.timeout)
     app[REPLAYS] = PerMinute(REPLAYS_PER_MINUTE, "retries and recoveries")

@@ -29,7 +29,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import portal, tokens
+from outbox import db, portal, tokens
 
 __all__ = [
     "ACCOUNT",
@@ -38,10 +38,12 @@ __all__ = [
     "CSRF_HEADER",
     "POOL",
     "PUBLIC_URL",
+    "ROSTER",
     "SESSION",
     "SESSION_HEADER",
     "ApiError",
     "Credentials",
+    "Roster",
     "account",
     "authenticate",
     "connection",
@@ -76,6 +78,10 @@ KNOWN_MAX = 10_000
 # Credentials never seen valid wait their turn in a lane of one connection; past this
 # many waiting, more are turned away at once.
 STRANGERS_WAITING = 64
+# How often the roster of tokens may be read again, and how many requests with tokens
+# not in it may wait for that at once (more are refused as unknown).
+ROSTER_EVERY = 1.0
+ROSTER_WAITING = 1000
 
 
 class ApiError(Exception):
@@ -95,14 +101,14 @@ class ApiError(Exception):
 
 
 class Credentials:
-    """Two lanes to the database for looking credentials up.
+    """Two lanes to the database for looking session cookies up (tokens have the
+    Roster).
 
-    A credential (token or session cookie) that answered for an account lately takes the
-    open lane: the pool, like any request. One never seen valid takes a lane of one
-    connection, so that however many clients send unknown tokens, they hold at most
-    one of the pool's connections and valid clients are not queued behind them. Both
-    lanes ask the database every time: a revoked token or an ended session stops at
-    once.
+    A cookie that answered for an account lately takes the open lane: the pool, like any
+    request. One never seen valid takes a lane of one connection, so that however many
+    clients send made-up cookies, they hold at most one of the pool's connections and
+    valid clients are not queued behind them. Both lanes ask the database every time:
+    an ended session stops at once.
     """
 
     def __init__(self) -> None:
@@ -147,6 +153,52 @@ class Credentials:
 CREDENTIALS = web.AppKey("credentials", Credentials)
 
 
+class Roster:
+    """The digests of every API token there is, read in full from the database at most
+    once every ROSTER_EVERY seconds, by one query however many requests ask.
+
+    A token whose digest is not in it waits for the next reading (a token made a moment
+    ago is in it then) and, still absent, is refused without a query of its own: a
+    flood of made-up tokens costs one small query a second, and a valid token never
+    queues behind it. Tokens in the roster are still looked up every time, so a
+    revoked one stops at once.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+        self._digests: set[bytes] = set()
+        self._read_at = -ROSTER_EVERY
+        self._reading: asyncio.Future[None] | None = None
+        self._waiting = 0
+
+    async def may_exist(self, token: str) -> bool:
+        digest = tokens.digest(token)
+        if digest in self._digests:
+            return True
+        if self._waiting >= ROSTER_WAITING:
+            return False
+        self._waiting += 1
+        try:
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._read())
+            await asyncio.shield(self._reading)
+        finally:
+            self._waiting -= 1
+        return digest in self._digests
+
+    async def _read(self) -> None:
+        try:
+            await asyncio.sleep(max(0.0, self._read_at + ROSTER_EVERY - time.monotonic()))
+            async with self._pool.connection(timeout=DB_WAIT) as conn:
+                self._digests = await db.access.token_digests(conn)
+            self._read_at = time.monotonic()
+        finally:
+            self._reading = None
+
+
+ROSTER = web.AppKey("roster", Roster)
+
+
 def json_default(value: Any) -> Any:
     """JSON for what json.dumps cannot write: times as RFC 3339 in UTC (the CLI's too)."""
     if isinstance(value, datetime):
@@ -184,14 +236,13 @@ async def authenticate(request: web.Request) -> str | None:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise _unauthorized("send a token: Authorization: Bearer <token>")
-    if not tokens.well_formed(token):
+    if not tokens.well_formed(token) or not await request.app[ROSTER].may_exist(token):
         raise _unauthorized("unknown or revoked token")
 
-    async def ask() -> tokens.Holder | None:
-        async with connection(request) as conn:
-            return await tokens.account(conn, token)
-
-    holder: tokens.Holder | None = await request.app[CREDENTIALS].look_up(token, ask)
+    # A token in the roster exists (or did a moment ago): asked about at once, on the
+    # pool like any request, so that a revoked one stops at once.
+    async with connection(request) as conn:
+        holder = await tokens.account(conn, token)
     if holder is None:
         raise _unauthorized("unknown or revoked token")
     if holder.operator:

@@ -181,6 +181,11 @@ ORDER BY id;
 -- token_revoke --
 DELETE FROM outbox.api_tokens WHERE id = %(id)s RETURNING id;
 
+-- token_digests --
+-- Every token there is, as its digest: the admin server keeps them in memory, so that
+-- a token nobody issued is refused without a query of its own.
+SELECT token_sha256 FROM outbox.api_tokens;
+
 -- token_account --
 -- The account a token belongs to (NULL for an operator token) and whether it is an
 -- operator token, or no row. last_used_at is written at most once a

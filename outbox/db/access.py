@@ -26,6 +26,7 @@ __all__ = [
     "revoke_token",
     "session",
     "token_account",
+    "token_digests",
     "tokens",
     "use_link",
 ]
@@ -60,6 +61,12 @@ async def revoke_token(conn: Conn, token_id: int) -> bool:
 class TokenHolder(NamedTuple):
     account_id: str | None  # None for an operator token
     operator: bool
+
+
+async def token_digests(conn: Conn) -> set[bytes]:
+    """The digest of every token there is."""
+    cur = await conn.execute(query("token_digests"))
+    return {bytes(row[0]) for row in await cur.fetchall()}
 
 
 async def token_account(conn: Conn, token_sha256: bytes) -> TokenHolder | None:

@@ -123,6 +123,26 @@ class TestHeadersAndTokens:
         ):
             assert answer.headers.get("X-Content-Type-Options") == "nosniff", answer
 
+    def test_made_up_tokens_are_401_and_a_new_one_works_at_once(self, api: Api, db: SQL) -> None:
+        """Tokens of our form that nobody issued are refused (from the roster of digests,
+        not a query each); a token made a moment ago is let in on its first call."""
+        import secrets
+
+        from tests.e2e.test_api import make_token
+
+        for _ in range(20):
+            fake = "obx_" + secrets.token_urlsafe(32)
+            assert api("GET", "/api/v1/webhooks", token=fake).status == 401
+        fresh = make_token(db, api.other)
+        assert api("GET", "/api/v1/webhooks", token=fresh).status == 200
+        revoked = make_token(db, api.other)
+        assert api("GET", "/api/v1/webhooks", token=revoked).status == 200
+        db(
+            "DELETE FROM outbox.api_tokens WHERE token_sha256 = sha256(%s::bytea)",
+            (revoked.encode(),),
+        )
+        assert api("GET", "/api/v1/webhooks", token=revoked).status == 401
+
     def test_tokens_not_of_our_form_are_401(self, api: Api) -> None:
         valid = api.tokens[api.main]
         for token in ("obx_short", valid + "x", valid[:-1] + "!", "x" * 47, "obx_" + "é" * 43):
