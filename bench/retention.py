@@ -8,7 +8,7 @@ generate_series. pgbench producers commit one outbox INSERT per transaction at 2
 second (8 clients, Poisson arrivals, the 2 KB event, fanned out to acct_0's webhook; no
 sidecar), in 10 s runs, while `outbox.retention.prune` (the sidecar's own round) deletes
 the backlog. Pruning is let run for GATE_SECONDS and paused for GATE_SECONDS by turns:
-the bench holds the pruners' advisory lock, which the round waits for before each
+the bench holds the pruners' lock (a row of outbox.locks), which the round tries before each
 batch. Turns, rather than a run without pruning before or after, put both samples under
 the same load of the (shared) machine as it drifts.
 
@@ -143,7 +143,7 @@ def measure(bench: Bench) -> dict[str, Any]:
         def gate() -> None:
             with psycopg.connect(url) as conn:
                 while not done.is_set():
-                    conn.execute("SELECT pg_advisory_xact_lock(outbox.lock_key(), 2)")
+                    conn.execute("SELECT FROM outbox.locks WHERE name = 'prune' FOR UPDATE")
                     done.wait(GATE_SECONDS)
                     conn.commit()
                     opened = time.time()

@@ -47,8 +47,8 @@ WAIT_STEP = 0.1
 # A sidecar that has found the pruners' lock taken for this long says so in its log
 # (and again as often): another pruner's round never holds it nearly that long.
 HELD_WARNING = 600.0
-# The pruners' advisory lock, as pg_locks shows it: (classid, objid).
-LOCK = "(outbox.lock_key(), 2)"
+# The pruners' lock: a row that a pruner's batch holds FOR UPDATE.
+LOCK = "outbox.locks 'prune'"
 
 
 @dataclass

@@ -338,13 +338,12 @@ SELECT count(*) FILTER (WHERE expires_at > now()) FROM ended;
 SELECT now() - make_interval(secs => %(older_than)s);
 
 -- prune_lock --
--- One pruner at a time, batch by batch: each batch's transaction tries this lock first,
--- and a sidecar that finds it taken leaves the round to the one pruning; `outbox prune`
--- tries again for a bounded time. Never a waiting lock: any role may take advisory
--- locks, and one holding this key would otherwise stop retention for good. A transaction
--- lock, not a session lock, because a transaction pooler gives each transaction
--- whichever server connection is free.
-SELECT pg_try_advisory_xact_lock(outbox.lock_key(), 2);
+-- One pruner at a time, batch by batch: each batch's transaction tries this row lock
+-- first, and a sidecar that finds it taken leaves the round to the one pruning; `outbox
+-- prune` tries again for a bounded time. A transaction lock, because a transaction
+-- pooler gives each transaction whichever server connection is free; a row of a table
+-- only the sidecar may update, because any role may take any advisory lock.
+SELECT true FROM outbox.locks WHERE name = 'prune' FOR UPDATE SKIP LOCKED;
 
 -- forget_expired_secrets --
 -- A rotated-out secret whose overlap has ended is no longer kept (the guard clears it).

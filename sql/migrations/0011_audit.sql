@@ -97,6 +97,15 @@ BEGIN
 END
 $$;
 
+-- 3. The pruners take turns on a row of outbox.locks, not an advisory lock: any role may
+--    take any advisory lock, and a producer holding the pruners' one stopped retention
+--    for as long as it liked. A row lock needs UPDATE on the table, which only the
+--    sidecar has.
+CREATE TABLE outbox.locks (
+    name text PRIMARY KEY
+);
+INSERT INTO outbox.locks (name) VALUES ('prune');
+
 -- 2. Nothing of outbox is executable by PUBLIC but what producers need: the checks of
 --    outbox.events (valid_event and what it calls) and outbox.emit, granted to
 --    outbox_producer. The doorbell, the state functions and the webhooks' rules are the
@@ -140,6 +149,7 @@ BEGIN
             outbox.recover_v1(bigint, timestamptz),
             outbox.next_due_v2()
         TO outbox_sidecar;
+        GRANT SELECT, UPDATE ON outbox.locks TO outbox_sidecar;
     END IF;
 END
 $$;

@@ -27,8 +27,8 @@ def module_database_url(pg_server: localpg.Server, template_db: str) -> Iterator
 def database_url(module_database_url: str) -> Iterator[str]:
     """The module's migrated database, emptied (identities restarted) after the test.
 
-    Every table of schema outbox but schema_migrations is emptied, so tables that later
-    migrations add are covered too.
+    Every table of schema outbox but schema_migrations and locks (whose rows the
+    migrations write once) is emptied, so tables that later migrations add are covered.
     """
     yield module_database_url
     with psycopg.connect(module_database_url, autocommit=True) as conn:
@@ -36,7 +36,8 @@ def database_url(module_database_url: str) -> Iterator[str]:
         conn.execute("SET lock_timeout = '10s'")
         tables = conn.execute(
             "SELECT string_agg(format('%I.%I', schemaname, tablename), ', ')"
-            " FROM pg_tables WHERE schemaname = 'outbox' AND tablename <> 'schema_migrations'"
+            " FROM pg_tables WHERE schemaname = 'outbox'"
+            " AND tablename NOT IN ('schema_migrations', 'locks')"
         ).fetchone()
         assert tables is not None and tables[0]
         conn.execute(f"TRUNCATE {tables[0]} RESTART IDENTITY CASCADE")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from outbox import db, retention
 from outbox.retention import Pruned
-from tests.conftest import SQL, wait_until
+from tests.conftest import SQL, login_url, wait_until
 from tests.db.helpers import HTTPS
 
 DAY = 86400.0
@@ -249,7 +250,7 @@ class TestOneAtATime:
         nothing and says it yielded."""
         bulk(sql, 10, attempts=1)
         with psycopg.connect(database_url) as other:
-            other.execute("SELECT pg_advisory_xact_lock(outbox.lock_key(), 2)")
+            other.execute("SELECT FROM outbox.locks WHERE name = 'prune' FOR UPDATE")
             pruned = prune(database_url)
         assert pruned.yielded and pruned.deliveries == 0
         assert prune(database_url).deliveries == 10
@@ -257,15 +258,28 @@ class TestOneAtATime:
     def test_a_lock_held_elsewhere_is_tried_for_a_bounded_time_then_left(
         self, sql: SQL, database_url: str
     ) -> None:
-        """Any role may take outbox's advisory locks: a producer holding the pruners'
-        lock makes `outbox prune` (which tries for ``wait`` seconds) give up and say so,
-        never hang; released, pruning goes on."""
+        """Another pruner holding the lock makes `outbox prune` (which tries for
+        ``wait`` seconds) give up and say so, never hang; released, pruning goes on."""
         bulk(sql, 10, attempts=1)
         with psycopg.connect(database_url) as other:
-            other.execute("SELECT pg_advisory_lock(outbox.lock_key(), 2)")
+            other.execute("SELECT FROM outbox.locks WHERE name = 'prune' FOR UPDATE")
             pruned = prune(database_url, wait=0.3)
         assert pruned.yielded and pruned.deliveries == 0
         assert prune(database_url, wait=0.3).deliveries == 10
+
+    def test_a_producer_cannot_hold_the_pruners_lock(
+        self, sql: SQL, database_url: str, producer_login: str
+    ) -> None:
+        """Any role may take any advisory lock, outbox's too: none of them stops
+        retention, and the pruners' own lock is a row a producer may not lock."""
+        bulk(sql, 10, attempts=1)
+        with psycopg.connect(login_url(database_url, producer_login)) as producer:
+            for key in (0, 1, 2):
+                producer.execute("SELECT pg_advisory_lock(1869968482, %s)", (key,))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                producer.execute("SELECT FROM outbox.locks FOR UPDATE")
+            producer.rollback()
+            assert prune(database_url, wait=0.3).deliveries == 10
 
     def test_a_round_forgets_rotated_out_secrets_whose_overlap_ended(
         self, sql: SQL, database_url: str
@@ -287,6 +301,14 @@ class TestOneAtATime:
         assert prune(database_url).secrets == 1
         kept = sql("SELECT id, previous_secret FROM outbox.webhooks ORDER BY id")
         assert kept == [(ended, None), (running, "old-secret-0123456789")]
+
+
+@pytest.fixture
+def producer_login(sql: SQL) -> Iterator[str]:
+    name = f"outbox_producer_{uuid.uuid4().hex[:8]}"
+    sql(f"CREATE ROLE {name} LOGIN IN ROLE outbox_producer")
+    yield name
+    sql(f"DROP ROLE {name}")
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:

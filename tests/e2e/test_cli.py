@@ -354,12 +354,12 @@ class TestPrune:
         line naming the lock; nothing is deleted."""
         old_and_young(sql)
         with psycopg.connect(sql.url) as other:
-            other.execute("SELECT pg_advisory_lock(outbox.lock_key(), 2)")
+            other.execute("SELECT FROM outbox.locks WHERE name = 'prune' FOR UPDATE")
             result = outbox("prune", "--older-than", "1h", "--wait", "1s")
         assert result.returncode == 1, result.stderr
         assert result.stdout == "deleted 0 deliveries, 0 attempts, 0 events\n"
         (line,) = result.stderr.strip().splitlines()
-        assert "pruners' lock (outbox.lock_key(), 2) for 1s" in line
+        assert "pruners' lock outbox.locks 'prune' for 1s" in line
         assert sql.one("SELECT count(*) FROM outbox.events") == 2
 
     def test_prune_defaults_to_the_retention_setting(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
