@@ -566,7 +566,9 @@ class TestDisabledRace:
 
 class TestNextDue:
     def next_due(self, conn: psycopg.Connection[Any]) -> float | None:
-        found = conn.execute(db.query("next_due")).fetchone()
+        found = conn.execute(
+            db.query("next_due"), {"pace_ahead": db.deliveries.PACE_AHEAD}
+        ).fetchone()
         assert found is not None
         return None if found[0] is None else float(found[0])
 
