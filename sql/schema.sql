@@ -1040,15 +1040,17 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     horizon timestamptz := now() + make_interval(secs => p_pace_ahead);
-    -- Rate-limited webhooks that may not start an attempt by the horizon.
-    paced bigint[];
 BEGIN
-    SELECT coalesce(array_agg(p.webhook_id), '{}') INTO paced
-    FROM outbox.webhook_pace p
-    JOIN outbox.webhooks w ON w.id = p.webhook_id
-    WHERE p.next_start_at > horizon AND w.rate_limit IS NOT NULL;
     RETURN QUERY
-    WITH due AS MATERIALIZED (
+    WITH pace AS MATERIALIZED (
+        -- The rate-limited webhooks whose next attempt may not start at once: a few rows
+        -- (those claimed within the last 1/rate_limit seconds or so), read once.
+        SELECT p.webhook_id, p.next_start_at
+        FROM outbox.webhook_pace p
+        JOIN outbox.webhooks w ON w.id = p.webhook_id
+        WHERE p.next_start_at > now() AND w.rate_limit IS NOT NULL
+    ),
+    due AS MATERIALIZED (
         SELECT d.id, d.webhook_id, w.account_id, d.next_attempt_at, w.rate_limit
         FROM outbox.deliveries d
         -- Outer: a delivery whose webhook is gone (account_id NULL) is deleted below.
@@ -1057,7 +1059,9 @@ BEGIN
           AND d.next_attempt_at <= now()
           AND (d.leased_until IS NULL OR d.leased_until <= now())
           AND d.webhook_id <> ALL (p_full_webhooks)
-          AND d.webhook_id <> ALL (paced)
+          -- Those that may not start one by the horizon are left out.
+          AND d.webhook_id <> ALL (ARRAY(SELECT pace.webhook_id FROM pace
+                                         WHERE pace.next_start_at > horizon))
           AND (w.account_id IS NULL OR w.account_id <> ALL (p_full_accounts))
         ORDER BY d.next_attempt_at
         LIMIT p_window
@@ -1079,7 +1083,7 @@ BEGIN
         WHERE a.delivery_id = o.id
     ),
     within_webhook AS (
-        SELECT r.id, r.webhook_id, r.account_id, r.next_attempt_at, r.rate_limit,
+        SELECT r.id, r.webhook_id, r.account_id, r.next_attempt_at, r.rate_limit, r.rank,
                row_number() OVER (PARTITION BY r.account_id ORDER BY r.next_attempt_at, r.id)
                    AS account_rank
         FROM (SELECT due.id, due.next_attempt_at, due.webhook_id, due.account_id,
@@ -1090,21 +1094,22 @@ BEGIN
               WHERE due.account_id IS NOT NULL) r
         LEFT JOIN unnest(p_busy_webhooks, p_busy_counts)
             AS busy (webhook_id, in_flight) ON busy.webhook_id = r.webhook_id
+        LEFT JOIN pace ON pace.webhook_id = r.webhook_id
         WHERE r.rank <= p_per_webhook - coalesce(busy.in_flight, 0)
           -- A rate-limited webhook gets as many as may start by the horizon.
           AND (r.rate_limit IS NULL
-               OR r.rank <= 1 + floor(r.rate_limit * extract(epoch FROM horizon - greatest(
-                      now(),
-                      (SELECT p.next_start_at FROM outbox.webhook_pace p
-                       WHERE p.webhook_id = r.webhook_id)))))
+               OR r.rank <= 1 + floor(r.rate_limit * extract(epoch FROM
+                      horizon - greatest(now(), pace.next_start_at))))
     ),
     picked AS (
-        SELECT r.id, r.webhook_id, r.next_attempt_at, r.rate_limit
+        -- In the order the ranks were counted in, so that each webhook's picked rows are
+        -- its first ones, ranked 1, 2, ...: their places in its pace.
+        SELECT r.id, r.webhook_id, r.next_attempt_at, r.rate_limit, r.rank
         FROM within_webhook r
         LEFT JOIN unnest(p_busy_accounts, p_busy_account_counts)
             AS busy (account_id, in_flight) ON busy.account_id = r.account_id
         WHERE r.account_rank <= p_per_account - coalesce(busy.in_flight, 0)
-        ORDER BY r.next_attempt_at
+        ORDER BY r.next_attempt_at, r.id
         LIMIT p_limit
     ),
     paced_now AS (
@@ -1114,7 +1119,7 @@ BEGIN
         INSERT INTO outbox.webhook_pace AS p (webhook_id, next_start_at, last_span)
         SELECT n.webhook_id, clock_timestamp() + n.span, n.span
         FROM (SELECT pk.webhook_id,
-                     make_interval(secs => count(*)::float8 / pk.rate_limit) AS span
+                     make_interval(secs => max(pk.rank)::float8 / pk.rate_limit) AS span
               FROM picked pk
               WHERE pk.rate_limit IS NOT NULL
               GROUP BY pk.webhook_id, pk.rate_limit) n
@@ -1128,9 +1133,8 @@ BEGIN
         -- When each attempt of a rate-limited webhook starts: one every 1/rate_limit
         -- seconds from the first; NULL (now) for the others.
         SELECT pk.id,
-               pn.first_start + make_interval(secs => (row_number() OVER (
-                   PARTITION BY pk.webhook_id ORDER BY pk.next_attempt_at, pk.id) - 1)::float8
-                   / pk.rate_limit) AS start_at
+               pn.first_start + make_interval(secs => (pk.rank - 1)::float8 / pk.rate_limit)
+                   AS start_at
         FROM picked pk
         LEFT JOIN paced_now pn ON pn.webhook_id = pk.webhook_id
     )

@@ -738,7 +738,7 @@ class TestDispatcherConnection:
                 accounts_in_flight={},
             )
             conn = await connection.get()
-            plan = await nested_plan(conn, db.query("claim"), params, "WITH due AS")
+            plan = await nested_plan(conn, db.query("claim"), params, "due AS MATERIALIZED")
             return "Seq Scan on deliveries d " in plan
 
         try:
