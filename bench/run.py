@@ -29,6 +29,7 @@ from bench import (
     backlog,
     cost,
     latency,
+    limits,
     overhead,
     profiling,
     retention,
@@ -59,6 +60,7 @@ FIGURES: tuple[Section, ...] = (
     backlog,
     two_sidecars,
     retention,
+    limits,
 )
 SECTIONS = (*(section.NAME for section in FIGURES), profiling.NAME)
 
