@@ -74,6 +74,19 @@ class TestHeaders:
         # The credential is in no log line.
         assert "crm-token" not in sidecar.log() and "rotated-0123" not in sidecar.log()
 
+    def test_an_authorization_header_replaces_credentials_in_the_url(
+        self, sql: SQL, receiver: Receiver, sidecars: Start
+    ) -> None:
+        """A URL with user:password@ sends Basic credentials; given an Authorization
+        header too, the webhook's header is what goes."""
+        url = receiver.url().replace("https://", "https://user:password@")
+        hook = limited_hook(sql, url, Authorization=TOKEN)
+        sidecars()
+        sql.emit()
+        (got,) = receiver.wait_for(1)
+        assert got.headers["Authorization"] == TOKEN
+        wait_until(lambda: statuses(sql, hook) == {"succeeded": 1}, what="the delivery")
+
 
 class TestRateLimit:
     def test_three_sidecars_keep_a_limit_of_5_per_second(
