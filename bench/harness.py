@@ -97,6 +97,7 @@ class Sizes:
     two_sidecars: int = 20_000
     retention_backlog: int = 1_000_000
     cost_events: int = 20_000
+    limits: int = 20_000
 
 
 QUICK = Sizes(
@@ -109,6 +110,7 @@ QUICK = Sizes(
     two_sidecars=5_000,
     retention_backlog=50_000,
     cost_events=4_000,
+    limits=5_000,
 )
 
 # pgbench's variables (-D): a 2 KB domain row and the event's data, the same ~2 KB object.

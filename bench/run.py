@@ -29,6 +29,7 @@ from bench import (
     backlog,
     cost,
     latency,
+    limits,
     overhead,
     profiling,
     render,
@@ -61,6 +62,7 @@ FIGURES: tuple[Section, ...] = (
     two_sidecars,
     retention,
     render,
+    limits,
 )
 SECTIONS = (*(section.NAME for section in FIGURES), profiling.NAME)
 

@@ -81,8 +81,11 @@ _WEBHOOK_FIELDS = (
     "next_retry_at",
     "next_retry_attempt",
     "disabled_reason",
+    "headers",
+    "rate_limit",
 )
-_WRITABLE = ("name", "url", "event", "format", "secret", "enabled")
+_WRITABLE = ("name", "url", "event", "format", "secret", "enabled", "headers", "rate_limit")
+_INT_MAX = 2**31 - 1
 # A change may also end a rotated-out secret's overlap early, by setting this to null.
 _END_OVERLAP = "previous_secret_expires_at"
 
@@ -207,7 +210,8 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
             continue
         if key not in _WRITABLE:
             raise errors.Invalid(
-                f"unknown field {key!r}: a webhook has name, url, event, format, secret and enabled"
+                f"unknown field {key!r}: a webhook has name, url, event, format, secret, "
+                "enabled, headers and rate_limit"
             )
     if not partial:
         for key in ("name", "url", "event"):
@@ -225,6 +229,19 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
         elif key == "enabled":
             if not isinstance(value, bool):
                 raise errors.Invalid("enabled must be true or false")
+        elif key == "headers":
+            if value is None:
+                # Like a JSON merge patch: null removes them all.
+                if partial:
+                    fields["clear_headers"] = True
+                continue
+            value = _headers(value, partial=partial)
+        elif key == "rate_limit":
+            if value is not None and (type(value) is not int or value > _INT_MAX):
+                raise errors.Invalid(
+                    f"rate_limit must be a whole number of attempts per second, at most "
+                    f"{_INT_MAX}, or null for no limit"
+                )
         elif value is None:
             if key != "secret":
                 raise errors.Invalid(f"{key} must not be null")
@@ -232,6 +249,45 @@ def webhook_fields(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
             value = _text(key, value)
         fields[key] = value
     return fields
+
+
+def _headers(value: Any, *, partial: bool) -> dict[str, Any]:
+    """A webhook's headers, names to string values: in a change, a value of null removes
+    that header and the others stay as they are. The rules for names and values are
+    the database's; a value is also refused when it is the mask the API shows."""
+    if not isinstance(value, dict):
+        raise errors.Invalid(
+            f"headers must be a JSON object of header names to values, not {_json_type(value)}"
+        )
+    for name, header in value.items():
+        _text("headers: a header name", name)
+        if header is None and partial:
+            continue
+        if not isinstance(header, str):
+            raise errors.Invalid(
+                f"headers: the value of {name} must be a string, not {_json_type(header)}"
+            )
+        _text(f"headers: the value of {name}", header)
+        if header == webhooks.MASKED:
+            raise errors.Invalid(
+                f"headers: the value of {name} is {webhooks.MASKED!r}, which is how values "
+                "are shown, not a value: give the value itself, or leave the header out to "
+                "keep its value"
+            )
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """What kind of JSON value ``value`` was, in JSON's words."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return "string" if isinstance(value, str) else "null"
 
 
 def page_params(query: Mapping[str, str]) -> tuple[int | None, int]:
@@ -252,9 +308,14 @@ _REASONS = ("last_error", "last_attempt_error")
 
 
 def _webhook(row: Mapping[str, Any]) -> dict[str, Any]:
-    shown = {key: row[key] for key in _WEBHOOK_FIELDS}
+    """The webhook object: its headers' values are never shown, nor a refused
+    target's address (see for_tenant)."""
+    masked = {"headers": dict.fromkeys(row["header_names"], webhooks.MASKED)}
+    shown: dict[str, Any] = {
+        key: masked[key] if key in masked else row[key] for key in _WEBHOOK_FIELDS
+    }
     for key in _REASONS:
-        shown[key] = for_tenant(shown[key])
+        shown[key] = for_tenant(row[key])
     return shown
 
 

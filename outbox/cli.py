@@ -109,6 +109,37 @@ async def _emit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+_INT_MAX = 2**31 - 1
+
+
+def _header(raw: str) -> tuple[str, str]:
+    """``Name: value`` as (name, value), spaces around either left out as HTTP does."""
+    name, colon, value = raw.partition(":")
+    if not colon or not name.strip():
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a header: give it as 'Name: value'")
+    return name.strip(), value.strip()
+
+
+def _headers(given: list[tuple[str, str]] | None) -> dict[str, str] | None:
+    """The --header options as names to values; None when there were none."""
+    if not given:
+        return None
+    headers: dict[str, str] = {}
+    for name, value in given:
+        if any(name.lower() == seen.lower() for seen in headers):
+            raise UsageError(f"--header {name} is given twice")
+        headers[name] = value
+    return headers
+
+
+def _rate_limit(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit() and int(raw) <= _INT_MAX):
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a whole number of attempts per second (at most {_INT_MAX})"
+        )
+    return int(raw)
+
+
 async def _add(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         webhook_id = await webhooks.add(
@@ -120,6 +151,8 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
             secret=args.secret,
             enabled=not args.disabled,
             format=args.format,
+            headers=_headers(args.header),
+            rate_limit=args.rate_limit,
         )
     print(webhook_id)
     return 0
@@ -143,12 +176,24 @@ _COLUMNS = (
     "last_attempt_error",
     "disabled_reason",
 )
+# `webhooks list` also shows each webhook's limit and the names of its own headers.
+_LIST_COLUMNS = (*_COLUMNS, "rate_limit", "headers")
+
+
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    """A webhook's row as `webhooks list` shows it: its headers by name, each value
+    masked as the API masks it."""
+    shown = {k: v for k, v in row.items() if k != "header_names"}
+    shown["headers"] = dict.fromkeys(row["header_names"], webhooks.MASKED)
+    return shown
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def text(value: Any) -> str:
-        if value is None:
+        if value is None or value == {}:
             return "-"
+        if isinstance(value, dict):
+            return ",".join(value)
         if hasattr(value, "isoformat"):
             return str(value.isoformat(timespec="seconds"))
         return str(value)
@@ -162,11 +207,11 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 async def _list(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
-        rows = await webhooks.status(conn, args.account)
+        rows = [_shown(row) for row in await webhooks.status(conn, args.account)]
     if args.json:
         print(json.dumps(rows, default=auth.json_default, indent=2))
     elif rows:
-        print(_table(rows, _COLUMNS))
+        print(_table(rows, _LIST_COLUMNS))
     else:
         print(f"account {args.account} has no webhooks")
     return 0
@@ -189,10 +234,20 @@ async def _update(args: argparse.Namespace, settings: Settings) -> int:
         fields["secret"] = None
     elif args.secret is not None:
         fields["secret"] = args.secret
+    headers = _headers(args.header)
+    if headers is not None:
+        fields["headers"] = headers
+    if args.no_headers:
+        fields["clear_headers"] = True
+    if args.no_rate_limit:
+        fields["rate_limit"] = None
+    elif args.rate_limit is not None:
+        fields["rate_limit"] = args.rate_limit
     if not fields:
         raise UsageError(
             "nothing to change: give --name, --url, --event, --format, --secret, "
-            "--no-secret, --enable or --disable"
+            "--no-secret, --header, --no-headers, --rate-limit, --no-rate-limit, --enable "
+            "or --disable"
         )
     async with await db.connect(settings.database_url) as conn:
         await webhooks.update(conn, args.id, **fields)
@@ -335,6 +390,11 @@ _FORMAT_HELP = (
     "json (the default), slack or discord: the body the receiver gets; "
     "left out, a Slack or Discord webhook URL picks its own"
 )
+_HEADER_HELP = (
+    "'Name: value': a header sent with every attempt, such as a credential of the "
+    "endpoint's own (repeat for more, at most 10)"
+)
+_RATE_LIMIT_HELP = "the most attempts per second to this webhook, from all sidecars together"
 
 
 def _duration(raw: str) -> float:
@@ -404,6 +464,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--format", help=_FORMAT_HELP)
     add.add_argument("--secret")
     add.add_argument("--disabled", action="store_true")
+    add.add_argument("--header", action="append", type=_header, help=_HEADER_HELP)
+    add.add_argument("--rate-limit", type=_rate_limit, metavar="N", help=_RATE_LIMIT_HELP)
     add.set_defaults(func=_add)
 
     listing = hooks.add_parser("list", help="an account's webhooks")
@@ -420,6 +482,18 @@ def _parser() -> argparse.ArgumentParser:
     secret = update.add_mutually_exclusive_group()
     secret.add_argument("--secret")
     secret.add_argument("--no-secret", action="store_true")
+    update.add_argument(
+        "--header",
+        action="append",
+        type=_header,
+        help=_HEADER_HELP + "; replaces a header of that name and keeps the others",
+    )
+    update.add_argument(
+        "--no-headers", action="store_true", help="remove every header (before any --header)"
+    )
+    rate = update.add_mutually_exclusive_group()
+    rate.add_argument("--rate-limit", type=_rate_limit, metavar="N", help=_RATE_LIMIT_HELP)
+    rate.add_argument("--no-rate-limit", action="store_true", help="no rate limit")
     enabled = update.add_mutually_exclusive_group()
     enabled.add_argument("--enable", dest="enabled", action="store_true", default=None)
     enabled.add_argument("--disable", dest="enabled", action="store_false")

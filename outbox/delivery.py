@@ -336,6 +336,10 @@ class Sender:
         # TLS, sending and reading. Once it is spent, the attempt is a timeout, whatever
         # aiohttp made of the cancellation on its way out.
         budget = asyncio.timeout(self._settings.http_timeout)
+        if any(name.lower() == "authorization" for name in headers):
+            # The webhook's own Authorization header replaces credentials in the URL,
+            # which aiohttp would otherwise refuse to combine with it.
+            url = str(yarl.URL(url).with_user(None))
         try:
             async with budget:
                 if not self._settings.allow_private_targets:

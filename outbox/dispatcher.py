@@ -28,7 +28,7 @@ from outbox import db, metrics, tracing, wire
 from outbox.config import Settings
 from outbox.db.deliveries import AttemptResult, Claimed, Job
 from outbox.delivery import Attempt, Sender
-from outbox.retry import duration_words, next_delay
+from outbox.retry import SLOWDOWNS, duration_words, next_delay, slowdown_delay
 from outbox.supervisor import Supervisor
 
 __all__ = ["Dispatcher"]
@@ -60,6 +60,8 @@ class Result:
     attempt: Attempt
     outcome: str
     retry_in: float | None
+    # An answer of 429 that does not use up a retry (CONTRACT section 19).
+    slowdown: bool = False
 
 
 class Doorbell:
@@ -355,6 +357,9 @@ class Dispatcher:
             self._wake.set()
 
     async def _deliver(self, job: Job) -> None:
+        if job.delay > 0:
+            # Its turn under its webhook's rate limit (outbox.claim_v3()).
+            await asyncio.sleep(job.delay)
         payload = wire.payload(job.format, job.event, job.timestamp, job.data)
         # One clock reading for the header and the record: the delivery log rebuilds
         # webhook-timestamp from started_at.
@@ -367,17 +372,22 @@ class Dispatcher:
             secret=job.secret,
             now=int(sent_at.timestamp()),
             previous_secret=job.previous_secret,
+            extra=job.headers,
         )
         attempt = await self._sender.post(job.url, payload, headers, started_at=sent_at)
         retry_in = None
+        slowdown = False
         if attempt.ok:
             outcome = "succeeded"
         else:
-            retry_in = next_delay(
-                job.attempt - job.retry_base,
-                self._settings.retry_delays,
-                retry_after=attempt.retry_after,
-            )
+            delays = self._settings.retry_delays
+            counted = job.attempt - job.retry_base
+            if attempt.status == 429 and job.slowdowns < SLOWDOWNS:
+                # "Slow down" is not a failure: the same attempt again, later.
+                retry_in = slowdown_delay(counted, delays, retry_after=attempt.retry_after)
+                slowdown = retry_in is not None
+            if not slowdown:
+                retry_in = next_delay(counted, delays, retry_after=attempt.retry_after)
             outcome = "failed" if retry_in is None else "pending"
         metrics.attempt(outcome, attempt.duration_ms / 1000)
         tracing.hooks.attempted(job, attempt, outcome)
@@ -390,8 +400,9 @@ class Dispatcher:
             duration_ms=attempt.duration_ms,
             outcome=outcome,
             error=attempt.error,
+            slowdown=slowdown,
         )
-        self._results.append(Result(job, attempt, outcome, retry_in))
+        self._results.append(Result(job, attempt, outcome, retry_in, slowdown))
         self._results_ready.set()
 
     async def _record(self, stop: asyncio.Event) -> None:
@@ -457,6 +468,7 @@ class Dispatcher:
                 "outcome": r.outcome,
                 "retry_in": r.retry_in,
                 "response_body": r.attempt.response_body,
+                "slowdown": r.slowdown,
             }
             for r in batch
         ]

@@ -17,6 +17,7 @@ from outbox.formats import FORMATS
 __all__ = ["DOCUMENT"]
 
 _BIGINT_MAX = 2**63 - 1
+_INT_MAX = 2**31 - 1
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -56,6 +57,19 @@ _FORMAT = {
 }
 
 
+_HEADER_NAME = {
+    "type": "string",
+    "pattern": "^[-!#$%&'*+.^_`|~0-9A-Za-z]{1,64}$",
+    "description": "An HTTP header name (a token of at most 64 characters).",
+}
+_HEADER_VALUE = {
+    "type": "string",
+    "maxLength": 1024,
+    "pattern": "^[ -~]*$",
+    "description": "At most 1024 printable ASCII characters.",
+}
+
+
 def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
     return {
         "type": "object",
@@ -65,7 +79,7 @@ def _object(properties: dict[str, Any], required: list[str] | None = None) -> di
     }
 
 
-_WEBHOOK_INPUT = {
+_WEBHOOK_INPUT: dict[str, Any] = {
     "name": {"type": "string", "minLength": 1, "description": "Not blank."},
     "url": {
         "type": "string",
@@ -83,6 +97,24 @@ _WEBHOOK_INPUT = {
         "deliveries. Never returned: responses say has_secret.",
     },
     "enabled": {"type": "boolean", "description": "Default true."},
+    "headers": {
+        "type": "object",
+        "maxProperties": 10,
+        "propertyNames": _HEADER_NAME,
+        "additionalProperties": _HEADER_VALUE,
+        "writeOnly": True,
+        "description": "Headers sent with every attempt and test send, such as a "
+        "credential of the endpoint's own: at most 10, not one that outbox sets itself "
+        "(Host, Content-Type, Content-Length, Transfer-Encoding, Connection, User-Agent, "
+        'X-Webhook-*, webhook-*). Values are never returned: responses show "***".',
+    },
+    "rate_limit": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": _INT_MAX,
+        "description": "The most attempts per second this webhook gets, from every "
+        "sidecar together; deliveries over it wait, pending. null: no limit (the default).",
+    },
 }
 
 _SCHEMAS: dict[str, Any] = {
@@ -183,6 +215,18 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "Why the product disabled this webhook itself (it kept "
                 "failing); null otherwise. Enabling the webhook clears it.",
             },
+            "headers": {
+                "type": "object",
+                "propertyNames": _HEADER_NAME,
+                "additionalProperties": {"const": "***"},
+                "description": "The names of the headers sent with every attempt; their "
+                "values, which may be credentials, are never shown.",
+            },
+            "rate_limit": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "description": "The most attempts per second; null: no limit.",
+            },
         }
     ),
     "WebhookCreate": _object(_WEBHOOK_INPUT, required=["name", "url", "event"]),
@@ -194,11 +238,21 @@ _SCHEMAS: dict[str, Any] = {
                     "type": "null",
                     "description": "null ends the old secret's overlap at once.",
                 },
+                "headers": {
+                    **_WEBHOOK_INPUT["headers"],
+                    "type": ["object", "null"],
+                    "additionalProperties": {**_HEADER_VALUE, "type": ["string", "null"]},
+                    "description": "Sets the headers it names (whatever their case) and "
+                    "keeps the others; a value of null removes that header, and headers "
+                    'null removes them all. A value is never "***", which is how values '
+                    "are shown.",
+                },
             },
             required=[],
         ),
-        "description": "Only the fields given change; secret null removes the secret. A "
-        "changed secret keeps the old one signing beside it for 24 hours.",
+        "description": "Only the fields given change; secret null removes the secret, "
+        "rate_limit null the limit. A changed secret keeps the old one signing beside it "
+        "for 24 hours.",
     },
     "Attempt": _object(
         {
@@ -221,7 +275,8 @@ _SCHEMAS: dict[str, Any] = {
                         "additionalProperties": {"type": "string"},
                         "description": "The headers outbox set (not those the HTTP client "
                         "adds: Host, Content-Length, Accept). Signatures are shown while "
-                        "the webhook is unchanged since the attempt; secrets never.",
+                        "the webhook is unchanged since the attempt; secrets never. The "
+                        "webhook's own headers show as Name: ***.",
                     },
                 }
             ),

@@ -7,9 +7,19 @@ import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-__all__ = ["JITTER", "duration_words", "next_delay", "parse_retry_after"]
+__all__ = [
+    "JITTER",
+    "SLOWDOWNS",
+    "duration_words",
+    "next_delay",
+    "parse_retry_after",
+    "slowdown_delay",
+]
 
 JITTER = 0.2
+# Answers of 429 ("slow down") per delivery that do not use up a retry; after that, a
+# 429 counts like any other failure.
+SLOWDOWNS = 10
 
 
 def next_delay(
@@ -31,6 +41,28 @@ def next_delay(
     if retry_after is not None:
         scheduled = max(scheduled, min(retry_after, max(delays)))
     return scheduled
+
+
+def slowdown_delay(
+    attempt: int,
+    delays: Sequence[float],
+    *,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float | None:
+    """Seconds to wait after an answer of 429 to attempt number ``attempt`` (1-based, as
+    ``next_delay`` counts it) that does not use up a retry: the receiver's
+    ``Retry-After``, capped at the largest configured delay as in ``next_delay``; without
+    one, the delay a failure of that attempt would have had (the last one, after the
+    last attempt), with jitter. None when no retries are configured: then nothing is
+    tried again, 429 or not.
+    """
+    if not delays:
+        return None
+    if retry_after is not None:
+        return min(retry_after, max(delays))
+    scheduled = delays[min(attempt, len(delays)) - 1]
+    return scheduled * (1 + (rng or random).uniform(-JITTER, JITTER))
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:

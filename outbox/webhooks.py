@@ -23,6 +23,7 @@ from outbox.delivery import Attempt, Sender
 from outbox.events import check_event, sample
 
 __all__ = [
+    "MASKED",
     "Log",
     "add",
     "delete",
@@ -77,7 +78,7 @@ async def emit(conn: psycopg.AsyncConnection[Any], account_id: str, event: str, 
 
 async def add(conn: psycopg.AsyncConnection[Any], **fields: Any) -> int:
     """A new webhook from account_id, name, url and event, and optionally secret,
-    enabled and format; other fields are ignored."""
+    enabled, format, headers and rate_limit; other fields are ignored."""
     async with _rules():
         return await db.webhooks.add(
             conn,
@@ -88,14 +89,19 @@ async def add(conn: psycopg.AsyncConnection[Any], **fields: Any) -> int:
             secret=fields.get("secret"),
             enabled=fields.get("enabled", True),
             format=fields.get("format"),
+            headers=fields.get("headers"),
+            rate_limit=fields.get("rate_limit"),
         )
 
 
 async def update(conn: psycopg.AsyncConnection[Any], webhook_id: int, **fields: Any) -> None:
-    """Change the given fields; ``secret=None`` removes the secret, absent leaves it.
+    """Change the given fields; ``secret=None`` removes the secret and
+    ``rate_limit=None`` the rate limit, absent leaves them.
 
     ``end_secret_overlap=True`` stops a rotated-out secret from signing now rather than
-    24 hours after the change. Other fields are ignored.
+    24 hours after the change. ``headers`` sets the headers it names, or removes those
+    given None, and leaves the others; ``clear_headers=True`` removes all of them first.
+    Other fields are ignored.
     """
     async with _rules():
         found = await db.webhooks.update(
@@ -109,6 +115,10 @@ async def update(conn: psycopg.AsyncConnection[Any], webhook_id: int, **fields: 
             set_secret="secret" in fields,
             secret=fields.get("secret"),
             end_secret_overlap=fields.get("end_secret_overlap", False),
+            headers=fields.get("headers"),
+            clear_headers=fields.get("clear_headers", False),
+            set_rate_limit="rate_limit" in fields,
+            rate_limit=fields.get("rate_limit"),
         )
     if not found:
         raise errors.NotFound(f"webhook {webhook_id} not found")
@@ -135,7 +145,7 @@ async def status(
 
 async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = None) -> Attempt:
     """Send one sample payload now, in the webhook's format, signed as a delivery
-    would be; no retries, no record."""
+    would be and with its headers; no retries, no record."""
     event = check_event(event or webhook["event"])
     timestamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
     payload = wire.payload(webhook["format"], event, timestamp, json.dumps(sample(event)))
@@ -148,6 +158,7 @@ async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = N
         now=int(time.time()),
         test=True,
         previous_secret=webhook.get("previous_secret"),
+        extra=webhook.get("headers"),
     )
     return await sender.post(webhook["url"], payload, headers)
 
@@ -156,6 +167,8 @@ async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = N
 # changed after the attempt, and what it was signed with is not kept.
 SIGNATURE_UNKNOWN = "(not shown: the webhook was changed after this attempt)"
 _SIGNATURES = ("X-Webhook-Signature", "webhook-signature")
+# Shown for the value of each of the webhook's own headers, which may be credentials.
+MASKED = "***"
 
 
 def sent_request(
@@ -164,7 +177,9 @@ def sent_request(
     """The request of one attempt, rebuilt from the event as it was sent (the body is
     not stored twice; ``body`` is it when already rendered): method, url and headers.
     Signatures are computed again with the webhook's secret while the webhook is
-    unchanged since the attempt; the secret itself is never part of it."""
+    unchanged since the attempt; the secret itself is never part of it, and the
+    webhook's own headers (as they are now) show their names with MASKED for each
+    value."""
     started_at: datetime = attempt["started_at"]
     # A secret being rotated out signed beside the current one until it expired.
     expires = delivery["wire_previous_secret_expires_at"]
@@ -177,6 +192,7 @@ def sent_request(
         secret=delivery["wire_secret"],
         now=int(started_at.timestamp()),
         previous_secret=previous,
+        extra=dict.fromkeys(delivery["wire_header_names"], MASKED),
     )
     if delivery["wire_updated_at"] > started_at:
         for name in _SIGNATURES:

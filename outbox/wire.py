@@ -8,6 +8,7 @@ are the bytes that are sent.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from outbox import __version__, formats
 from outbox.signing import signature, standard_signature
@@ -43,11 +44,14 @@ def headers(
     now: int,
     test: bool = False,
     previous_secret: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Headers for one attempt; ``now`` (unix seconds) is the attempt's send time.
 
     ``previous_secret``, a secret being rotated out, signs beside ``secret`` in
-    ``webhook-signature`` only: ``X-Webhook-Signature`` has room for one.
+    ``webhook-signature`` only: ``X-Webhook-Signature`` has room for one. ``extra`` are
+    the webhook's own headers (a credential, say), after outbox's: the database refuses
+    any name outbox sets, and outbox's would win.
     """
     result = {
         "Content-Type": "application/json",
@@ -64,4 +68,6 @@ def headers(
         result["webhook-timestamp"] = str(now)
         older = () if previous_secret is None else (previous_secret,)
         result["webhook-signature"] = standard_signature(secret, message_id, now, payload, *older)
+    for name, value in (extra or {}).items():
+        result.setdefault(name, value)
     return result

@@ -3,18 +3,19 @@
 
 -- claim --
 -- Take up to %(limit)s due deliveries under a lease, within each webhook's and each
--- account's share of this dispatcher's slots (see outbox.claim_v2()).
-SELECT * FROM outbox.claim_v2(
+-- account's share of this dispatcher's slots, and each webhook's rate limit (see
+-- outbox.claim_v3()).
+SELECT * FROM outbox.claim_v3(
     %(limit)s::integer, %(window)s::integer, %(lease)s::uuid, %(lease_seconds)s::float8,
     %(per_webhook)s::integer, %(full_webhooks)s::bigint[], %(busy_webhooks)s::bigint[],
     %(busy_counts)s::bigint[],
     %(per_account)s::integer, %(full_accounts)s::text[], %(busy_accounts)s::text[],
-    %(busy_account_counts)s::bigint[]);
+    %(busy_account_counts)s::bigint[], %(pace_ahead)s::float8);
 
 -- record --
--- Store a batch of attempt results in one round trip (outbox.record_v1()); answers the
+-- Store a batch of attempt results in one round trip (outbox.record_v2()); answers the
 -- webhooks of deliveries that failed for good, for auto_disable.
-SELECT * FROM outbox.record_v1(%(results)s::json);
+SELECT * FROM outbox.record_v2(%(results)s::json);
 
 -- auto_disable --
 -- Disable those of the given webhooks that have not succeeded for %(after_seconds)s
@@ -42,9 +43,9 @@ SET plan_cache_mode = force_generic_plan;
 SET synchronous_commit = off;
 
 -- next_due --
--- Seconds until the earliest pending delivery falls due (a retry, or a lease running
--- out); NULL when nothing is pending.
-SELECT outbox.next_due_v2();
+-- Seconds until the earliest pending delivery falls due (a retry, a lease running out,
+-- or a rate-limited webhook's next attempt); NULL when nothing is pending.
+SELECT outbox.next_due_v3(%(pace_ahead)s::float8);
 
 -- arm_doorbell --
 -- Held while the dispatcher sleeps, so that producers ring (the doorbell's protocol is
@@ -63,15 +64,17 @@ SELECT outbox.emit(%(account_id)s, %(event)s, %(data)s::jsonb);
 
 -- webhook_add --
 -- A NULL format is the one the URL calls for (outbox.webhooks_guard()).
-INSERT INTO outbox.webhooks (account_id, name, url, event, secret, enabled, format)
-VALUES (%(account_id)s, %(name)s, %(url)s, %(event)s, %(secret)s, %(enabled)s, %(format)s)
+INSERT INTO outbox.webhooks
+    (account_id, name, url, event, secret, enabled, format, headers, rate_limit)
+VALUES (%(account_id)s, %(name)s, %(url)s, %(event)s, %(secret)s, %(enabled)s, %(format)s,
+        coalesce(%(headers)s::jsonb, '{}'), %(rate_limit)s::integer)
 RETURNING id;
 
 -- webhook_get --
 SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled, w.secret,
        CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret
        END AS previous_secret,
-       w.created_at, w.updated_at, w.format
+       w.created_at, w.updated_at, w.format, w.headers, w.rate_limit
 FROM outbox.webhooks w
 WHERE w.id = %(id)s;
 
@@ -80,12 +83,15 @@ DELETE FROM outbox.webhooks WHERE id = %(id)s RETURNING id;
 
 -- webhook_status --
 -- next_retry_attempt: the number, within its series, of the attempt due at
--- next_retry_at (found among the webhook's pending deliveries only).
+-- next_retry_at (found among the webhook's pending deliveries only). Of the webhook's
+-- own headers, only the names: their values are kept like secrets.
 SELECT s.id, s.account_id, s.name, s.url, s.event, s.enabled, s.last_delivery_status,
        s.last_delivery_at, s.last_error, s.pending, w.secret IS NOT NULL AS has_secret,
        w.previous_secret_expires_at, w.created_at, w.updated_at, s.format,
        s.retrying, s.last_attempt_at, s.last_attempt_status, s.last_attempt_error,
-       s.next_retry_at, s.disabled_reason, retry.next_retry_attempt
+       s.next_retry_at, s.disabled_reason, retry.next_retry_attempt,
+       ARRAY(SELECT k FROM jsonb_object_keys(w.headers) k ORDER BY lower(k)) AS header_names,
+       w.rate_limit
 FROM outbox.webhook_status s
 JOIN outbox.webhooks w USING (id)
 LEFT JOIN LATERAL (
@@ -148,14 +154,25 @@ SELECT 1;
 SELECT max(version) FROM outbox.schema_migrations;
 
 -- webhook_update --
--- NULL leaves a field as it is; the secret, which may be set to NULL, has its own flag.
+-- NULL leaves a field as it is; the secret and the rate limit, which may be set to NULL,
+-- have their own flags. Headers change by name, whatever its case: %(headers)s gives
+-- new values, and null for each header to remove; %(clear_headers)s removes every one
+-- first.
 UPDATE outbox.webhooks
 SET name = coalesce(%(name)s, name),
     url = coalesce(%(url)s, url),
     event = coalesce(%(event)s, event),
     enabled = coalesce(%(enabled)s, enabled),
     format = coalesce(%(format)s, format),
-    secret = CASE WHEN %(set_secret)s THEN %(secret)s ELSE secret END
+    secret = CASE WHEN %(set_secret)s THEN %(secret)s ELSE secret END,
+    headers = CASE WHEN %(headers)s::jsonb IS NULL AND NOT %(clear_headers)s THEN headers ELSE
+        (SELECT coalesce(jsonb_object_agg(h.key, h.value), '{}')
+         FROM jsonb_each(CASE WHEN %(clear_headers)s THEN '{}' ELSE headers END) h
+         WHERE lower(h.key) NOT IN (
+             SELECT lower(k) FROM jsonb_object_keys(coalesce(%(headers)s::jsonb, '{}')) k))
+        || jsonb_strip_nulls(coalesce(%(headers)s::jsonb, '{}'))
+    END,
+    rate_limit = CASE WHEN %(set_rate_limit)s THEN %(rate_limit)s::integer ELSE rate_limit END
 WHERE id = %(id)s
 RETURNING id;
 
@@ -218,7 +235,8 @@ SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
        w.previous_secret AS wire_previous_secret,
        w.previous_secret_expires_at AS wire_previous_secret_expires_at,
-       w.format AS wire_format, w.updated_at AS wire_updated_at
+       w.format AS wire_format, w.updated_at AS wire_updated_at,
+       ARRAY(SELECT jsonb_object_keys(w.headers)) AS wire_header_names
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id
 JOIN outbox.webhooks w ON w.id = d.webhook_id
@@ -238,7 +256,8 @@ SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        e.data::text AS wire_data, w.url AS wire_url, w.secret AS wire_secret,
        w.previous_secret AS wire_previous_secret,
        w.previous_secret_expires_at AS wire_previous_secret_expires_at,
-       w.format AS wire_format, w.updated_at AS wire_updated_at
+       w.format AS wire_format, w.updated_at AS wire_updated_at,
+       ARRAY(SELECT jsonb_object_keys(w.headers)) AS wire_header_names
 FROM outbox.deliveries d
 JOIN outbox.events e ON e.id = d.event_id
 JOIN outbox.webhooks w ON w.id = d.webhook_id

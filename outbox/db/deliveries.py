@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypedDict, TypeVar
 
 import psycopg
@@ -19,6 +19,7 @@ import psycopg
 from outbox.db.core import query
 
 __all__ = [
+    "PACE_AHEAD",
     "AttemptResult",
     "Backlog",
     "Claimed",
@@ -45,6 +46,11 @@ _K = TypeVar("_K", int, str)
 
 Conn = psycopg.AsyncConnection[Any]
 
+# A claim hands a rate-limited webhook the attempts that may start within this many
+# seconds, each with its delay (outbox.claim_v3()): a dispatcher that wakes a little late
+# still starts them on time, and one claim serves a fast limit for a while.
+PACE_AHEAD = 0.05
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -63,6 +69,12 @@ class Job:
     retry_base: int
     previous_secret: str | None
     format: str = "json"
+    # The webhook's own headers (CONTRACT section 18), sent besides outbox's.
+    headers: dict[str, str] = field(default_factory=dict)
+    # Answers of 429 that this delivery has been let off so far (CONTRACT section 19).
+    slowdowns: int = 0
+    # Seconds to wait before the attempt starts: its place in its webhook's rate limit.
+    delay: float = 0.0
 
 
 class Claimed(NamedTuple):
@@ -90,6 +102,7 @@ def claim_params(
     webhooks_in_flight: Mapping[int, int],
     per_account: int,
     accounts_in_flight: Mapping[str, int],
+    pace_ahead: float = PACE_AHEAD,
 ) -> dict[str, Any]:
     """The parameters of the ``claim`` query for a dispatcher with these attempts in
     flight (by webhook id and by account): the one place they are built."""
@@ -110,6 +123,7 @@ def claim_params(
         "busy_account_counts": list(busy_accounts.values()),
         "lease_seconds": lease_seconds,
         "lease": lease,
+        "pace_ahead": pace_ahead,
     }
 
 
@@ -141,7 +155,7 @@ async def claim(
     for id_, webhook, account, attempt, enabled, *job in rows:
         # The claim cancelled the others: their webhook was disabled.
         if enabled:
-            event, stamp, data, url, secret, base, old, fmt = job
+            event, stamp, data, url, secret, base, old, fmt, headers, slowdowns, delay = job
             jobs.append(
                 Job(
                     id_,
@@ -157,13 +171,16 @@ async def claim(
                     base,
                     old,
                     fmt,
+                    headers,
+                    slowdowns,
+                    delay,
                 )
             )
     return Claimed(jobs, len(rows))
 
 
 class AttemptResult(TypedDict):
-    """One attempt's result as outbox.record_v1() reads it."""
+    """One attempt's result as outbox.record_v2() reads it."""
 
     id: int
     lease: str
@@ -175,6 +192,8 @@ class AttemptResult(TypedDict):
     outcome: str  # succeeded, failed (for good) or pending (to be retried)
     retry_in: float | None
     response_body: str | None
+    # An answer of 429 let off: it does not use up a retry (CONTRACT section 19).
+    slowdown: bool
 
 
 def record_params(results: Sequence[AttemptResult]) -> dict[str, Any]:
@@ -205,9 +224,9 @@ async def auto_disable(
 
 
 async def next_due(conn: Conn) -> float | None:
-    """Seconds until the earliest pending delivery is due (negative: overdue); None
-    when nothing is pending."""
-    cur = await conn.execute(query("next_due"), prepare=True)
+    """Seconds until the earliest pending delivery is due (negative: overdue), or a
+    rate-limited webhook's backlog may go on; None when nothing is pending."""
+    cur = await conn.execute(query("next_due"), {"pace_ahead": PACE_AHEAD}, prepare=True)
     row = await cur.fetchone()
     return None if row is None else row[0]
 

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from outbox.db.core import query
 
@@ -57,9 +58,13 @@ async def add(
     secret: str | None = None,
     enabled: bool = True,
     format: str | None = None,
+    headers: dict[str, Any] | None = None,
+    rate_limit: int | None = None,
 ) -> int:
     """A new webhook's id; a ``format`` of None is the one its URL calls for."""
     params = {
+        "headers": None if headers is None else Jsonb(headers),
+        "rate_limit": rate_limit,
         "account_id": account_id,
         "name": name,
         "url": url,
@@ -86,10 +91,20 @@ async def update(
     set_secret: bool = False,
     secret: str | None = None,
     end_secret_overlap: bool = False,
+    headers: dict[str, Any] | None = None,
+    clear_headers: bool = False,
+    set_rate_limit: bool = False,
+    rate_limit: int | None = None,
 ) -> bool:
-    """Change the fields that are not None, and the secret if ``set_secret`` (None
-    removes it); False when there is no such webhook."""
+    """Change the fields that are not None, the secret if ``set_secret`` (None removes
+    it) and the rate limit if ``set_rate_limit`` (None removes it); ``headers`` sets or
+    (with a value of None) removes the headers it names, after ``clear_headers`` removed
+    them all. False when there is no such webhook."""
     params = {
+        "headers": None if headers is None else Jsonb(headers),
+        "clear_headers": clear_headers,
+        "set_rate_limit": set_rate_limit,
+        "rate_limit": rate_limit,
         "id": webhook_id,
         "name": name,
         "url": url,
@@ -114,7 +129,8 @@ async def delete(conn: Conn, webhook_id: int) -> bool:
 
 
 async def get(conn: Conn, webhook_id: int) -> Row | None:
-    """The webhook with its secrets (the previous one while it still signs)."""
+    """The webhook with its secrets (the previous one while it still signs) and its
+    headers' values."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query("webhook_get"), {"id": webhook_id})
         return await cur.fetchone()
@@ -122,7 +138,8 @@ async def get(conn: Conn, webhook_id: int) -> Row | None:
 
 async def status(conn: Conn, account_id: str | None) -> list[Row]:
     """Each webhook of the account (of every account for None) with its status fields
-    (the outbox.webhook_status view) and the number of its next retry."""
+    (the outbox.webhook_status view), the number of its next retry, its rate limit and
+    the names of its headers (``header_names``), never their values."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query("webhook_status"), {"account_id": account_id})
         return await cur.fetchall()

@@ -303,6 +303,7 @@
       el("span", { class: "name-text", text: hook.name }),
       hook.enabled ? null : el("span", { class: "badge off", text: "Disabled" }),
     );
+    const extras = extrasText(hook);
     const actions = el(
       "div",
       { class: "row-actions" },
@@ -334,7 +335,13 @@
     return el(
       "tr",
       { class: hook.enabled ? "enabled" : "disabled", data: { id: hook.id } },
-      el("td", { class: "who" }, name, urlText(hook.url)),
+      el(
+        "td",
+        { class: "who" },
+        name,
+        urlText(hook.url),
+        extras ? el("span", { class: "extras", text: extras }) : null,
+      ),
       el(
         "td",
         { class: "event", "data-label": "Event" },
@@ -348,6 +355,19 @@
       el("td", { class: "num pending", "data-label": "Pending", text: String(hook.pending) }),
       el("td", { class: "actions-cell" }, actions),
     );
+  }
+
+  // "Headers: Authorization · At most 5 requests a second": the names of the webhook's
+  // own headers (their values are never shown) and its rate limit.
+  function extrasText(hook) {
+    const parts = [];
+    const names = Object.keys(hook.headers || {});
+    if (names.length) parts.push(`Headers: ${names.join(", ")}`);
+    if (hook.rate_limit) {
+      const requests = hook.rate_limit === 1 ? "request" : "requests";
+      parts.push(`At most ${hook.rate_limit} ${requests} a second`);
+    }
+    return parts.join(" · ");
   }
 
   async function setEnabled(hook, toggle) {
@@ -384,7 +404,7 @@
 
   // ---------------------------------------------------------------- add and edit
 
-  const FIELDS = ["name", "url", "event", "format", "secret", "enabled"];
+  const FIELDS = ["name", "url", "event", "format", "secret", "enabled", "headers", "rate_limit"];
 
   // What the page can tell before asking the server, per field, in the API's own words:
   // "" when fine. All are shown at once, and each goes away as its field is corrected.
@@ -516,6 +536,95 @@
     $("f-remove-secret").checked = false;
   }
 
+  // ---------------------------------------------------------------- headers
+
+  const HEADER_LIMIT = 10;
+
+  // One row of the dialog's headers. A saved header shows its name and takes a new
+  // value, but never shows the old one (values are kept like the secret); Remove marks
+  // it to be removed on Save. A new header takes a name and a value.
+  function headerRow(name) {
+    const saved = name !== null;
+    const item = el("li", { class: "header-row", data: saved ? { name } : null });
+    const value = el("input", {
+      type: "password",
+      class: "header-value",
+      autocomplete: "new-password",
+      spellcheck: "false",
+      "aria-label": saved ? `New value of ${name}` : "Header value",
+      placeholder: saved ? "Leave blank to keep the value" : "Value",
+    });
+    const remove = el("button", {
+      type: "button",
+      class: "small",
+      text: "Remove",
+      "aria-label": saved ? `Remove ${name}` : "Remove this header",
+    });
+    if (saved) {
+      item.append(el("span", { class: "header-name", text: name }), value, remove);
+      remove.addEventListener("click", () => {
+        const removed = !item.classList.contains("removed");
+        item.classList.toggle("removed", removed);
+        value.disabled = removed;
+        remove.textContent = removed ? "Undo" : "Remove";
+        remove.setAttribute("aria-label", `${removed ? "Keep" : "Remove"} ${name}`);
+        updateAddHeader();
+      });
+    } else {
+      const nameInput = el("input", {
+        type: "text",
+        class: "header-name-input",
+        autocomplete: "off",
+        spellcheck: "false",
+        "aria-label": "Header name",
+        placeholder: "Name, e.g. Authorization",
+      });
+      item.append(nameInput, value, remove);
+      remove.addEventListener("click", () => {
+        item.remove();
+        updateAddHeader();
+        $("add-header").focus();
+      });
+    }
+    return item;
+  }
+
+  function updateAddHeader() {
+    const kept = [...$("header-rows").children].filter((r) => !r.classList.contains("removed"));
+    $("add-header").disabled = kept.length >= HEADER_LIMIT;
+  }
+
+  function addHeader() {
+    const item = headerRow(null);
+    $("header-rows").append(item);
+    updateAddHeader();
+    item.querySelector("input").focus();
+  }
+
+  function fillHeaders(hook) {
+    const names = hook ? Object.keys(hook.headers || {}) : [];
+    $("header-rows").replaceChildren(...names.map(headerRow));
+    updateAddHeader();
+  }
+
+  // The headers to send: a new webhook's, or for a change only what changed (a new
+  // value, null for one removed, a new header): values are never sent back. Null when
+  // nothing changed.
+  function headerFields() {
+    const headers = {};
+    for (const item of $("header-rows").children) {
+      const value = item.querySelector(".header-value").value;
+      if (item.dataset.name !== undefined) {
+        if (item.classList.contains("removed")) headers[item.dataset.name] = null;
+        else if (value) headers[item.dataset.name] = value;
+      } else {
+        const name = item.querySelector(".header-name-input").value.trim();
+        if (name || value) headers[name] = value;
+      }
+    }
+    return Object.keys(headers).length ? headers : null;
+  }
+
   function openForm(hook, opener) {
     state.editing = hook || null;
     const editing = Boolean(hook);
@@ -542,6 +651,8 @@
     show($("remove-secret-label"), editing && hook.has_secret);
     show($("enabled-field"), editing);
     $("f-enabled").checked = editing ? hook.enabled : true;
+    fillHeaders(hook);
+    $("f-rate_limit").value = editing && hook.rate_limit !== null ? String(hook.rate_limit) : "";
     show($("test-section"), editing);
     if (editing) {
       fillEventSelect($("t-event"), false);
@@ -569,6 +680,16 @@
     if (hook && $("f-remove-secret").checked && !secret) fields.secret = null;
     else if (secret) fields.secret = secret;
     if (hook && $("f-enabled").checked !== hook.enabled) fields.enabled = $("f-enabled").checked;
+    const headers = headerFields();
+    if (headers) fields.headers = headers;
+    const rate = $("f-rate_limit");
+    if (rate.validity.badInput) {
+      // Not a number at all: the API says what it takes.
+      fields.rate_limit = "";
+    } else {
+      const limit = rate.value.trim() === "" ? null : Number(rate.value);
+      if (hook ? limit !== hook.rate_limit : limit !== null) fields.rate_limit = limit;
+    }
     return fields;
   }
 
@@ -982,6 +1103,7 @@
       showFormatHint();
     });
     $("generate-secret").addEventListener("click", generateSecret);
+    $("add-header").addEventListener("click", addHeader);
     $("f-secret").addEventListener("input", showRotation);
     $("copy-secret").addEventListener("click", copySecret);
     $("f-remove-secret").addEventListener("change", () => {
@@ -993,6 +1115,8 @@
     $("log-refresh").addEventListener("click", () => loadLog("again"));
     onDialogClosed($("webhook-dialog"), () => {
       resetSecret();
+      // Header values typed in are not kept once the dialog is closed.
+      $("header-rows").replaceChildren();
       state.editing = null;
     });
     onDialogClosed($("delete-dialog"), () => {

@@ -1,5 +1,4 @@
--- outbox schema, version 12 (issue #25; numbered 14 once the two migrations before it
--- are merged): operator tokens, and what a portal link tells the page it opens.
+-- outbox schema, version 12: operator tokens, and what a portal link tells the page it opens.
 --
 -- An operator token acts for any account (the SaaS's backend names it in the
 -- Outbox-Account header), so it has no account of its own: account_id is NULL exactly

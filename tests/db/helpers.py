@@ -49,11 +49,13 @@ def claim(
     busy_accounts: dict[str, int] | None = None,
     lease_seconds: float = 60,
     lease: uuid.UUID | None = None,
+    pace_ahead: float = db.deliveries.PACE_AHEAD,
 ) -> list[dict[str, Any]]:
     """Run the dispatcher's claim query with the parameters its claim builds, on a
     test's own (blocking) connection, every row as a dict.
 
-    ``full`` webhooks are given a full share in flight; ``busy`` ones their count."""
+    ``full`` webhooks are given a full share in flight; ``busy`` ones their count;
+    rate-limited webhooks get the attempts that may start within ``pace_ahead``."""
     webhooks = {w: per_webhook for w in full} | (busy or {})
     accounts = {a: per_account for a in full_accounts} | (busy_accounts or {})
     params = db.deliveries.claim_params(
@@ -64,6 +66,7 @@ def claim(
         webhooks_in_flight=webhooks,
         per_account=per_account,
         accounts_in_flight=accounts,
+        pace_ahead=pace_ahead,
     )
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(db.query("claim"), params)
@@ -77,8 +80,8 @@ def record(
     """Run the record query with its parameters built as the dispatcher's record does.
 
     Each result: id, lease, attempt, started (datetime), duration_ms, status, error,
-    outcome, retry_in, response_body. Answers the webhooks whose deliveries failed for
-    good.
+    outcome, retry_in, response_body, slowdown. Answers the webhooks whose deliveries
+    failed for good.
     """
     rows: list[AttemptResult] = [
         {
@@ -92,6 +95,7 @@ def record(
             "outcome": r["outcome"],
             "retry_in": r.get("retry_in"),
             "response_body": r.get("response_body"),
+            "slowdown": r.get("slowdown", False),
         }
         for r in results
     ]

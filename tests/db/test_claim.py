@@ -566,7 +566,9 @@ class TestDisabledRace:
 
 class TestNextDue:
     def next_due(self, conn: psycopg.Connection[Any]) -> float | None:
-        found = conn.execute(db.query("next_due")).fetchone()
+        found = conn.execute(
+            db.query("next_due"), {"pace_ahead": db.deliveries.PACE_AHEAD}
+        ).fetchone()
         assert found is not None
         return None if found[0] is None else float(found[0])
 
@@ -736,7 +738,7 @@ class TestDispatcherConnection:
                 accounts_in_flight={},
             )
             conn = await connection.get()
-            plan = await nested_plan(conn, db.query("claim"), params, "WITH due AS")
+            plan = await nested_plan(conn, db.query("claim"), params, "due AS MATERIALIZED")
             return "Seq Scan on deliveries d " in plan
 
         try:

@@ -455,6 +455,8 @@ class TestWebhooks:
             "next_retry_at": None,
             "next_retry_attempt": None,
             "disabled_reason": None,
+            "headers": {},
+            "rate_limit": None,
         }
         stored = db("SELECT account_id, secret FROM outbox.webhooks WHERE id = %s", (hook["id"],))
         assert stored == [(api.main, SECRET)]

@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from outbox.retry import JITTER, duration_words, next_delay, parse_retry_after
+from outbox.retry import (
+    JITTER,
+    SLOWDOWNS,
+    duration_words,
+    next_delay,
+    parse_retry_after,
+    slowdown_delay,
+)
 
 DEFAULT = (60.0, 600.0, 3600.0)
 SEEDS = range(500)
@@ -171,6 +178,38 @@ class TestParseRetryAfter:
     def test_empty_is_none(self, value: str | None) -> None:
         """A missing, empty or blank header is None."""
         assert parse_retry_after(value, NOW) is None
+
+
+class TestSlowdownDelay:
+    """`slowdown_delay`: when an attempt answered 429 is made again, without using up
+    a retry (CONTRACT section 19)."""
+
+    def test_ten_are_let_off(self) -> None:
+        assert SLOWDOWNS == 10
+
+    @pytest.mark.parametrize("attempt", [1, 2, 3])
+    def test_without_retry_after_the_delay_that_attempt_would_have_had(self, attempt: int) -> None:
+        """The delay a failure of the same attempt would have had, with jitter."""
+        base = DEFAULT[attempt - 1]
+        values = [slowdown_delay(attempt, DEFAULT, rng=random.Random(seed)) for seed in range(100)]
+        floats = [v for v in values if v is not None]
+        assert len(floats) == 100
+        assert base * 0.8 <= min(floats) < base * 0.9 and base * 1.1 < max(floats) <= base * 1.2
+
+    def test_after_the_last_attempt_the_last_delay(self) -> None:
+        """The last attempt (no retry left to use up) waits the last delay."""
+        delay = slowdown_delay(4, DEFAULT, rng=random.Random(1))
+        assert delay is not None and 3600 * 0.8 <= delay <= 3600 * 1.2
+
+    @pytest.mark.parametrize(("retry_after", "expected"), [(2.0, 2.0), (0.0, 0.0), (9999.0, 3600)])
+    def test_retry_after_is_what_is_waited(self, retry_after: float, expected: float) -> None:
+        """The receiver's Retry-After is waited, however short, capped at the largest delay;
+        not the scheduled delay, which would be minutes."""
+        assert slowdown_delay(1, DEFAULT, retry_after=retry_after) == expected
+
+    def test_nothing_without_retries(self) -> None:
+        """With no retries configured nothing is tried again, 429 included."""
+        assert slowdown_delay(1, (), retry_after=1.0) is None
 
 
 class TestDurationWords:

@@ -188,3 +188,17 @@ class TestHeaders:
         """A normal delivery carries no X-Webhook-Test header."""
         assert "X-Webhook-Test" not in _headers()
         assert "X-Webhook-Test" not in _headers(test=False)
+
+    def test_the_webhooks_own_headers_come_after_outboxs(self) -> None:
+        """``extra`` headers are added after outbox's own, values as given."""
+        h = _headers(extra={"Authorization": "Bearer abc", "X-Api-Key": "k"})
+        assert list(h)[-2:] == ["Authorization", "X-Api-Key"]
+        assert h["Authorization"] == "Bearer abc"
+        assert h["X-Webhook-Id"] == "123"
+
+    def test_outboxs_headers_win(self) -> None:
+        """Should an extra header have a name outbox sets (the database refuses them), the
+        value outbox computed is sent."""
+        h = _headers(extra={"X-Webhook-Id": "forged", "webhook-signature": "v1,forged"})
+        assert h["X-Webhook-Id"] == "123"
+        assert h["webhook-signature"] != "v1,forged"
