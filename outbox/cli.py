@@ -332,9 +332,11 @@ async def _prune(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     async with await db.connect(settings.database_url, **settings.connect_options) as conn:
         pruned = await retention.prune(conn, older_than, wait=args.wait)
+    # Operational events are named only when there were some: the line stays as it was.
+    notes = f", {pruned.notifications} operational events" if pruned.notifications else ""
     print(
         f"deleted {pruned.deliveries} deliveries, {pruned.attempts} attempts,"
-        f" {pruned.events} events"
+        f" {pruned.events} events{notes}"
     )
     if pruned.yielded:
         print(

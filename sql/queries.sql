@@ -12,14 +12,15 @@ SELECT * FROM outbox.claim_v2(
     %(busy_account_counts)s::bigint[]);
 
 -- record --
--- Store a batch of attempt results in one round trip (outbox.record_v1()); answers the
--- webhooks of deliveries that failed for good, for auto_disable.
-SELECT * FROM outbox.record_v1(%(results)s::json);
+-- Store a batch of attempt results in one round trip (outbox.record_v2()), with an
+-- operational event where a webhook's state changed; answers the webhooks of
+-- deliveries that failed for good, for auto_disable.
+SELECT * FROM outbox.record_v2(%(results)s::json);
 
 -- auto_disable --
 -- Disable those of the given webhooks that have not succeeded for %(after_seconds)s
--- (outbox.auto_disable_v1()); a statement of its own, right after the record.
-SELECT * FROM outbox.auto_disable_v1(
+-- (outbox.auto_disable_v2()); a statement of its own, right after the record.
+SELECT * FROM outbox.auto_disable_v2(
     %(webhook_ids)s::bigint[], %(after_seconds)s::float8, %(after_text)s::text);
 
 -- dispatcher_session --
@@ -248,8 +249,9 @@ ORDER BY delivery_id, attempt;
 SELECT * FROM outbox.replay_v1(%(id)s::bigint, %(account_id)s::text);
 
 -- webhook_recover --
--- Re-queue every delivery of one enabled webhook that failed at or after %(since)s.
-SELECT outbox.recover_v1(%(webhook_id)s::bigint, %(since)s::timestamptz);
+-- Re-queue every delivery of one enabled webhook that failed, or that an automatic
+-- disable cancelled, at or after %(since)s.
+SELECT outbox.recover_v2(%(webhook_id)s::bigint, %(since)s::timestamptz);
 
 -- wake --
 -- Replayed deliveries are due now: tell the dispatchers rather than wait for a poll.
@@ -400,3 +402,29 @@ deleted AS (
 )
 SELECT (SELECT count(*) FROM deleted), max(id), count(*) FILTER (WHERE occurred_at < %(cutoff)s)
 FROM scanned;
+
+-- notifications_claim --
+-- Up to %(limit)s operational events due to be POSTed, held for %(lease_seconds)s
+-- (outbox.claim_notifications_v1()).
+SELECT * FROM outbox.claim_notifications_v1(%(limit)s::integer, %(lease_seconds)s::float8);
+
+-- notification_sent --
+-- One notification's attempt: sent, or due again in %(retry_in)s seconds.
+SELECT outbox.notification_sent_v1(
+    %(id)s::bigint, %(attempt)s::integer, %(error)s::text, %(retry_in)s::float8);
+
+-- prune_notifications --
+-- Delete operational events older than the cutoff, oldest first, at most %(rows)s.
+WITH doomed AS MATERIALIZED (
+    SELECT n.id
+    FROM outbox.notifications n
+    WHERE n.created_at < %(cutoff)s
+    ORDER BY n.created_at
+    LIMIT %(rows)s
+),
+deleted AS (
+    DELETE FROM outbox.notifications n
+    WHERE n.id = ANY ((SELECT array_agg(id) FROM doomed)::bigint[])
+    RETURNING 1
+)
+SELECT count(*) FROM deleted;

@@ -171,8 +171,8 @@ async def replay(conn: Conn, delivery_id: int, account_id: str | None) -> Replay
 
 
 async def recover(conn: Conn, webhook_id: int, since: datetime) -> int:
-    """Queue again every delivery of the webhook that failed at or after ``since``;
-    how many."""
+    """Queue again every delivery of the webhook that failed, or that an automatic
+    disable cancelled, at or after ``since``; how many."""
     cur = await conn.execute(query("webhook_recover"), {"webhook_id": webhook_id, "since": since})
     return len(await cur.fetchall())
 
