@@ -19,6 +19,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -77,7 +78,11 @@ _WEBHOOK_FIELDS = (
     "next_retry_at",
     "next_retry_attempt",
     "disabled_reason",
+    "failing_since",
+    "failed_in_streak",
 )
+# What the delivery log may be filtered by (GET .../deliveries?status=).
+DELIVERY_STATUSES = ("pending", "succeeded", "failed", "cancelled")
 _WRITABLE = ("name", "url", "event", "format", "secret", "enabled")
 # A change may also end a rotated-out secret's overlap early, by setting this to null.
 _END_OVERLAP = "previous_secret_expires_at"
@@ -468,13 +473,35 @@ def _count_replay(request: web.Request, account: str) -> None:
     request.app[REPLAYS].count(account, time.monotonic())
 
 
+def log_filter(query: Mapping[str, str]) -> tuple[str | None, datetime | None]:
+    """(status, since) of a delivery log request, each None when not given; 400 for
+    values we cannot use."""
+    status = query.get("status")
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"status must be one of {', '.join(DELIVERY_STATUSES)}, not {status!r}",
+        )
+    raw_since = query.get("since")
+    if raw_since is None:
+        return status, None
+    try:
+        return status, webhooks.parse_since(raw_since)
+    except errors.Invalid as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+
+
 async def list_deliveries(request: web.Request) -> web.Response:
     webhook_id = _id(request, "webhook")
     before, limit = page_params(request.query)
+    status, since = log_filter(request.query)
     async with auth.connection(request) as conn:
         await _owned(conn, auth.account(request), webhook_id)
         # One more than asked for tells whether there is a next page.
-        rows = await webhooks.deliveries(conn, webhook_id, before=before, limit=limit + 1)
+        rows = await webhooks.deliveries(
+            conn, webhook_id, before=before, limit=limit + 1, status=status, since=since
+        )
     page = [_delivery(row) for row in rows[:limit]]
     cursor = str(page[-1]["id"]) if len(rows) > limit else None
     return _json({"deliveries": page, "next_cursor": cursor})

@@ -226,10 +226,19 @@ async def _with_attempts(
 
 
 async def deliveries(
-    conn: psycopg.AsyncConnection[Any], webhook_id: int, *, before: int | None, limit: int
+    conn: psycopg.AsyncConnection[Any],
+    webhook_id: int,
+    *,
+    before: int | None,
+    limit: int,
+    status: str | None = None,
+    since: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``."""
-    rows = await db.webhooks.delivery_page(conn, webhook_id, before=before, limit=limit)
+    """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``;
+    only those of ``status``, and created at or after ``since``, when given."""
+    rows = await db.webhooks.delivery_page(
+        conn, webhook_id, before=before, limit=limit, status=status, since=since
+    )
     return await _with_attempts(conn, rows)
 
 

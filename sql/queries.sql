@@ -81,14 +81,23 @@ DELETE FROM outbox.webhooks WHERE id = %(id)s RETURNING id;
 
 -- webhook_status --
 -- next_retry_attempt: the number, within its series, of the attempt due at
--- next_retry_at (found among the webhook's pending deliveries only).
+-- next_retry_at (found among the webhook's pending deliveries only). failing_since:
+-- when the current failing streak began; failed_in_streak: the deliveries that failed
+-- for good since then (0 while the webhook is not failing).
 SELECT s.id, s.account_id, s.name, s.url, s.event, s.enabled, s.last_delivery_status,
        s.last_delivery_at, s.last_error, s.pending, w.secret IS NOT NULL AS has_secret,
        w.previous_secret_expires_at, w.created_at, w.updated_at, s.format,
        s.retrying, s.last_attempt_at, s.last_attempt_status, s.last_attempt_error,
-       s.next_retry_at, s.disabled_reason, retry.next_retry_attempt
+       s.next_retry_at, s.disabled_reason, retry.next_retry_attempt,
+       h.failing_since, streak.failed_in_streak
 FROM outbox.webhook_status s
 JOIN outbox.webhooks w USING (id)
+LEFT JOIN outbox.webhook_health h ON h.webhook_id = s.id
+CROSS JOIN LATERAL (
+    SELECT count(*) AS failed_in_streak
+    FROM outbox.deliveries f
+    WHERE f.webhook_id = s.id AND f.status = 'failed' AND f.finished_at >= h.failing_since
+) streak
 LEFT JOIN LATERAL (
     SELECT p.attempts - p.retry_base + 1 AS next_retry_attempt
     FROM outbox.deliveries p
@@ -199,7 +208,8 @@ SELECT account_id FROM token;
 
 -- delivery_page --
 -- One page of a webhook's delivery log, newest first; %(before)s is the cursor (the
--- last id of the previous page). next_attempt_at only means something while pending;
+-- last id of the previous page). %(status)s and %(since)s (created at or after), when
+-- not NULL, keep only those deliveries. next_attempt_at only means something while pending;
 -- while an attempt is under way, it is when that attempt's lease runs out.
 -- The wire_ columns rebuild the requests that were sent (outbox.webhooks.sent_request).
 SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
@@ -217,6 +227,8 @@ JOIN outbox.events e ON e.id = d.event_id
 JOIN outbox.webhooks w ON w.id = d.webhook_id
 WHERE d.webhook_id = %(webhook_id)s
   AND (%(before)s::bigint IS NULL OR d.id < %(before)s::bigint)
+  AND (%(status)s::text IS NULL OR d.status = %(status)s::text)
+  AND (%(since)s::timestamptz IS NULL OR d.created_at >= %(since)s::timestamptz)
 ORDER BY d.id DESC
 LIMIT %(limit)s;
 

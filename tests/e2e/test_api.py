@@ -454,6 +454,8 @@ class TestWebhooks:
             "next_retry_at": None,
             "next_retry_attempt": None,
             "disabled_reason": None,
+            "failing_since": None,
+            "failed_in_streak": 0,
         }
         stored = db("SELECT account_id, secret FROM outbox.webhooks WHERE id = %s", (hook["id"],))
         assert stored == [(api.main, SECRET)]
