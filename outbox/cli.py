@@ -176,7 +176,8 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = await webhooks.status(conn, args.account)
     print(_table(rows, ("account_id", *_COLUMNS)) if rows else "no webhooks")
-    print(f"\n{portal.retry_note(settings)}")
+    # On stderr: stdout stays the table alone, for scripts that read it.
+    print(portal.retry_note(settings), file=sys.stderr)
     return 0
 
 

@@ -90,8 +90,8 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 
 
 def _delays(env: Mapping[str, str]) -> tuple[float, ...]:
-    raw = env.get("OUTBOX_RETRY_DELAYS", "").strip() or "300,3600,43200"
-    if raw == "none":
+    raw = env.get("OUTBOX_RETRY_DELAYS", "300,3600,43200").strip()
+    if raw in ("", "none"):
         return ()
     delays = []
     for part in (p.strip() for p in raw.split(",")):
