@@ -4,7 +4,9 @@ as deliveries are; and an endpoint that is down delays no delivery and loses not
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -164,3 +166,63 @@ class TestEndpointDown:
         ids = {str(i) for (i,) in sql("SELECT id FROM outbox.notifications")}
         answered = {r.headers["X-Webhook-Id"] for r in receiver.received("/notify")}
         assert ids <= answered and len(ids) == 6  # one failing, five delivery.failed
+
+
+class PlainHttp:
+    """A plain-http endpoint on loopback that records what is POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[dict[str, str], bytes]] = []
+        seen = self.bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                seen.append((dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/outbox-events"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TestOperatorsEndpoint:
+    def test_plain_http_on_a_private_address_with_the_guard_on(
+        self, sql: SQL, receiver: Receiver, sidecars: Callable[..., Sidecar]
+    ) -> None:
+        """With private targets refused for deliveries, the operator's own endpoint on
+        loopback over plain http still gets the events, with the full reason."""
+        endpoint = PlainHttp()
+        try:
+            sql.webhook(receiver.url("/hook"))
+            sidecars(
+                OUTBOX_ALLOW_PRIVATE_TARGETS="false",
+                OUTBOX_RETRY_DELAYS="",
+                OUTBOX_NOTIFY_URL=endpoint.url,
+                OUTBOX_NOTIFY_SECRET=NOTIFY_SECRET,
+            )
+            sql.emit()
+            wait_until(lambda: len(endpoint.bodies) >= 2, timeout=30, what="two events")
+        finally:
+            endpoint.stop()
+        assert receiver.received() == []  # the delivery itself was blocked
+        events = {}
+        for headers, body in endpoint.bodies:
+            standardwebhooks.Webhook(NOTIFY_SECRET.encode()).verify(body, headers)
+            note = json.loads(body)
+            events[note["event"]] = note["data"]
+        assert set(events) == {"webhook.failing", "delivery.failed"}
+        reason = "blocked: 127.0.0.1 is not a public address"
+        assert events["delivery.failed"]["reason"] == reason
