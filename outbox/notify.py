@@ -40,8 +40,9 @@ KEEP_TRYING = 60.0
 
 
 def sender(settings: Settings) -> Sender:
-    """A Sender of its own, without the SSRF guard, a few connections wide."""
-    return Sender(dataclasses.replace(settings, allow_private_targets=True), limit=4)
+    """A Sender of its own, without the SSRF guard, a connection per notification of a
+    round (an attempt's timeout counts the wait for a connection too)."""
+    return Sender(dataclasses.replace(settings, allow_private_targets=True), limit=BATCH)
 
 
 def retry_in(attempt: int, delays: tuple[float, ...], retry_after: float | None = None) -> float:
