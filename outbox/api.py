@@ -20,6 +20,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -83,7 +84,11 @@ _WEBHOOK_FIELDS = (
     "disabled_reason",
     "headers",
     "rate_limit",
+    "failing_since",
+    "failed_in_streak",
 )
+# What the delivery log may be filtered by (GET .../deliveries?status=).
+DELIVERY_STATUSES = ("pending", "succeeded", "failed", "cancelled")
 _WRITABLE = ("name", "url", "event", "format", "secret", "enabled", "headers", "rate_limit")
 _INT_MAX = 2**31 - 1
 # A change may also end a rotated-out secret's overlap early, by setting this to null.
@@ -585,14 +590,36 @@ async def _log_slot(request: web.Request, account: str) -> AsyncIterator[None]:
             del in_flight[account]
 
 
+def log_filter(query: Mapping[str, str]) -> tuple[str | None, datetime | None]:
+    """(status, since) of a delivery log request, each None when not given; 400 for
+    values we cannot use."""
+    status = query.get("status")
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"status must be one of {', '.join(DELIVERY_STATUSES)}, not {status!r}",
+        )
+    raw_since = query.get("since")
+    if raw_since is None:
+        return status, None
+    try:
+        return status, webhooks.parse_since(raw_since)
+    except errors.Invalid as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+
+
 async def list_deliveries(request: web.Request) -> web.Response:
     account, webhook_id = auth.account(request), _id(request, "webhook")
     before, limit = page_params(request.query)
+    status, since = log_filter(request.query)
     async with _log_slot(request, account):
         async with auth.connection(request) as conn:
             await _owned(conn, account, webhook_id)
             # One more than asked for tells whether there is a next page.
-            found = await webhooks.deliveries(conn, webhook_id, before=before, limit=limit + 1)
+            found = await webhooks.deliveries(
+                conn, webhook_id, before=before, limit=limit + 1, status=status, since=since
+            )
         more = len(found.rows) > limit
         found = webhooks.Log(found.rows[:limit], found.attempts)
         page = [_delivery(row) for row in await webhooks.render(found)]

@@ -221,6 +221,8 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = await webhooks.status(conn, args.account)
     print(_table(rows, ("account_id", *_COLUMNS)) if rows else "no webhooks")
+    # On stderr: stdout stays the table alone, for scripts that read it.
+    print(portal.retry_note(settings), file=sys.stderr)
     return 0
 
 
@@ -411,9 +413,11 @@ async def _prune(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     async with await db.connect(settings.database_url, **settings.connect_options) as conn:
         pruned = await retention.prune(conn, older_than, wait=args.wait)
+    # Operational events are named only when there were some: the line stays as it was.
+    notes = f", {pruned.notifications} operational events" if pruned.notifications else ""
     print(
         f"deleted {pruned.deliveries} deliveries, {pruned.attempts} attempts,"
-        f" {pruned.events} events"
+        f" {pruned.events} events{notes}"
     )
     if pruned.yielded:
         print(

@@ -97,21 +97,44 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 
 
 def _delays(env: Mapping[str, str]) -> tuple[float, ...]:
-    raw = env.get("OUTBOX_RETRY_DELAYS", "60,600,3600").strip()
+    raw = env.get("OUTBOX_RETRY_DELAYS", "300,3600,43200").strip()
     if raw in ("", "none"):
         return ()
     delays = []
-    for part in raw.split(","):
+    for part in (p.strip() for p in raw.split(",")):
         try:
-            delay = float(part)
+            # Seconds, 0 included (retry at once), or a DURATION (5m, 1h, 12h).
+            delay = float(part) if _SECONDS.fullmatch(part) else parse_duration(part)
         except ValueError:
-            raise ConfigError(f"OUTBOX_RETRY_DELAYS: {part.strip()!r} is not a number") from None
-        if not math.isfinite(delay) or delay < 0:
             raise ConfigError(
-                f"OUTBOX_RETRY_DELAYS: {part.strip()!r} must be a finite number of seconds >= 0"
-            )
+                f"OUTBOX_RETRY_DELAYS: {part!r} is not seconds or a duration like 5m, 1h, 12h"
+            ) from None
         delays.append(delay)
     return tuple(delays)
+
+
+_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _notify(env: Mapping[str, str]) -> tuple[str, str]:
+    """OUTBOX_NOTIFY_URL and OUTBOX_NOTIFY_SECRET: both, or neither."""
+    url = env.get("OUTBOX_NOTIFY_URL", "").strip()
+    secret = env.get("OUTBOX_NOTIFY_SECRET", "")
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"OUTBOX_NOTIFY_URL: {url!r} is not an absolute http:// or https:// URL"
+            )
+        if not secret:
+            raise ConfigError("OUTBOX_NOTIFY_SECRET: must be set with OUTBOX_NOTIFY_URL")
+    elif secret:
+        raise ConfigError("OUTBOX_NOTIFY_URL: must be set with OUTBOX_NOTIFY_SECRET")
+    if secret and len(secret) < 16:
+        raise ConfigError(
+            f"OUTBOX_NOTIFY_SECRET: must be at least 16 characters, not {len(secret)}"
+        )
+    return url, secret
 
 
 def _faults(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
@@ -195,7 +218,7 @@ class Settings:
     """Everything the sidecar can be told; see README for each variable."""
 
     database_url: str = ""
-    retry_delays: tuple[float, ...] = (60.0, 600.0, 3600.0)
+    retry_delays: tuple[float, ...] = (300.0, 3600.0, 43200.0)
     http_timeout: float = 10.0
     concurrency: int = 64
     ca_file: str | None = None
@@ -229,6 +252,9 @@ class Settings:
     portal_product_name: str = ""
     # The page's accent colour as #rrggbb; "" keeps the page's blue.
     portal_accent_color: str = ""
+    # Where operational events are POSTed, and their signing secret; empty: not sent.
+    notify_url: str = ""
+    notify_secret: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -242,6 +268,7 @@ class Settings:
         if ca_file is not None and not (os.path.isfile(ca_file) and os.access(ca_file, os.R_OK)):
             raise ConfigError(f"OUTBOX_CA_FILE: {ca_file!r} is not a readable file")
         listen = _listen(env)
+        notify_url, notify_secret = _notify(env)
         return cls(
             database_url=env.get("OUTBOX_DATABASE_URL") or env.get("DATABASE_URL") or "",
             retry_delays=_delays(env),
@@ -263,6 +290,8 @@ class Settings:
             portal_frame_ancestors=_frame_ancestors(env),
             portal_product_name=_product_name(env),
             portal_accent_color=_accent_color(env),
+            notify_url=notify_url,
+            notify_secret=notify_secret,
         )
 
     @property

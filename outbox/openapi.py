@@ -227,6 +227,17 @@ _SCHEMAS: dict[str, Any] = {
                 "minimum": 1,
                 "description": "The most attempts per second; null: no limit.",
             },
+            "failing_since": {
+                **_nullable(_TIME),
+                "description": "When the current failing streak began (the first failed "
+                "attempt after a success); null while the newest attempt succeeded.",
+            },
+            "failed_in_streak": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Deliveries that failed for good since failing_since; 0 "
+                "while the webhook is not failing.",
+            },
         }
     ),
     "WebhookCreate": _object(_WEBHOOK_INPUT, required=["name", "url", "event"]),
@@ -344,7 +355,8 @@ _SCHEMAS: dict[str, Any] = {
         {
             "since": {
                 **_TIME,
-                "description": "Re-queue the deliveries that failed at or after this time.",
+                "description": "Re-queue the deliveries that failed, or that an automatic "
+                "disable cancelled, at or after this time.",
             }
         }
     ),
@@ -608,6 +620,22 @@ _PATHS: dict[str, Any] = {
                     "in": "query",
                     "description": "next_cursor of the previous page.",
                     "schema": {"type": "string"},
+                },
+                {
+                    "name": "status",
+                    "in": "query",
+                    "description": "Only deliveries with this status.",
+                    "schema": {
+                        "type": "string",
+                        "enum": ["pending", "succeeded", "failed", "cancelled"],
+                    },
+                },
+                {
+                    "name": "since",
+                    "in": "query",
+                    "description": "Only deliveries created at or after this time (ISO 8601 "
+                    "with a UTC offset, e.g. 2026-11-27T10:00:00Z).",
+                    "schema": {"type": "string", "format": "date-time"},
                 },
             ],
             "responses": _responses(

@@ -588,14 +588,25 @@ def _series(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
+def _rounded(seconds: float) -> str:
+    """A duration in its largest whole unit, rounded: ``13 hours`` for 13 h 5 min."""
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds >= size:
+            count = round(seconds / size)
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return duration_words(seconds)
+
+
 def retry_note(settings: Settings) -> str:
     """What happens to a delivery that fails, and to an endpoint that keeps failing."""
     delays = settings.retry_delays
     if delays:
         times = "once" if len(delays) == 1 else f"up to {len(delays)} times"
+        # The whole window too: whether an endpoint down overnight still gets its events.
+        window = f", about {_rounded(sum(delays))} in all" if len(delays) > 1 else ""
         retries = (
             f"A delivery that fails is retried {times}: after about "
-            f"{_series([duration_words(d) for d in delays])}."
+            f"{_series([duration_words(d) for d in delays])}{window}."
         )
     else:
         retries = "A delivery that fails is not retried."

@@ -1,5 +1,6 @@
-"""Retention: finished deliveries, their attempts, and events with no delivery left are
-deleted once older than OUTBOX_RETENTION, in small batches, by one process at a time.
+"""Retention: finished deliveries, their attempts, events with no delivery left, and
+operational events (outbox.notifications) are deleted once older than OUTBOX_RETENTION,
+in small batches, by one process at a time.
 
 Each batch is one short statement in a transaction of its own (at most BATCH_ROWS rows,
 found through an index), and the pruner rests after each batch for twice as long as the
@@ -65,6 +66,7 @@ class Pruned:
     yielded: bool = False
     # Rotated-out secrets cleared, their overlap over.
     secrets: int = 0
+    notifications: int = 0
 
 
 async def _batch(
@@ -119,6 +121,14 @@ async def prune(
         pruned.attempts += got.attempts
         if not got.deliveries:
             break
+    notifications = functools.partial(db.retention.prune_notifications, cutoff=cutoff, rows=rows)
+    while True:
+        count = await _batch(conn, notifications, pruned, wait=wait)
+        if count is None:
+            return pruned
+        pruned.notifications += count
+        if count < rows:
+            break
     after = 0
     while True:
         events = functools.partial(db.retention.prune_events, cutoff=cutoff, rows=rows, after=after)
@@ -154,12 +164,13 @@ async def run(settings: Settings, parts: Supervisor) -> None:
                     held_for_s=round(now - held_since),
                 )
                 held_since = now
-            if pruned.deliveries or pruned.events:
+            if pruned.deliveries or pruned.events or pruned.notifications:
                 log.info(
                     "pruned",
                     deliveries=pruned.deliveries,
                     attempts=pruned.attempts,
                     events=pruned.events,
+                    notifications=pruned.notifications,
                     statements=pruned.statements,
                     longest_ms=round(pruned.longest_seconds * 1000),
                 )

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api, db, metrics, retention, tracing
+from outbox import api, db, metrics, notify, retention, tracing
 from outbox.config import ConfigError, Settings
 from outbox.delivery import Sender
 from outbox.dispatcher import Dispatcher
@@ -263,12 +263,17 @@ async def _run(settings: Settings, mode: Mode) -> int:
                 url=f"http://{host}:{port}",
             )
         sender = await stack.enter_async_context(Sender(settings)) if mode.deliver else None
+        notifier = None
+        if mode.deliver and settings.notify_url:
+            notifier = await stack.enter_async_context(notify.sender(settings))
         # Its parts end first, before the pool and the sender they use are closed.
         await stack.enter_async_context(parts)
         parts.start("loop", lambda: watch_loop(parts))
         parts.start("schema", lambda: watch_schema(settings, parts))
         if settings.retention is not None:
             parts.start("retention", lambda: retention.run(settings, parts))
+        if notifier is not None:
+            parts.start("notify", lambda: notify.run(settings, notifier, parts))
         if settings.api_listen is not None:
             parts.start("backlog", lambda: api.refresh_backlog(connections, parts))
         try:

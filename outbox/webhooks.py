@@ -225,10 +225,19 @@ async def _log(conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]) -
 
 
 async def deliveries(
-    conn: psycopg.AsyncConnection[Any], webhook_id: int, *, before: int | None, limit: int
+    conn: psycopg.AsyncConnection[Any],
+    webhook_id: int,
+    *,
+    before: int | None,
+    limit: int,
+    status: str | None = None,
+    since: datetime | None = None,
 ) -> Log:
-    """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``."""
-    rows = await db.webhooks.delivery_page(conn, webhook_id, before=before, limit=limit)
+    """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``;
+    only those of ``status``, and created at or after ``since``, when given."""
+    rows = await db.webhooks.delivery_page(
+        conn, webhook_id, before=before, limit=limit, status=status, since=since
+    )
     return await _log(conn, rows)
 
 
@@ -255,7 +264,10 @@ async def render(log: Log) -> list[dict[str, Any]]:
     """
     by_delivery: dict[int, list[dict[str, Any]]] = {r["id"]: [] for r in log.rows}
     for attempt in log.attempts:
-        by_delivery[attempt.pop("delivery_id")].append(attempt)
+        # Attempts of rows left out of the page (the one that says there is more).
+        shown_with = by_delivery.get(attempt.pop("delivery_id"))
+        if shown_with is not None:
+            shown_with.append(attempt)
     shown = []
     for row in log.rows:
         await asyncio.sleep(0)

@@ -13,14 +13,15 @@ SELECT * FROM outbox.claim_v3(
     %(busy_account_counts)s::bigint[], %(pace_ahead)s::float8);
 
 -- record --
--- Store a batch of attempt results in one round trip (outbox.record_v2()); answers the
--- webhooks of deliveries that failed for good, for auto_disable.
-SELECT * FROM outbox.record_v2(%(results)s::json);
+-- Store a batch of attempt results in one round trip (outbox.record_v3()), with an
+-- operational event where a webhook's state changed; answers the webhooks of
+-- deliveries that failed for good, for auto_disable.
+SELECT * FROM outbox.record_v3(%(results)s::json);
 
 -- auto_disable --
 -- Disable those of the given webhooks that have not succeeded for %(after_seconds)s
--- (outbox.auto_disable_v1()); a statement of its own, right after the record.
-SELECT * FROM outbox.auto_disable_v1(
+-- (outbox.auto_disable_v2()); a statement of its own, right after the record.
+SELECT * FROM outbox.auto_disable_v2(
     %(webhook_ids)s::bigint[], %(after_seconds)s::float8, %(after_text)s::text);
 
 -- dispatcher_session --
@@ -84,16 +85,24 @@ DELETE FROM outbox.webhooks WHERE id = %(id)s RETURNING id;
 -- webhook_status --
 -- next_retry_attempt: the number, within its series, of the attempt due at
 -- next_retry_at (found among the webhook's pending deliveries only). Of the webhook's
--- own headers, only the names: their values are kept like secrets.
+-- own headers, only the names: their values are kept like secrets. failing_since:
+-- when the current failing streak began; failed_in_streak: the deliveries that failed
+-- for good since then (0 while the webhook is not failing).
 SELECT s.id, s.account_id, s.name, s.url, s.event, s.enabled, s.last_delivery_status,
        s.last_delivery_at, s.last_error, s.pending, w.secret IS NOT NULL AS has_secret,
        w.previous_secret_expires_at, w.created_at, w.updated_at, s.format,
        s.retrying, s.last_attempt_at, s.last_attempt_status, s.last_attempt_error,
        s.next_retry_at, s.disabled_reason, retry.next_retry_attempt,
        ARRAY(SELECT k FROM jsonb_object_keys(w.headers) k ORDER BY lower(k)) AS header_names,
-       w.rate_limit
+       w.rate_limit, h.failing_since, streak.failed_in_streak
 FROM outbox.webhook_status s
 JOIN outbox.webhooks w USING (id)
+LEFT JOIN outbox.webhook_health h ON h.webhook_id = s.id
+CROSS JOIN LATERAL (
+    SELECT count(*) AS failed_in_streak
+    FROM outbox.deliveries f
+    WHERE f.webhook_id = s.id AND f.status = 'failed' AND f.finished_at >= h.failing_since
+) streak
 LEFT JOIN LATERAL (
     SELECT p.attempts - p.retry_base + 1 AS next_retry_attempt
     FROM outbox.deliveries p
@@ -223,7 +232,8 @@ SELECT account_id, operator FROM token;
 
 -- delivery_page --
 -- One page of a webhook's delivery log, newest first; %(before)s is the cursor (the
--- last id of the previous page). next_attempt_at only means something while pending;
+-- last id of the previous page). %(status)s and %(since)s (created at or after), when
+-- not NULL, keep only those deliveries. next_attempt_at only means something while pending;
 -- while an attempt is under way, it is when that attempt's lease runs out.
 -- The wire_ columns rebuild the requests that were sent (outbox.webhooks.sent_request).
 SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
@@ -242,6 +252,8 @@ JOIN outbox.events e ON e.id = d.event_id
 JOIN outbox.webhooks w ON w.id = d.webhook_id
 WHERE d.webhook_id = %(webhook_id)s
   AND (%(before)s::bigint IS NULL OR d.id < %(before)s::bigint)
+  AND (%(status)s::text IS NULL OR d.status = %(status)s::text)
+  AND (%(since)s::timestamptz IS NULL OR d.created_at >= %(since)s::timestamptz)
 ORDER BY d.id DESC
 LIMIT %(limit)s;
 
@@ -281,8 +293,9 @@ ORDER BY delivery_id, attempt;
 SELECT * FROM outbox.replay_v1(%(id)s::bigint, %(account_id)s::text);
 
 -- webhook_recover --
--- Re-queue every delivery of one enabled webhook that failed at or after %(since)s.
-SELECT outbox.recover_v1(%(webhook_id)s::bigint, %(since)s::timestamptz);
+-- Re-queue every delivery of one enabled webhook that failed, or that an automatic
+-- disable cancelled, at or after %(since)s.
+SELECT outbox.recover_v2(%(webhook_id)s::bigint, %(since)s::timestamptz);
 
 -- wake --
 -- Replayed deliveries are due now: tell the dispatchers rather than wait for a poll.
@@ -439,3 +452,29 @@ deleted AS (
 )
 SELECT (SELECT count(*) FROM deleted), max(id), count(*) FILTER (WHERE occurred_at < %(cutoff)s)
 FROM scanned;
+
+-- notifications_claim --
+-- Up to %(limit)s operational events due to be POSTed, held for %(lease_seconds)s
+-- (outbox.claim_notifications_v1()).
+SELECT * FROM outbox.claim_notifications_v1(%(limit)s::integer, %(lease_seconds)s::float8);
+
+-- notification_sent --
+-- One notification's attempt: sent, or due again in %(retry_in)s seconds.
+SELECT outbox.notification_sent_v1(
+    %(id)s::bigint, %(attempt)s::integer, %(error)s::text, %(retry_in)s::float8);
+
+-- prune_notifications --
+-- Delete operational events older than the cutoff, oldest first, at most %(rows)s.
+WITH doomed AS MATERIALIZED (
+    SELECT n.id
+    FROM outbox.notifications n
+    WHERE n.created_at < %(cutoff)s
+    ORDER BY n.created_at
+    LIMIT %(rows)s
+),
+deleted AS (
+    DELETE FROM outbox.notifications n
+    WHERE n.id = ANY ((SELECT array_agg(id) FROM doomed)::bigint[])
+    RETURNING 1
+)
+SELECT count(*) FROM deleted;

@@ -6,12 +6,13 @@ takes the caller's connection, so transactions stay where the callers open them.
 - ``deliveries``: the dispatcher's claim, record and wake-ups; the backlog.
 - ``webhooks``: webhooks, their status and delivery log, replays.
 - ``access``: API tokens, portal links and page sessions.
+- ``notifications``: sending operational events to the operator's endpoint.
 - ``retention``: pruning old rows in batches.
 """
 
 from __future__ import annotations
 
-from outbox.db import access, deliveries, retention, webhooks
+from outbox.db import access, deliveries, notifications, retention, webhooks
 from outbox.db.core import (
     LOCK_KEY,
     SQL_DIR,
@@ -37,6 +38,7 @@ __all__ = [
     "migrate",
     "migrations",
     "missing_database",
+    "notifications",
     "query",
     "retention",
     "schema_problem",

@@ -180,7 +180,7 @@ async def claim(
 
 
 class AttemptResult(TypedDict):
-    """One attempt's result as outbox.record_v2() reads it."""
+    """One attempt's result as outbox.record_v3() reads it."""
 
     id: int
     lease: str

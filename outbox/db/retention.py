@@ -17,6 +17,7 @@ __all__ = [
     "forget_expired_secrets",
     "prune_deliveries",
     "prune_events",
+    "prune_notifications",
     "try_lock",
 ]
 
@@ -73,3 +74,12 @@ async def prune_events(conn: Conn, *, cutoff: datetime, rows: int, after: int) -
     row = await cur.fetchone()
     assert row is not None
     return EventsPruned(*row)
+
+
+async def prune_notifications(conn: Conn, *, cutoff: datetime, rows: int) -> int:
+    """Delete operational events created before ``cutoff``, oldest first, at most
+    ``rows``; how many."""
+    cur = await conn.execute(query("prune_notifications"), {"cutoff": cutoff, "rows": rows})
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])

@@ -146,11 +146,24 @@ async def status(conn: Conn, account_id: str | None) -> list[Row]:
 
 
 async def delivery_page(
-    conn: Conn, webhook_id: int, *, before: int | None, limit: int
+    conn: Conn,
+    webhook_id: int,
+    *,
+    before: int | None,
+    limit: int,
+    status: str | None = None,
+    since: datetime | None = None,
 ) -> list[Row]:
-    """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``,
-    with the ``wire_`` columns that rebuild what was sent."""
-    params = {"webhook_id": webhook_id, "before": before, "limit": limit}
+    """Up to ``limit`` deliveries of the webhook, newest first, older than id ``before``
+    (of that ``status``, created at or after ``since``, when given), with the ``wire_``
+    columns that rebuild what was sent."""
+    params = {
+        "webhook_id": webhook_id,
+        "before": before,
+        "limit": limit,
+        "status": status,
+        "since": since,
+    }
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query("delivery_page"), params)
         return await cur.fetchall()
@@ -190,8 +203,8 @@ async def replay(conn: Conn, delivery_id: int, account_id: str | None) -> Replay
 
 
 async def recover(conn: Conn, webhook_id: int, since: datetime) -> int:
-    """Queue again every delivery of the webhook that failed at or after ``since``;
-    how many."""
+    """Queue again every delivery of the webhook that failed, or that an automatic
+    disable cancelled, at or after ``since``; how many."""
     cur = await conn.execute(query("webhook_recover"), {"webhook_id": webhook_id, "since": since})
     return len(await cur.fetchall())
 

@@ -134,6 +134,15 @@
     }
   }
 
+  // The value of a datetime-local input for ``date``, in the browser's time zone.
+  function localInput(date) {
+    const pad = (n) => String(n).padStart(2, "0");
+    return (
+      `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}` +
+      `T${pad(date.getHours())}:${pad(date.getMinutes())}`
+    );
+  }
+
   async function call(method, path, body) {
     const init = {
       method,
@@ -216,7 +225,9 @@
     const signature =
       JSON.stringify(state.webhooks) +
       state.webhooks
-        .map((h) => [h.last_delivery_at, h.last_attempt_at, h.next_retry_at].map(agoOrNone))
+        .map((h) =>
+          [h.last_delivery_at, h.last_attempt_at, h.next_retry_at, h.failing_since].map(agoOrNone),
+        )
         .join();
     if (signature === state.listSignature) return;
     state.listSignature = signature;
@@ -241,11 +252,25 @@
     return `${when} (attempt ${hook.next_retry_attempt} of ${MAX_ATTEMPTS})`;
   }
 
+  // "Failing since 2 hours ago · 4 waiting · 10 failed": the story of a failing streak.
+  function streakLine(hook) {
+    if (!hook.failing_since) return null;
+    const words = [`Failing since ${ago(hook.failing_since)}`];
+    if (hook.pending > 0) words.push(`${hook.pending} waiting`);
+    if (hook.failed_in_streak > 0) words.push(`${hook.failed_in_streak} failed`);
+    return el("span", {
+      class: "streak",
+      title: absolute.format(new Date(hook.failing_since)),
+      text: words.join(" · "),
+    });
+  }
+
   function statusCell(hook) {
     if (!hook.enabled && hook.disabled_reason) {
       return [
         el("span", { class: "status failed", text: "Disabled: kept failing" }),
         el("span", { class: "reason", text: hook.disabled_reason }),
+        streakLine(hook),
         el("span", {
           class: "how-back",
           text:
@@ -266,6 +291,7 @@
         words.length
           ? el("span", { class: "reason retrying-reason", text: words.join(" · ") })
           : null,
+        streakLine(hook),
       ];
       if (hook.last_attempt_at) parts.push(timeEl(hook.last_attempt_at, "Last attempt"));
       return parts;
@@ -282,6 +308,7 @@
     if (hook.last_delivery_status === "failed" && hook.last_error) {
       parts.push(el("span", { class: "reason", text: hook.last_error }));
     }
+    parts.push(streakLine(hook));
     if (hook.last_delivery_at) parts.push(timeEl(hook.last_delivery_at));
     return parts;
   }
@@ -874,8 +901,46 @@
     $("log-list").replaceChildren();
     show($("log-empty"), false);
     show($("log-more"), false);
+    $("log-status").value = "";
+    $("recover-since").value = localInput(new Date(Date.now() - 86400 * 1000));
     openDialog($("log-dialog"), opener);
     loadLog("first");
+  }
+
+  // Send again everything of this webhook that failed since the time picked (the API's
+  // recover); says how many were queued, or the API's message (e.g. its 429).
+  async function recover(event) {
+    event.preventDefault();
+    const hook = state.log.hook;
+    const since = new Date($("recover-since").value);
+    if (!hook || Number.isNaN(since.getTime())) {
+      $("log-error").textContent = "Pick the date and time to send again from.";
+      show($("log-error"), true);
+      return;
+    }
+    const button = $("recover");
+    button.disabled = true;
+    try {
+      const result = await call("POST", `/webhooks/${hook.id}/recover`, {
+        since: since.toISOString(),
+      });
+      const n = result.requeued;
+      $("log-notice").textContent =
+        n === 0
+          ? `Nothing failed since ${absolute.format(since)}.`
+          : `${n} ${n === 1 ? "delivery was" : "deliveries were"} queued to be sent again.`;
+      show($("log-error"), false);
+    } catch (error) {
+      if (error.status !== 401) {
+        $("log-error").textContent = error.message;
+        show($("log-error"), true);
+      }
+      return;
+    } finally {
+      button.disabled = false;
+    }
+    await loadLog("first");
+    await loadList();
   }
 
   // "first": the newest page; "again": the pages shown so far, fresh; "older": one more.
@@ -887,6 +952,8 @@
     if (which === "older") path += `20&cursor=${encodeURIComponent(log.cursor)}`;
     else if (which === "again") path += String(Math.min(100, Math.max(20, log.deliveries.length)));
     else path += "20";
+    const status = $("log-status").value;
+    if (status) path += `&status=${encodeURIComponent(status)}`;
     let page;
     try {
       page = await call("GET", path);
@@ -1113,6 +1180,8 @@
     $("confirm-delete").addEventListener("click", confirmDelete);
     $("log-more").addEventListener("click", () => loadLog("older"));
     $("log-refresh").addEventListener("click", () => loadLog("again"));
+    $("log-status").addEventListener("change", () => loadLog("first"));
+    $("recover-form").addEventListener("submit", recover);
     onDialogClosed($("webhook-dialog"), () => {
       resetSecret();
       // Header values typed in are not kept once the dialog is closed.

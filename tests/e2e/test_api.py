@@ -457,6 +457,8 @@ class TestWebhooks:
             "disabled_reason": None,
             "headers": {},
             "rate_limit": None,
+            "failing_since": None,
+            "failed_in_streak": 0,
         }
         stored = db("SELECT account_id, secret FROM outbox.webhooks WHERE id = %s", (hook["id"],))
         assert stored == [(api.main, SECRET)]

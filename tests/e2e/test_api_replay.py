@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from urllib.parse import urlencode
 
 from tests.conftest import SQL, wait_until
 from tests.e2e import test_api as shared
@@ -92,6 +93,31 @@ class TestDeliveryLog:
             answer = api("GET", f"/api/v1/webhooks/{hook}/deliveries?{bad}")
             assert answer.status == 400, bad
             assert answer.error[0] == "bad_request"
+
+    def test_filters_by_status_and_time(self, api: Api, db: SQL) -> None:
+        """status= keeps deliveries of that status, since= those created at or after
+        that time, both together too; a bad value of either is a 400 naming it."""
+        hook = db.webhook("https://example.com/h", account=api.main)
+        failed = [add_delivery(db, hook) for _ in range(3)]
+        fine = add_delivery(db, hook, status="succeeded")
+        db("UPDATE outbox.deliveries SET created_at = now() - interval '2 days' WHERE id = %s",
+           (failed[0],))  # fmt: skip
+        since = db.one("SELECT now() - interval '1 day'").isoformat()
+        path = f"/api/v1/webhooks/{hook}/deliveries"
+
+        def ids(query: dict[str, str]) -> list[int]:
+            answer = api("GET", f"{path}?{urlencode(query)}")
+            assert answer.status == 200, answer
+            return [d["id"] for d in answer.json["deliveries"]]
+
+        assert ids({"status": "failed"}) == failed[::-1]
+        assert ids({"status": "succeeded"}) == [fine]
+        assert ids({"since": since}) == [fine, failed[2], failed[1]]
+        assert ids({"status": "failed", "since": since, "limit": "1"}) == [failed[2]]
+        for bad, named in (({"status": "broken"}, "status"), ({"since": "yesterday"}, "since")):
+            answer = api("GET", f"{path}?{urlencode(bad)}")
+            assert answer.status == 400 and answer.error[0] == "bad_request", bad
+            assert named in answer.error[1]
 
 
 class TestRetry:

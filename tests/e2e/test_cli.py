@@ -203,8 +203,13 @@ class TestEmitAndStatus:
             " last_error = 'HTTP 503' WHERE webhook_id = %s",
             (hook,),
         )
-        out = outbox("status", "--account", "acct_1").stdout
+        shown = outbox("status", "--account", "acct_1")
+        out = shown.stdout
         assert "CRM Sync" in out and "failed" in out and "HTTP 503" in out
+        # The retry window in words, from the settings in force (the tests' own delays),
+        # on stderr: stdout is the table alone.
+        assert "retried up to 3 times: after about 0.2 seconds, 0.4 seconds" in shown.stderr
+        assert "retried" not in out
 
     def test_migrate_twice_and_bad_settings(self, outbox) -> None:  # type: ignore[no-untyped-def]
         """migrate is idempotent; a bad setting is named on one line with exit 2."""

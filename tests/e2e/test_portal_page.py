@@ -30,7 +30,7 @@ import trustme
 
 from outbox import localpg, portal, tokens
 from tests.conftest import ROOT, SQL, Sidecar, cloned_database, wait_until
-from tests.e2e.test_api import outbox, sidecar_env
+from tests.e2e.test_api import add_delivery, outbox, sidecar_env
 from tests.e2e.test_portal import CSP
 from tests.receiver import Receiver, Reply
 
@@ -118,6 +118,31 @@ class Site:
         url: str = json.loads(answer.read())["url"]
         conn.close()
         return url
+
+    def token(self, account: str) -> str:
+        """A new API token of ``account``, written straight to the table."""
+        token = tokens.generate()
+        self.sql(
+            "INSERT INTO outbox.api_tokens (account_id, token_sha256) VALUES (%s, %s)",
+            (account, tokens.digest(token)),
+        )
+        return token
+
+    def recover(self, token: str, hook: int, since: str) -> int:
+        """POST /api/v1/webhooks/{hook}/recover with a token; the answer's status."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.sidecar.api_port, timeout=10)
+        conn.request(
+            "POST",
+            f"/api/v1/webhooks/{hook}/recover",
+            body=json.dumps({"since": since}),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    def hook_url(self, hook: int) -> str:
+        return str(self.sql.one("SELECT url FROM outbox.webhooks WHERE id = %s", (hook,)))
 
     def hook(self, account: str, **fields: Any) -> int:
         fields.setdefault("secret", SECRET)
@@ -737,6 +762,65 @@ class TestDeliveries:
         assert site.status(failing) == "succeeded"
         log.get_by_role("button", name="Close").click()
         expect(bad_row.locator("td.last")).to_contain_text("Succeeded", timeout=10_000)
+
+    def test_a_day_of_failures_is_sent_again_from_the_log(
+        self, open_page: Opener, site: Site
+    ) -> None:
+        """A webhook failing since last night says so in its row (since when, how many
+        failed). Its log filters to failed deliveries; "Send again everything that
+        failed since" (a day ago by default) queues the day's failures and what the
+        automatic disable cancelled, not older ones nor a person's cancellation, and
+        says how many; past the account's 60 replays a minute it shows the API's 429."""
+        account = site.account()
+        hook = site.hook(account, name="Nightly CRM", url=site.url(200))
+        day = [add_delivery(site.sql, hook, finished_ago=hours * 3600) for hours in (2, 5, 19)]
+        older = add_delivery(site.sql, hook, finished_ago=2 * 86400)
+        auto = add_delivery(site.sql, hook, status="cancelled", finished_ago=3 * 3600)
+        by_hand = add_delivery(site.sql, hook, status="cancelled", finished_ago=3 * 3600)
+        site.sql(
+            "UPDATE outbox.deliveries SET last_error = %s WHERE id = %s",
+            ("webhook disabled automatically", auto),
+        )
+        site.sql(
+            "INSERT INTO outbox.webhook_health (webhook_id, last_attempt_at,"
+            " last_attempt_status, last_attempt_error, failing_since)"
+            " VALUES (%s, now() - interval '2 hours', 'failed', 'HTTP 500',"
+            "         now() - interval '20 hours')",
+            (hook,),
+        )
+        page = open_page(account)
+        streak = row(page, "Nightly CRM").locator(".streak")
+        expect(streak).to_have_text("Failing since 20 hours ago · 3 failed")
+
+        row(page, "Nightly CRM").get_by_role("button", name="Delivery log").click()
+        log = page.get_by_role("dialog", name="Delivery log")
+        expect(log.locator("li.delivery")).to_have_count(6)
+        log.get_by_label("Show").select_option("failed")
+        expect(log.locator("li.delivery")).to_have_count(4)
+        expect(log.locator("li.delivery .status")).to_have_text(["Failed"] * 4)
+
+        picker = log.get_by_label("Send again everything that failed since")
+        yesterday = picker.input_value()
+        assert yesterday, "the picker starts a day ago"
+        log.get_by_role("button", name="Send again").click()
+        expect(log.locator("#log-notice")).to_have_text(
+            "4 deliveries were queued to be sent again."
+        )
+        got = site.receiver.wait_for(4, urlsplit(site.hook_url(hook)).path, timeout=20)
+        assert sorted(int(r.headers["X-Webhook-Id"]) for r in got) == sorted([*day, auto])
+        wait_until(lambda: all(status_of(site, d) == "succeeded" for d in [*day, auto]))
+        assert status_of(site, older) == "failed" and status_of(site, by_hand) == "cancelled"
+
+        token = site.token(account)
+        for _ in range(59):
+            site.recover(token, hook, "2020-01-01T00:00:00Z")
+        log.get_by_role("button", name="Send again").click()
+        expect(log.locator("#log-error")).to_contain_text("try again in")
+        expect(log.locator("#log-error")).to_be_visible()
+
+
+def status_of(site: Site, delivery: int) -> str:
+    return str(site.sql.one("SELECT status FROM outbox.deliveries WHERE id = %s", (delivery,)))
 
 
 class TestSafety:

@@ -29,7 +29,8 @@ class TestDefaults:
     def test_documented_defaults(self) -> None:
         """An empty environment gives the documented defaults."""
         s = Settings.from_env({"OUTBOX_LOG_FORMAT": "json"})
-        assert s.retry_delays == (60.0, 600.0, 3600.0)
+        assert s.retry_delays == (300.0, 3600.0, 43200.0)
+        assert (s.notify_url, s.notify_secret) == ("", "")
         assert s.http_timeout == 10.0
         assert s.concurrency == 64
         assert isinstance(s.concurrency, int)
@@ -66,10 +67,15 @@ class TestValues:
             ("5, 10 ,20", (5.0, 10.0, 20.0)),
             ("0", (0.0,)),
             ("none", ()),
+            ("", ()),
+            ("5m,1h,12h", (300.0, 3600.0, 43200.0)),
+            ("90s, 0.5 ,2d", (90.0, 0.5, 172800.0)),
+            ("1.5m", (90.0,)),
         ],
     )
     def test_retry_delays(self, raw: str, expected: tuple[float, ...]) -> None:
-        """OUTBOX_RETRY_DELAYS takes comma-separated seconds, decimals allowed."""
+        """OUTBOX_RETRY_DELAYS takes comma-separated seconds (decimals allowed) or
+        DURATIONs."""
         s = Settings.from_env({"OUTBOX_RETRY_DELAYS": raw, "OUTBOX_LOG_FORMAT": "json"})
         assert s.retry_delays == pytest.approx(expected)
         assert len(s.retry_delays) == len(expected)
@@ -154,6 +160,12 @@ class TestErrors:
             ("OUTBOX_RETRY_DELAYS", "60,-1"),
             ("OUTBOX_RETRY_DELAYS", "-0.5"),
             ("OUTBOX_RETRY_DELAYS", "nan"),
+            ("OUTBOX_RETRY_DELAYS", "5 minutes"),
+            ("OUTBOX_RETRY_DELAYS", "1w"),
+            ("OUTBOX_RETRY_DELAYS", "0m"),
+            ("OUTBOX_NOTIFY_URL", "ftp://ops.example.com/hook"),
+            ("OUTBOX_NOTIFY_URL", "ops.example.com/hook"),
+            ("OUTBOX_NOTIFY_URL", "https:///nohost"),
             ("OUTBOX_HTTP_TIMEOUT", "ten"),
             ("OUTBOX_HTTP_TIMEOUT", "0"),
             ("OUTBOX_HTTP_TIMEOUT", "-1"),
@@ -424,3 +436,45 @@ class TestPortalSettings:
             Settings.from_env({name: raw})
         message = str(raised.value)
         assert message.startswith(f"{name}: ") and "\n" not in message
+
+
+class TestNotify:
+    """OUTBOX_NOTIFY_URL and OUTBOX_NOTIFY_SECRET go together; the secret is long enough."""
+
+    SECRET = "whsec_ops_secret_0123"
+
+    @pytest.mark.parametrize("url", ["http://10.0.0.5:8000/outbox", "https://ops.example.com/in"])
+    def test_http_or_https_private_too(self, url: str) -> None:
+        """Plain http and private addresses are fine: it is the operator's own endpoint."""
+        env = {"OUTBOX_NOTIFY_URL": url, "OUTBOX_NOTIFY_SECRET": self.SECRET}
+        s = Settings.from_env(env | {"OUTBOX_LOG_FORMAT": "json"})
+        assert (s.notify_url, s.notify_secret) == (url, self.SECRET)
+
+    @pytest.mark.parametrize(
+        ("env", "message"),
+        [
+            (
+                {"OUTBOX_NOTIFY_URL": "https://ops.example.com/in"},
+                "OUTBOX_NOTIFY_SECRET: must be set with OUTBOX_NOTIFY_URL",
+            ),
+            (
+                {"OUTBOX_NOTIFY_SECRET": SECRET},
+                "OUTBOX_NOTIFY_URL: must be set with OUTBOX_NOTIFY_SECRET",
+            ),
+            (
+                {
+                    "OUTBOX_NOTIFY_URL": "https://ops.example.com/in",
+                    "OUTBOX_NOTIFY_SECRET": "short",
+                },
+                "OUTBOX_NOTIFY_SECRET: must be at least 16 characters, not 5",
+            ),
+        ],
+    )
+    def test_one_without_the_other_or_a_short_secret(
+        self, env: dict[str, str], message: str
+    ) -> None:
+        """Half a setup, or a secret under 16 characters, is an error naming the variable
+        (and never showing the secret)."""
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env(env | {"OUTBOX_LOG_FORMAT": "json"})
+        assert str(info.value) == message

@@ -420,8 +420,9 @@ class TestRetryNote:
         """The default settings: three retries, a 10 s wait, disabled after 5 days."""
         note = portal.retry_note(Settings())
         assert note.startswith(
-            "A delivery that fails is retried up to 3 times: after about 1 minute, "
-            "10 minutes and 1 hour. Each attempt waits up to 10 seconds for an answer."
+            "A delivery that fails is retried up to 3 times: after about 5 minutes, "
+            "1 hour and 12 hours, about 13 hours in all. Each attempt waits up to 10 seconds"
+            " for an answer."
         )
         assert "none succeeding for 5 days, is disabled" in note
 

@@ -16,7 +16,8 @@ from outbox.retry import (
     slowdown_delay,
 )
 
-DEFAULT = (60.0, 600.0, 3600.0)
+# A schedule of growing delays (the default OUTBOX_RETRY_DELAYS until #23).
+SCHEDULE = (60.0, 600.0, 3600.0)
 SEEDS = range(500)
 NOW = datetime(2026, 1, 1, 0, 0, 0, tzinfo=UTC)
 
@@ -31,8 +32,8 @@ class TestNextDelay:
     @pytest.mark.parametrize("attempt", [1, 2, 3])
     def test_within_twenty_percent(self, attempt: int) -> None:
         """Across many seeds every delay stays within ±20% of the configured one."""
-        base = DEFAULT[attempt - 1]
-        values = [next_delay(attempt, DEFAULT, rng=random.Random(seed)) for seed in SEEDS]
+        base = SCHEDULE[attempt - 1]
+        values = [next_delay(attempt, SCHEDULE, rng=random.Random(seed)) for seed in SEEDS]
         assert all(v is not None for v in values)
         floats = [float(v) for v in values if v is not None]
         assert min(floats) >= base * 0.8
@@ -41,8 +42,8 @@ class TestNextDelay:
     @pytest.mark.parametrize("attempt", [1, 2, 3])
     def test_jitter_varies_and_spans_both_sides(self, attempt: int) -> None:
         """Jitter really varies: many distinct values, some well below and some well above."""
-        base = DEFAULT[attempt - 1]
-        values = [next_delay(attempt, DEFAULT, rng=random.Random(seed)) for seed in SEEDS]
+        base = SCHEDULE[attempt - 1]
+        values = [next_delay(attempt, SCHEDULE, rng=random.Random(seed)) for seed in SEEDS]
         floats = [float(v) for v in values if v is not None]
         assert len(set(floats)) > 400
         assert min(floats) < base * 0.85
@@ -50,21 +51,21 @@ class TestNextDelay:
 
     def test_same_seed_same_delay(self) -> None:
         """The rng passed in is the only source of randomness: equal seeds give equal delays."""
-        a = next_delay(2, DEFAULT, rng=random.Random(7))
-        b = next_delay(2, DEFAULT, rng=random.Random(7))
+        a = next_delay(2, SCHEDULE, rng=random.Random(7))
+        b = next_delay(2, SCHEDULE, rng=random.Random(7))
         assert a == b
 
     @pytest.mark.parametrize("seed", range(50))
-    def test_default_delays_grow(self, seed: int) -> None:
+    def test_growing_delays_grow(self, seed: int) -> None:
         """With 60, 600, 3600 each retry waits longer than the one before, whatever the jitter."""
         rng = random.Random(seed)
-        d1, d2, d3 = (next_delay(n, DEFAULT, rng=rng) for n in (1, 2, 3))
+        d1, d2, d3 = (next_delay(n, SCHEDULE, rng=rng) for n in (1, 2, 3))
         assert d1 is not None and d2 is not None and d3 is not None
         assert d1 < d2 < d3
 
     @pytest.mark.parametrize(
         ("attempt", "delays"),
-        [(4, DEFAULT), (1, ()), (2, (5.0,)), (10, DEFAULT)],
+        [(4, SCHEDULE), (1, ()), (2, (5.0,)), (10, SCHEDULE)],
     )
     def test_none_after_last_delay(self, attempt: int, delays: tuple[float, ...]) -> None:
         """Once the attempts exceed the configured delays there is no further retry."""
@@ -72,11 +73,11 @@ class TestNextDelay:
 
     def test_none_after_last_even_with_retry_after(self) -> None:
         """A Retry-After does not add an attempt beyond the schedule."""
-        assert next_delay(4, DEFAULT, retry_after=30, rng=random.Random(0)) is None
+        assert next_delay(4, SCHEDULE, retry_after=30, rng=random.Random(0)) is None
 
     def test_last_attempt_still_has_a_delay(self) -> None:
         """Attempt number len(delays) still gets a retry (one retry per configured delay)."""
-        assert next_delay(3, DEFAULT, rng=random.Random(0)) is not None
+        assert next_delay(3, SCHEDULE, rng=random.Random(0)) is not None
 
     def test_zero_delay_stays_zero(self) -> None:
         """A delay of 0 is not jittered into a negative or positive wait."""
@@ -92,14 +93,14 @@ class TestNextDelay:
     @pytest.mark.parametrize("seed", range(20))
     def test_retry_after_is_a_minimum(self, seed: int) -> None:
         """A Retry-After above the jittered delay (but under the cap) is waited exactly."""
-        got = next_delay(1, DEFAULT, retry_after=300, rng=random.Random(seed))
+        got = next_delay(1, SCHEDULE, retry_after=300, rng=random.Random(seed))
         assert got == 300
 
     @pytest.mark.parametrize("seed", range(20))
     def test_retry_after_below_schedule_is_ignored(self, seed: int) -> None:
         """A Retry-After shorter than the scheduled delay leaves the jittered delay as it was."""
-        plain = next_delay(2, DEFAULT, rng=random.Random(seed))
-        got = next_delay(2, DEFAULT, retry_after=5, rng=random.Random(seed))
+        plain = next_delay(2, SCHEDULE, rng=random.Random(seed))
+        got = next_delay(2, SCHEDULE, retry_after=5, rng=random.Random(seed))
         assert got == plain
 
     @pytest.mark.parametrize("seed", range(20))
@@ -190,22 +191,22 @@ class TestSlowdownDelay:
     @pytest.mark.parametrize("attempt", [1, 2, 3])
     def test_without_retry_after_the_delay_that_attempt_would_have_had(self, attempt: int) -> None:
         """The delay a failure of the same attempt would have had, with jitter."""
-        base = DEFAULT[attempt - 1]
-        values = [slowdown_delay(attempt, DEFAULT, rng=random.Random(seed)) for seed in range(100)]
+        base = SCHEDULE[attempt - 1]
+        values = [slowdown_delay(attempt, SCHEDULE, rng=random.Random(seed)) for seed in range(100)]
         floats = [v for v in values if v is not None]
         assert len(floats) == 100
         assert base * 0.8 <= min(floats) < base * 0.9 and base * 1.1 < max(floats) <= base * 1.2
 
     def test_after_the_last_attempt_the_last_delay(self) -> None:
         """The last attempt (no retry left to use up) waits the last delay."""
-        delay = slowdown_delay(4, DEFAULT, rng=random.Random(1))
+        delay = slowdown_delay(4, SCHEDULE, rng=random.Random(1))
         assert delay is not None and 3600 * 0.8 <= delay <= 3600 * 1.2
 
     @pytest.mark.parametrize(("retry_after", "expected"), [(2.0, 2.0), (0.0, 0.0), (9999.0, 3600)])
     def test_retry_after_is_what_is_waited(self, retry_after: float, expected: float) -> None:
         """The receiver's Retry-After is waited, however short, capped at the largest delay;
         not the scheduled delay, which would be minutes."""
-        assert slowdown_delay(1, DEFAULT, retry_after=retry_after) == expected
+        assert slowdown_delay(1, SCHEDULE, retry_after=retry_after) == expected
 
     def test_nothing_without_retries(self) -> None:
         """With no retries configured nothing is tried again, 429 included."""
