@@ -180,6 +180,22 @@ def wait_until(check: Callable[[], Any], timeout: float = 15, what: str = "condi
         time.sleep(0.02)
 
 
+def doorbell_holders(sql: SQL) -> int:
+    """How many sessions hold the doorbell's lock in ``sql``'s database.
+
+    Advisory locks are cluster-wide in pg_locks: the count is of this database only, so
+    a sidecar of another database (a developer's `make run`, another pytest-xdist
+    worker) on the same server is not counted."""
+    return int(
+        sql.one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+            " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
+            " AND l.classid = %s AND l.objid = 1 AND l.granted",
+            (db.LOCK_KEY,),
+        )
+    )
+
+
 # Sidecars in tests log in as this role, which has outbox_sidecar and nothing else, as
 # a production sidecar may. Cluster-wide and owning nothing, it is created once and kept.
 SIDECAR_LOGIN = "outbox_sidecar_test"

@@ -28,6 +28,7 @@ from tests.conftest import (
     SIDECAR_LOGIN,
     SQL,
     Sidecar,
+    doorbell_holders,
     free_port,
     run_outbox,
     sidecar_environment,
@@ -136,16 +137,7 @@ class TestBehindPgBouncer:
         )
         for n in range(1, 6):
             # Idle, with the doorbell armed, before each commit.
-            wait_until(
-                lambda: (
-                    sql.one(
-                        "SELECT count(*) FROM pg_locks WHERE objid = 1 AND granted"
-                        " AND locktype = 'advisory' AND classid = 1869968482"
-                    )
-                    == 1
-                ),
-                what="the doorbell to be armed",
-            )
+            wait_until(lambda: doorbell_holders(sql) == 1, what="the doorbell to be armed")
             sql.emit(data={"n": n})
             receiver.wait_for(n, timeout=10)
         for n in range(200):

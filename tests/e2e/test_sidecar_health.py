@@ -30,6 +30,7 @@ from tests.conftest import (
     SQL,
     Sidecar,
     as_sidecar_role,
+    doorbell_holders,
     login_url,
     run_outbox,
     sidecar_environment,
@@ -273,17 +274,7 @@ class TestParts:
             ),
             what="the listener",
         )
-        wait_until(
-            lambda: (
-                sql.one(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
-                    " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
-                    " AND l.classid = 1869968482 AND l.objid = 1 AND l.granted"
-                )
-                == 1
-            ),
-            what="the doorbell",
-        )
+        wait_until(lambda: doorbell_holders(sql) == 1, what="the doorbell")
         assert probe(sidecar, "/healthz") == (200, {"status": "ok"})
         assert sidecar.stop() == 0
 
