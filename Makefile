@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 # OUTBOX_DATABASE_URL if set, else the Postgres on 127.0.0.1:5432, else a private
 # cluster in .pgdata started with this machine's initdb/pg_ctl.
 run: setup
-	@url=$$($(BIN)/python -m outbox.localpg url) || exit 1; \
+	@url=$$($(BIN)/python -m tools.localpg url) || exit 1; \
 	export OUTBOX_DATABASE_URL="$$url"; \
 	$(BIN)/outbox migrate || exit 1; \
 	admin=$$($(BIN)/python -c 'from outbox.config import Settings; print(Settings.from_env().admin_url)'); \
@@ -98,10 +98,10 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[bench]' && $(BIN)/python -m bench.run
 
 db-url: setup
-	@$(BIN)/python -m outbox.localpg url
+	@$(BIN)/python -m tools.localpg url
 
 clean:
-	-$(BIN)/python -m outbox.localpg stop
+	-$(BIN)/python -m tools.localpg stop
 	rm -rf $(VENV) .pgdata .mypy_cache .ruff_cache
 
 # Retake docs/settings-webhooks.png, the picture README shows.

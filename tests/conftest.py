@@ -23,8 +23,9 @@ import pytest
 import trustme
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from outbox import db, localpg
+from outbox import db
 from tests.receiver import BlackHole, Receiver
+from tools import localpg
 
 ROOT = Path(__file__).parent.parent
 

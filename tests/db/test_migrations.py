@@ -16,8 +16,9 @@ import psycopg
 import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from outbox import db, localpg
+from outbox import db
 from tests.conftest import ROOT
+from tools import localpg
 
 SCHEMA = ROOT / "sql" / "schema.sql"
 

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox import localpg, tokens
+from outbox import tokens
 from outbox.events import EVENTS
 from tests.conftest import (
     ROOT,
@@ -39,6 +39,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.receiver import BlackHole, Receiver, Reply
+from tools import localpg
 
 SECRET = "whsec_api_secret_0123456789"
 OTHER_SECRET = "whsec_rotated_secret_987654321"

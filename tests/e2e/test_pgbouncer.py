@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from outbox import db, localpg
+from outbox import db
 from tests.conftest import (
     SIDECAR_LOGIN,
     SQL,
@@ -36,6 +36,7 @@ from tests.conftest import (
 )
 from tests.e2e.test_api import make_token
 from tests.receiver import Receiver
+from tools import localpg
 
 Start = Callable[..., Sidecar]
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from outbox import db, localpg
+from outbox import db
 from tests.conftest import ROOT, SQL, Sidecar, wait_until
 from tests.receiver import Receiver, Reply
+from tools import localpg
 
 Start = Callable[..., Sidecar]
 

@@ -1,4 +1,5 @@
-"""Find or start a local PostgreSQL for development and tests.
+"""Find or start a local PostgreSQL for development and tests (not shipped: the wheel
+and the image hold the outbox package alone).
 
 `server()` prefers a server already answering on 127.0.0.1:5432 and otherwise runs
 a private cluster in a data directory (default `<repo>/.pgdata`), started once
@@ -6,8 +7,8 @@ and reused by later calls.
 
 Command line::
 
-    python -m outbox.localpg url [DBNAME]   # print a URL, creating the database
-    python -m outbox.localpg stop           # stop the private cluster
+    python -m tools.localpg url [DBNAME]   # print a URL, creating the database
+    python -m tools.localpg stop           # stop the private cluster
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ __all__ = [
 
 # An explicit name: under `python -m` this module is `__main__`, and the CLI
 # attaches its stderr handler to this logger.
-log = logging.getLogger("outbox.localpg")
+log = logging.getLogger("tools.localpg")
 
 HOST = "127.0.0.1"
 SYSTEM_PORT = 5432
@@ -339,7 +340,7 @@ def _running_server(binaries: _Binaries, datadir: Path, account: _Account | None
         if time.monotonic() >= deadline:
             raise LocalPgError(
                 f"the private PostgreSQL in {datadir} runs but does not answer on "
-                f"{HOST}:{port}; stop it with `python -m outbox.localpg stop` "
+                f"{HOST}:{port}; stop it with `python -m tools.localpg stop` "
                 f"(if no server is running, remove {datadir / 'postmaster.pid'})"
                 f"{_log_tail(datadir)}"
             )
@@ -518,7 +519,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(
-        prog="python -m outbox.localpg",
+        prog="python -m tools.localpg",
         description="Find or start a local PostgreSQL for development and tests.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
