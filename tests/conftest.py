@@ -4,7 +4,9 @@ database cloned per test, a real HTTPS receiver, and real `outbox run` processes
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -13,17 +15,21 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
+import structlog
 import trustme
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from outbox import db
+from outbox import cli, db
+from outbox import log as outbox_log
 from tests.receiver import BlackHole, Receiver
 from tools import localpg
 
@@ -286,7 +292,10 @@ class Sidecar:
 def run_outbox(
     env: dict[str, str], *args: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    """One `outbox ARGS...` command, run to its end from this checkout, output kept."""
+    """One `outbox ARGS...` command as a process of its own, run to its end, output kept.
+
+    A Python start costs seconds: use it where the process itself is under test (exit
+    codes as a shell sees them, pipes, signals), else `call_outbox`."""
     return subprocess.run(
         [sys.executable, "-m", "outbox", *args],
         input=stdin,
@@ -337,3 +346,56 @@ def sidecars(sidecar_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[.
         if sidecar.proc is not None and sidecar.proc.poll() is None:
             sidecar.proc.kill()
             sidecar.wait()
+
+
+def call_outbox(
+    env: dict[str, str], *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """`outbox ARGS...` run in this process by `outbox.cli.main`, as `run_outbox` runs it
+    in a new one: ``env`` is the whole environment, ``stdin`` its input, and the exit
+    code, stdout and stderr come back the same way. Nothing it sets outlives the call:
+    the environment, the standard streams, structlog's configuration and the root
+    logger's handlers are put back."""
+    saved_env = dict(os.environ)
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    saved_log = structlog.get_config()
+    root = logging.getLogger()
+    saved_root = root.handlers[:], root.level
+    out, err = io.StringIO(), io.StringIO()
+
+    def configure_uncached(fmt: str) -> None:
+        # outbox caches each module's logger on first use, as it should in a process
+        # of its own; here that would tie those loggers to this call's stderr.
+        outbox_log.configure(fmt)
+        structlog.configure(cache_logger_on_first_use=False)
+
+    os.environ.clear()
+    os.environ.update(env)
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
+    try:
+        with mock.patch.object(cli, "configure", configure_uncached):
+            # A thread of its own: main() runs asyncio.run(), which a thread that already
+            # runs an event loop (Playwright's, in the browser tests) may not call.
+            with ThreadPoolExecutor(1) as thread:
+                code = thread.submit(_main, list(args)).result()
+            writer = structlog.get_config()["logger_factory"]()
+            if hasattr(writer, "flush"):
+                writer.flush()
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+        os.environ.clear()
+        os.environ.update(saved_env)
+        structlog.reset_defaults()
+        structlog.configure(**saved_log)
+        root.handlers[:] = saved_root[0]
+        root.setLevel(saved_root[1])
+    return subprocess.CompletedProcess(
+        ["outbox", *args], code, stdout=out.getvalue(), stderr=err.getvalue()
+    )
+
+
+def _main(args: list[str]) -> int:
+    try:
+        return cli.main(args)
+    except SystemExit as exc:  # argparse's --version and --help
+        return exc.code if isinstance(exc.code, int) else 1

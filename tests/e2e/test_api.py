@@ -14,7 +14,6 @@ import hmac
 import http.client
 import json
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,9 +29,9 @@ import pytest
 from outbox import tokens
 from outbox.events import EVENTS
 from tests.conftest import (
-    ROOT,
     SQL,
     Sidecar,
+    call_outbox,
     cloned_database,
     free_port,
     sidecar_environment,
@@ -172,14 +171,8 @@ def api(server: Server) -> Api:
 
 
 def outbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    """`outbox ARGS` with ``env`` as its environment, in this process."""
+    return call_outbox(env, *args)
 
 
 def hook_body(**fields: Any) -> dict[str, Any]:

@@ -28,9 +28,9 @@ from tests.conftest import (
     SIDECAR_LOGIN,
     SQL,
     Sidecar,
+    call_outbox,
     doorbell_holders,
     free_port,
-    run_outbox,
     sidecar_environment,
     wait_until,
 )
@@ -228,7 +228,7 @@ class TestBehindPgBouncer:
         sql.emit(account="acct_without_webhooks")
         sql("UPDATE outbox.events SET occurred_at = now() - interval '1 hour'")
         env = sidecar_environment(pooled_url, ca_file, OUTBOX_DATABASE_POOLER="pgbouncer")
-        result = run_outbox(env, "prune", "--older-than", "1m")
+        result = call_outbox(env, "prune", "--older-than", "1m")
         assert result.returncode == 0, result.stderr
         assert result.stdout == "deleted 0 deliveries, 0 attempts, 1 events\n"
 
