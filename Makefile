@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint format bench clean db-url chromium pgbouncer screenshot verifiers image-test
+.PHONY: setup run test test-fast lint format bench clean db-url chromium pgbouncer screenshot verifiers image-test
 
 setup: $(VENV)/.installed
 
@@ -36,8 +36,17 @@ run: setup
 	echo; \
 	exec $(BIN)/outbox run
 
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist). Most of a test's time is spent
+# waiting for Postgres, a receiver or a sidecar, so more processes than cores pay: 4 on
+# 2 cores.
+PYTEST_WORKERS ?= 4
 test: setup chromium pgbouncer verifiers
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
+
+# The inner loop: the pure tests and the database tests, without browser or slow ones,
+# one process per core (they wait little: more processes do not pay here).
+test-fast: setup
+	$(BIN)/pytest -q -n auto -m "not browser and not slow" tests/unit tests/db
 
 # A second, independent Standard Webhooks verifier: the npm package, run by Node.js.
 verifiers: tests/node/node_modules/.installed

@@ -36,6 +36,12 @@ from tools import localpg
 ROOT = Path(__file__).parent.parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, the rest in their order: with pytest-xdist they then run beside
+    the others instead of alone at the end of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> localpg.Server:
     """127.0.0.1:5432 when it answers, else a private cluster started for the suite."""

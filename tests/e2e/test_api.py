@@ -906,6 +906,7 @@ class TestMetrics:
         assert moved("outbox_claim_batch_size_count") >= 1
         assert after["outbox_dispatcher_up"] == 1
 
+    @pytest.mark.slow
     def test_pending_gauges_read_the_database(
         self, sidecars: Callable[..., Sidecar], sql: SQL
     ) -> None:

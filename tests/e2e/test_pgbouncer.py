@@ -200,6 +200,7 @@ class TestBehindPgBouncer:
                 assert row == (default,), setting
         assert sidecar.stop() == 0
 
+    @pytest.mark.slow
     def test_sidecar_retention_and_prune_work_through_pgbouncer(
         self,
         sql: SQL,

@@ -56,6 +56,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOT = ROOT / "docs" / "settings-webhooks.png"
+
+pytestmark = pytest.mark.browser
 SECRET = "whsec_page_secret_0123456789"
 EVENT_NAMES = [
     "Lead Created",

@@ -177,6 +177,7 @@ class TestProbes:
 
 
 class TestMetricsLoad:
+    @pytest.mark.slow
     def test_scrapes_never_query_the_backlog(self, sql: SQL, sidecars: Start) -> None:
         """With the deliveries table locked, 100 scrapes from 10 clients all answer with
         the last known backlog, and at most one backlog query (the sidecar's own, every
@@ -278,6 +279,7 @@ class TestParts:
         assert probe(sidecar, "/healthz") == (200, {"status": "ok"})
         assert sidecar.stop() == 0
 
+    @pytest.mark.slow
     def test_a_part_that_keeps_failing_stops_the_sidecar_with_exit_1(
         self, sql: SQL, receiver: Receiver, sidecars: Start
     ) -> None:
