@@ -38,7 +38,8 @@ run: setup
 
 # The suite runs in PYTEST_WORKERS processes (pytest-xdist). Most of a test's time is spent
 # waiting for Postgres, a receiver or a sidecar, so more processes than cores pay: 4 on
-# 2 cores.
+# 2 cores. It creates databases outbox_tpl_*, outbox_t_*, ... on the server it uses
+# (README.md says which); OUTBOX_TEST_PRIVATE_CLUSTER=1 runs it on a cluster of its own.
 PYTEST_WORKERS ?= 4
 test: setup chromium pgbouncer verifiers
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS)

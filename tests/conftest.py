@@ -8,10 +8,12 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +37,66 @@ from tools import localpg
 
 ROOT = Path(__file__).parent.parent
 
+# OUTBOX_TEST_PRIVATE_CLUSTER=1: the suite runs on a cluster of its own, made in a new
+# directory when the run starts and stopped and deleted when it ends, so that it creates
+# nothing on the server on 127.0.0.1:5432 and leaves nothing behind. The process that
+# starts pytest makes it before any worker starts, and tells them where it is in
+# PRIVATE_CLUSTER_DIR (workers inherit the environment).
+PRIVATE_CLUSTER = "OUTBOX_TEST_PRIVATE_CLUSTER"
+PRIVATE_CLUSTER_DIR = "OUTBOX_TEST_PRIVATE_CLUSTER_DIR"
+_PRIVATE_CLUSTER_PREFIX = "outbox-test-pg-"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get(PRIVATE_CLUSTER, "").lower() not in {"1", "true", "yes", "on"}:
+        return
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the cluster is made
+        return
+    _remove_abandoned_clusters()
+    # Not pytest's tmp_path: its parent is 0700, and as root the cluster runs as
+    # `postgres`, which must reach its data directory.
+    base = Path(tempfile.mkdtemp(prefix=_PRIVATE_CLUSTER_PREFIX, dir="/tmp"))
+    base.chmod(0o755)
+    (base / "owner-pid").write_text(f"{os.getpid()}\n")
+    config.stash[_private_base] = base
+    os.environ[PRIVATE_CLUSTER_DIR] = str(base / "pgdata")
+    localpg.private_server(base / "pgdata")
+    # A run stopped with SIGTERM (a CI time limit, `kill`) cleans up as after Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    base = config.stash.get(_private_base, None)
+    if base is not None:
+        _remove_cluster(base)
+        os.environ.pop(PRIVATE_CLUSTER_DIR, None)
+
+
+_private_base = pytest.StashKey[Path]()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _remove_cluster(base: Path) -> None:
+    try:
+        localpg.stop_private(base / "pgdata")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _remove_abandoned_clusters() -> None:
+    """Clusters of runs that were killed before they could clean up (kill -9)."""
+    for base in Path("/tmp").glob(f"{_PRIVATE_CLUSTER_PREFIX}*"):
+        try:
+            owner = int((base / "owner-pid").read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            _remove_cluster(base)
+        except (OSError, ValueError):
+            continue
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first, the rest in their order: with pytest-xdist they then run beside
@@ -44,7 +106,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def pg_server() -> localpg.Server:
-    """127.0.0.1:5432 when it answers, else a private cluster started for the suite."""
+    """The Postgres the suite runs on: the run's own cluster with
+    OUTBOX_TEST_PRIVATE_CLUSTER=1; else 127.0.0.1:5432 when it answers, else the private
+    development cluster in .pgdata (the one `make run` uses, left running)."""
+    private = os.environ.get(PRIVATE_CLUSTER_DIR)
+    if private:
+        return localpg.private_server(Path(private))
     return localpg.server()
 
 

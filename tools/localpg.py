@@ -40,6 +40,7 @@ __all__ = [
     "default_datadir",
     "ensure_database",
     "main",
+    "private_server",
     "server",
     "stop_private",
 ]
@@ -121,7 +122,7 @@ def server(*, force_private: bool = False) -> Server:
                 )
             else:
                 return system
-    return _private_server(default_datadir())
+    return private_server(default_datadir())
 
 
 def ensure_database(server: Server, dbname: str) -> str:
@@ -174,7 +175,8 @@ def stop_private(datadir: Path | None = None) -> None:
 # --- the private cluster -------------------------------------------------------------
 
 
-def _private_server(datadir: Path) -> Server:
+def private_server(datadir: Path) -> Server:
+    """The private cluster in `datadir`: made there if missing, started if stopped."""
     binaries = _find_binaries()
     account = _account_for(datadir)
     datadir.mkdir(mode=0o700, parents=True, exist_ok=True)
