@@ -30,13 +30,11 @@ log = structlog.get_logger("outbox.retention")
 _T = TypeVar("_T")
 
 # Rows deleted by one statement at most. Small batches commit small amounts of WAL, so
-# producers' commits never queue long behind one (measured with `make bench` section
-# 6: producers' p99 3.1x their p99 without pruning at 10,000 rows and a third of the
-# database's time, 2.2x at 2,000 and a fifth, 1.2x at 1,000 and a tenth).
+# producers' commits never queue long behind one (`make bench` section 6: larger
+# batches raised producers' p99; figures in bench/README.md).
 BATCH_ROWS = 1_000
 # The rest after a batch, as a multiple of the time it took (so pruning takes a tenth
-# of the database's time at most: a million rows in about two minutes), and at least
-# REST_MIN.
+# of the database's time at most), and at least REST_MIN.
 REST_FACTOR = 9.0
 REST_MIN = 0.01
 # How often a running sidecar prunes, at most; more often for a retention shorter.
