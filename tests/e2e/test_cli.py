@@ -7,6 +7,7 @@ and output, without a Python start per command); those whose process matters to 
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import os
@@ -93,6 +94,38 @@ class TestWebhookCommands:
         assert sql("SELECT name, enabled, secret FROM outbox.webhooks") == [("Slack", False, None)]
         assert outbox("webhooks", "delete", str(hook_id)).returncode == 0
         assert webhook_count(sql) == 0
+
+    def test_a_generated_secret_is_shown_once_on_stderr(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """`--secret generate` stores a new whsec_ secret (standard base64 of 32 bytes) and
+        shows it on one stderr line, so stdout stays the id alone; update makes another."""
+        added = outbox(
+            "webhooks",
+            "add",
+            "--account",
+            "acct_1",
+            "--name",
+            "n",
+            "--url",
+            "https://example.com/h",
+            "--event",
+            "lead.scored",
+            "--secret",
+            "generate",
+        )
+        assert added.returncode == 0, added.stderr
+        hook_id = int(added.stdout)
+        assert added.stdout == f"{hook_id}\n"
+        (line,) = added.stderr.splitlines()
+        (secret,) = re.findall(r"whsec_\S+", line)
+        assert line.startswith(f"signing secret of webhook {hook_id}: ")
+        assert len(base64.b64decode(secret[6:], validate=True)) == 32
+        assert sql.one("SELECT secret FROM outbox.webhooks") == secret
+
+        updated = outbox("webhooks", "update", str(hook_id), "--secret", "generate")
+        assert updated.returncode == 0, updated.stderr
+        (new,) = re.findall(r"whsec_\S+", updated.stderr)
+        assert new != secret
+        assert sql.one("SELECT secret FROM outbox.webhooks") == new
 
     @pytest.mark.parametrize(
         ("args", "says"),
