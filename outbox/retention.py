@@ -2,9 +2,9 @@
 deleted once older than OUTBOX_RETENTION, in small batches, by one process at a time.
 
 Each batch is one short statement in a transaction of its own (at most BATCH_ROWS rows,
-found through an index), and the pruner rests after each batch for twice as long as the
-batch took: a backlog of millions is worked off in the background without ever holding locks,
-the disk or a core long enough for producers to notice.
+found through an index), and the pruner rests after each batch for REST_FACTOR times as
+long as the batch took: a backlog of millions is worked off in the background without
+ever holding locks, the disk or a core long enough for producers to notice.
 """
 
 from __future__ import annotations
