@@ -45,12 +45,13 @@ ROOT = Path(__file__).parent.parent
 PRIVATE_CLUSTER = "OUTBOX_TEST_PRIVATE_CLUSTER"
 PRIVATE_CLUSTER_DIR = "OUTBOX_TEST_PRIVATE_CLUSTER_DIR"
 _PRIVATE_CLUSTER_PREFIX = "outbox-test-pg-"
+_private_base = pytest.StashKey[Path]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get(PRIVATE_CLUSTER, "").lower() not in {"1", "true", "yes", "on"}:
         return
-    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the cluster is made
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its starter made it
         return
     _remove_abandoned_clusters()
     # Not pytest's tmp_path: its parent is 0700, and as root the cluster runs as
@@ -58,9 +59,13 @@ def pytest_configure(config: pytest.Config) -> None:
     base = Path(tempfile.mkdtemp(prefix=_PRIVATE_CLUSTER_PREFIX, dir="/tmp"))
     base.chmod(0o755)
     (base / "owner-pid").write_text(f"{os.getpid()}\n")
+    try:
+        localpg.private_server(base / "pgdata")
+    except BaseException:
+        _remove_cluster(base)
+        raise
     config.stash[_private_base] = base
     os.environ[PRIVATE_CLUSTER_DIR] = str(base / "pgdata")
-    localpg.private_server(base / "pgdata")
     # A run stopped with SIGTERM (a CI time limit, `kill`) cleans up as after Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
 
@@ -70,9 +75,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if base is not None:
         _remove_cluster(base)
         os.environ.pop(PRIVATE_CLUSTER_DIR, None)
-
-
-_private_base = pytest.StashKey[Path]()
 
 
 def _interrupt(signum: int, frame: object) -> None:
