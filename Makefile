@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint format bench clean db-url chromium pgbouncer promtool screenshot verifiers image-test
+.PHONY: setup run test test-fast lint format bench clean db-url chromium pgbouncer promtool screenshot verifiers image-test
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 # OUTBOX_DATABASE_URL if set, else the Postgres on 127.0.0.1:5432, else a private
 # cluster in .pgdata started with this machine's initdb/pg_ctl.
 run: setup
-	@url=$$($(BIN)/python -m outbox.localpg url) || exit 1; \
+	@url=$$($(BIN)/python -m tools.localpg url) || exit 1; \
 	export OUTBOX_DATABASE_URL="$$url"; \
 	$(BIN)/outbox migrate || exit 1; \
 	admin=$$($(BIN)/python -c 'from outbox.config import Settings; print(Settings.from_env().admin_url)'); \
@@ -36,8 +36,18 @@ run: setup
 	echo; \
 	exec $(BIN)/outbox run
 
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist), one per core by default: on
+# 2 cores, 4 processes measured no faster than 2 (the tests wait on Postgres, which the
+# same cores run). It creates databases outbox_tpl_*, outbox_t_*, ... on the server it
+# uses (README.md says which); OUTBOX_TEST_PRIVATE_CLUSTER=1 runs it on a cluster of its
+# own.
+PYTEST_WORKERS ?= auto
 test: setup chromium pgbouncer promtool verifiers
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
+
+# The inner loop: the pure tests and the database tests, without browser or slow ones.
+test-fast: setup
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m "not browser and not slow" tests/unit tests/db
 
 # A second, independent Standard Webhooks verifier: the npm package, run by Node.js.
 verifiers: tests/node/node_modules/.installed
@@ -114,10 +124,10 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[bench]' && $(BIN)/python -m bench.run
 
 db-url: setup
-	@$(BIN)/python -m outbox.localpg url
+	@$(BIN)/python -m tools.localpg url
 
 clean:
-	-$(BIN)/python -m outbox.localpg stop
+	-$(BIN)/python -m tools.localpg stop
 	rm -rf $(VENV) .pgdata .mypy_cache .ruff_cache
 
 # Retake docs/settings-webhooks.png (the picture README shows) and its phone-width twin.

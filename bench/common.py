@@ -20,10 +20,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-# Committed: a full run's JSON, and the table appended to RESULTS.md.
-RESULTS_DIR = BENCH / "results"
+# Committed: the table each full run appends to RESULTS.md.
 RESULTS_MD = BENCH / "RESULTS.md"
-# Ignored by git (.gitignore): profiles, and the JSON of --quick and --only runs.
+# Ignored by git (.gitignore): every run's JSON (some 2,000 lines each; RESULTS.md keeps
+# its figures), and profiles.
+RUNS_DIR = BENCH / "runs"
 PROFILES_DIR = BENCH / "profiles"
 PY = sys.executable
 

@@ -21,8 +21,9 @@ import psycopg
 import trustme
 
 from bench.common import sidecar_env
-from outbox import db, localpg
+from outbox import db
 from tests.receiver import Receiver
+from tools import localpg
 
 
 def main() -> None:

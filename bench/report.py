@@ -1,5 +1,5 @@
 """The table writer: a run's summary (each section's figures, in section order), its JSON
-file (bench/results/ for a full run, bench/profiles/ otherwise), and the Markdown table
+file (bench/runs/, which git ignores), and the Markdown table
 appended to bench/RESULTS.md, every figure next to its same-run reference and the ratio,
 with the target and whether it is met. Sections build their own rows with the helpers
 here (`spread`, `num`, `met`) and say what they expose in `Section`.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bench.common import PROFILES_DIR, RESULTS_DIR, RESULTS_MD, ROOT
+from bench.common import RESULTS_MD, ROOT, RUNS_DIR
 
 if TYPE_CHECKING:
     from bench.harness import Bench
@@ -121,9 +121,9 @@ def write_results(
     errors: dict[str, str],
     suffix: str,
 ) -> Path:
-    """The run's JSON: a full run's in bench/results/ (committed), that of a --quick or
-    --only run (`suffix`) in bench/profiles/ (ignored)."""
-    directory = PROFILES_DIR if suffix else RESULTS_DIR
+    """The run's JSON, in bench/runs/ (ignored by git: RESULTS.md keeps a full run's
+    figures); `suffix` marks a --quick or --only run."""
+    directory = RUNS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     name = f"{stamp[:10]}{suffix}"
     path = directory / f"{name}.json"
@@ -153,7 +153,8 @@ def append_markdown(
         notes = "\nSections that failed: " + ", ".join(sorted(errors)) + " (see the JSON).\n"
     with RESULTS_MD.open("a") as f:
         f.write(
-            f"\n## {stamp}\n\n{context_line(meta)} Raw: `{json_path.relative_to(ROOT)}`.\n\n"
+            f"\n## {stamp}\n\n{context_line(meta)}"
+            f" Raw: `{json_path.relative_to(ROOT)}` (not committed).\n\n"
             f"{text}\n{notes}"
         )
 

@@ -4,10 +4,10 @@
 
 Starts a private PostgreSQL 15 cluster (fsync on, default settings) in a temporary
 directory, an HTTPS receiver in a process of its own, and then, section by section,
-`outbox run` and its references. Writes bench/results/<date>.json and appends a table to
-bench/RESULTS.md (a --quick or --only run: bench/profiles/<date>-quick|partial.json, no
-table); profiles go to bench/profiles/. Every process it starts, and the cluster, is
-stopped on exit.
+`outbox run` and its references. Writes bench/runs/<date>.json (ignored by git) and
+appends a table to bench/RESULTS.md (a --quick or --only run:
+bench/runs/<date>-quick|partial.json, no table); profiles go to bench/profiles/. Every
+process it starts, and the cluster, is stopped on exit.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 
 from bench.common import PROCS, PY, cpu_seconds, descendants, set_affinity
-from outbox import localpg
+from tools import localpg
 
 # --- the cluster -----------------------------------------------------------------------
 
@@ -28,7 +28,7 @@ TEMPLATE = "bench_tpl"
 
 
 class Cluster:
-    """A private PostgreSQL cluster (outbox.localpg), fsync on, default settings."""
+    """A private PostgreSQL cluster (tools.localpg), fsync on, default settings."""
 
     def __init__(self, datadir: Path) -> None:
         self.datadir = datadir

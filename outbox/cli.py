@@ -22,6 +22,7 @@ from outbox import (
     portal,
     retention,
     sidecar,
+    signing,
     tokens,
     webhooks,
 )
@@ -140,7 +141,30 @@ def _rate_limit(raw: str) -> int:
     return int(raw)
 
 
+# `--secret generate`: a secret the product makes (signing.generate_secret). No secret
+# typed can be this word: a secret has at least 16 characters.
+_GENERATE = "generate"
+_SIGNING_HELP = (
+    "at least 16 characters; `generate` makes a whsec_ secret and shows it once, on stderr"
+)
+
+
+def _secret(raw: str | None) -> str | None:
+    return signing.generate_secret() if raw == _GENERATE else raw
+
+
+def _show_generated(args: argparse.Namespace, webhook_id: int, secret: str | None) -> None:
+    """The generated secret, on stderr: stdout keeps what scripts read (the id alone)."""
+    if args.secret == _GENERATE:
+        print(
+            f"signing secret of webhook {webhook_id}: {secret}"
+            " (keep it now: it is not shown again)",
+            file=sys.stderr,
+        )
+
+
 async def _add(args: argparse.Namespace, settings: Settings) -> int:
+    secret = _secret(args.secret)
     async with await db.connect(settings.database_url) as conn:
         webhook_id = await webhooks.add(
             conn,
@@ -148,13 +172,14 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
             name=args.name,
             url=args.url,
             event=args.event,
-            secret=args.secret,
+            secret=secret,
             enabled=not args.disabled,
             format=args.format,
             headers=_headers(args.header),
             rate_limit=args.rate_limit,
         )
     print(webhook_id)
+    _show_generated(args, webhook_id, secret)
     return 0
 
 
@@ -235,7 +260,7 @@ async def _update(args: argparse.Namespace, settings: Settings) -> int:
     if args.no_secret:
         fields["secret"] = None
     elif args.secret is not None:
-        fields["secret"] = args.secret
+        fields["secret"] = _secret(args.secret)
     headers = _headers(args.header)
     if headers is not None:
         fields["headers"] = headers
@@ -254,6 +279,7 @@ async def _update(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         await webhooks.update(conn, args.id, **fields)
     print(f"webhook {args.id} updated")
+    _show_generated(args, args.id, fields.get("secret"))
     return 0
 
 
@@ -466,7 +492,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--url", required=True)
     add.add_argument("--event", required=True, type=_event)
     add.add_argument("--format", help=_FORMAT_HELP)
-    add.add_argument("--secret")
+    add.add_argument("--secret", help=_SIGNING_HELP)
     add.add_argument("--disabled", action="store_true")
     add.add_argument("--header", action="append", type=_header, help=_HEADER_HELP)
     add.add_argument("--rate-limit", type=_rate_limit, metavar="N", help=_RATE_LIMIT_HELP)
@@ -484,7 +510,7 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--event", type=_event)
     update.add_argument("--format", help=_FORMAT_HELP)
     secret = update.add_mutually_exclusive_group()
-    secret.add_argument("--secret")
+    secret.add_argument("--secret", help=_SIGNING_HELP)
     secret.add_argument("--no-secret", action="store_true")
     update.add_argument(
         "--header",

@@ -440,8 +440,7 @@ class Dispatcher:
         (the receiver has its delivery already; a retry falls due seconds later)."""
         if len(self._results) < 2:
             # A result at a time is a light load: lingering then made deliveries later, not
-            # cheaper (at 200 events/s, 0.3 ms more at the median and 1 ms at the p99 from
-            # commit to receipt, measured with make bench's latency section).
+            # cheaper (make bench's latency section; figures in bench/README.md).
             return
         want = self._half_slots
         loop = asyncio.get_running_loop()

@@ -3,9 +3,9 @@ operational events (outbox.notifications) are deleted once older than OUTBOX_RET
 in small batches, by one process at a time.
 
 Each batch is one short statement in a transaction of its own (at most BATCH_ROWS rows,
-found through an index), and the pruner rests after each batch for twice as long as the
-batch took: a backlog of millions is worked off in the background without ever holding locks,
-the disk or a core long enough for producers to notice.
+found through an index), and the pruner rests after each batch for REST_FACTOR times as
+long as the batch took: a backlog of millions is worked off in the background without
+ever holding locks, the disk or a core long enough for producers to notice.
 """
 
 from __future__ import annotations
@@ -31,13 +31,11 @@ log = structlog.get_logger("outbox.retention")
 _T = TypeVar("_T")
 
 # Rows deleted by one statement at most. Small batches commit small amounts of WAL, so
-# producers' commits never queue long behind one (measured with `make bench` section
-# 6: producers' p99 3.1x their p99 without pruning at 10,000 rows and a third of the
-# database's time, 2.2x at 2,000 and a fifth, 1.2x at 1,000 and a tenth).
+# producers' commits never queue long behind one (`make bench` section 6: larger
+# batches raised producers' p99; figures in bench/README.md).
 BATCH_ROWS = 1_000
 # The rest after a batch, as a multiple of the time it took (so pruning takes a tenth
-# of the database's time at most: a million rows in about two minutes), and at least
-# REST_MIN.
+# of the database's time at most), and at least REST_MIN.
 REST_FACTOR = 9.0
 REST_MIN = 0.01
 # How often a running sidecar prunes, at most; more often for a retention shorter.

@@ -27,12 +27,12 @@ SELECT * FROM outbox.auto_disable_v2(
 -- dispatcher_session --
 -- Set on each of a dispatcher's own connections, which run the claim and record
 -- queries thousands of times: plan them once, not at every run (planning the claim
--- costs about 3 ms, more than running it for 64 rows, and it sits between a commit and
--- its delivery). Left to choose, Postgres would plan the claim at every run, and switch
--- other queries to the plan it made at their sixth run and keep it; a plan made while
--- deliveries or events was empty scans the whole table for every row once it has grown
--- (measured on a new install: the record query took 7.8 s of a 10 s producer run). So
--- the dispatcher has the plans made again every few seconds (dispatcher.Connection).
+-- costs more than running it, and it sits between a commit and its delivery). Left to
+-- choose, Postgres would plan the claim at every run, and switch other queries to the
+-- plan it made at their sixth run and keep it; a plan made while deliveries or events
+-- was empty scans the whole table for every row once it has grown, which on a new
+-- install took most of the record query's time. So the dispatcher has the plans made
+-- again every few seconds (dispatcher.Connection). Figures: bench/README.md.
 SET plan_cache_mode = force_generic_plan;
 
 -- claim_session --

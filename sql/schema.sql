@@ -636,9 +636,7 @@ CREATE INDEX deliveries_finished ON outbox.deliveries (finished_at)
 -- An event is deleted only once no delivery of it is left: without this, finding that
 -- out reads all of deliveries. It costs the producer one index entry per delivery its
 -- INSERT fans out to (deliveries has four already), an increasing key, so always the
--- same rightmost page: measured in one backend, 20,000 single-row INSERTs fanned out
--- to one webhook each, 12 pairs with and without it, the median paired difference was
--- 2.7 us of about 45 us per INSERT, inside that busy machine's noise. Events
+-- same rightmost page: too little to tell from noise (bench/README.md). Events
 -- themselves get no index: retention walks them in id order, which follows their age
 -- closely enough (see the prune_events query).
 CREATE INDEX deliveries_by_event ON outbox.deliveries (event_id);

@@ -4,34 +4,116 @@ database cloned per test, a real HTTPS receiver, and real `outbox run` processes
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
+import structlog
 import trustme
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from outbox import db, localpg
+from outbox import cli, db
+from outbox import log as outbox_log
 from tests.receiver import BlackHole, Receiver
+from tools import localpg
 
 ROOT = Path(__file__).parent.parent
+
+# OUTBOX_TEST_PRIVATE_CLUSTER=1: the suite runs on a cluster of its own, made in a new
+# directory when the run starts and stopped and deleted when it ends, so that it creates
+# nothing on the server on 127.0.0.1:5432 and leaves nothing behind. The process that
+# starts pytest makes it before any worker starts, and tells them where it is in
+# PRIVATE_CLUSTER_DIR (workers inherit the environment).
+PRIVATE_CLUSTER = "OUTBOX_TEST_PRIVATE_CLUSTER"
+PRIVATE_CLUSTER_DIR = "OUTBOX_TEST_PRIVATE_CLUSTER_DIR"
+_PRIVATE_CLUSTER_PREFIX = "outbox-test-pg-"
+_private_base = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get(PRIVATE_CLUSTER, "").lower() not in {"1", "true", "yes", "on"}:
+        return
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its starter made it
+        return
+    _remove_abandoned_clusters()
+    # Not pytest's tmp_path: its parent is 0700, and as root the cluster runs as
+    # `postgres`, which must reach its data directory.
+    base = Path(tempfile.mkdtemp(prefix=_PRIVATE_CLUSTER_PREFIX, dir="/tmp"))
+    base.chmod(0o755)
+    (base / "owner-pid").write_text(f"{os.getpid()}\n")
+    try:
+        localpg.private_server(base / "pgdata")
+    except BaseException:
+        _remove_cluster(base)
+        raise
+    config.stash[_private_base] = base
+    os.environ[PRIVATE_CLUSTER_DIR] = str(base / "pgdata")
+    # A run stopped with SIGTERM (a CI time limit, `kill`) cleans up as after Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    base = config.stash.get(_private_base, None)
+    if base is not None:
+        _remove_cluster(base)
+        os.environ.pop(PRIVATE_CLUSTER_DIR, None)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _remove_cluster(base: Path) -> None:
+    try:
+        localpg.stop_private(base / "pgdata")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _remove_abandoned_clusters() -> None:
+    """Clusters of runs that were killed before they could clean up (kill -9)."""
+    for base in Path("/tmp").glob(f"{_PRIVATE_CLUSTER_PREFIX}*"):
+        try:
+            owner = int((base / "owner-pid").read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            _remove_cluster(base)
+        except (OSError, ValueError):
+            continue
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, the rest in their order: with pytest-xdist they then run beside
+    the others instead of alone at the end of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> localpg.Server:
-    """127.0.0.1:5432 when it answers, else a private cluster started for the suite."""
+    """The Postgres the suite runs on: the run's own cluster with
+    OUTBOX_TEST_PRIVATE_CLUSTER=1; else 127.0.0.1:5432 when it answers, else the private
+    development cluster in .pgdata (the one `make run` uses, left running)."""
+    private = os.environ.get(PRIVATE_CLUSTER_DIR)
+    if private:
+        return localpg.private_server(Path(private))
     return localpg.server()
 
 
@@ -180,6 +262,22 @@ def wait_until(check: Callable[[], Any], timeout: float = 15, what: str = "condi
         time.sleep(0.02)
 
 
+def doorbell_holders(sql: SQL) -> int:
+    """How many sessions hold the doorbell's lock in ``sql``'s database.
+
+    Advisory locks are cluster-wide in pg_locks: the count is of this database only, so
+    a sidecar of another database (a developer's `make run`, another pytest-xdist
+    worker) on the same server is not counted."""
+    return int(
+        sql.one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+            " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
+            " AND l.classid = %s AND l.objid = 1 AND l.granted",
+            (db.LOCK_KEY,),
+        )
+    )
+
+
 # Sidecars in tests log in as this role, which has outbox_sidecar and nothing else, as
 # a production sidecar may. Cluster-wide and owning nothing, it is created once and kept.
 SIDECAR_LOGIN = "outbox_sidecar_test"
@@ -274,7 +372,10 @@ class Sidecar:
 def run_outbox(
     env: dict[str, str], *args: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    """One `outbox ARGS...` command, run to its end from this checkout, output kept."""
+    """One `outbox ARGS...` command as a process of its own, run to its end, output kept.
+
+    A Python start costs seconds: use it where the process itself is under test (exit
+    codes as a shell sees them, pipes, signals), else `call_outbox`."""
     return subprocess.run(
         [sys.executable, "-m", "outbox", *args],
         input=stdin,
@@ -327,3 +428,56 @@ def sidecars(sidecar_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[.
         if sidecar.proc is not None and sidecar.proc.poll() is None:
             sidecar.proc.kill()
             sidecar.wait()
+
+
+def call_outbox(
+    env: dict[str, str], *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """`outbox ARGS...` run in this process by `outbox.cli.main`, as `run_outbox` runs it
+    in a new one: ``env`` is the whole environment, ``stdin`` its input, and the exit
+    code, stdout and stderr come back the same way. Nothing it sets outlives the call:
+    the environment, the standard streams, structlog's configuration and the root
+    logger's handlers are put back."""
+    saved_env = dict(os.environ)
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    saved_log = structlog.get_config()
+    root = logging.getLogger()
+    saved_root = root.handlers[:], root.level
+    out, err = io.StringIO(), io.StringIO()
+
+    def configure_uncached(fmt: str) -> None:
+        # outbox caches each module's logger on first use, as it should in a process
+        # of its own; here that would tie those loggers to this call's stderr.
+        outbox_log.configure(fmt)
+        structlog.configure(cache_logger_on_first_use=False)
+
+    os.environ.clear()
+    os.environ.update(env)
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
+    try:
+        with mock.patch.object(cli, "configure", configure_uncached):
+            # A thread of its own: main() runs asyncio.run(), which a thread that already
+            # runs an event loop (Playwright's, in the browser tests) may not call.
+            with ThreadPoolExecutor(1) as thread:
+                code = thread.submit(_main, list(args)).result()
+            writer = structlog.get_config()["logger_factory"]()
+            if hasattr(writer, "flush"):
+                writer.flush()
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+        os.environ.clear()
+        os.environ.update(saved_env)
+        structlog.reset_defaults()
+        structlog.configure(**saved_log)
+        root.handlers[:] = saved_root[0]
+        root.setLevel(saved_root[1])
+    return subprocess.CompletedProcess(
+        ["outbox", *args], code, stdout=out.getvalue(), stderr=err.getvalue()
+    )
+
+
+def _main(args: list[str]) -> int:
+    try:
+        return cli.main(args)
+    except SystemExit as exc:  # argparse's --version and --help
+        return exc.code if isinstance(exc.code, int) else 1

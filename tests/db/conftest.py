@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from outbox import localpg
 from tests.conftest import cloned_database
+from tools import localpg
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ import psycopg
 import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from outbox import db, localpg
-from tests.conftest import ROOT
+from outbox import db
+from tests.conftest import ROOT, call_outbox
+from tools import localpg
 
 SCHEMA = ROOT / "sql" / "schema.sql"
 
@@ -238,16 +239,8 @@ class TestSchemaFile:
         assert emitted == (1,)
 
     def test_outbox_sql_prints_schema_sql(self) -> None:
-        """`python -m outbox sql` prints sql/schema.sql unchanged."""
+        """`outbox sql` prints sql/schema.sql unchanged."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-        done = subprocess.run(
-            [sys.executable, "-m", "outbox", "sql"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = call_outbox(env, "sql")
         assert done.returncode == 0, done.stderr
         assert done.stdout == SCHEMA.read_text()

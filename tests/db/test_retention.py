@@ -219,6 +219,7 @@ class TestBatches:
         )[0]
         assert (deliveries, attempts) == (retention.BATCH_ROWS // 2, retention.BATCH_ROWS // 2)
 
+    @pytest.mark.slow
     def test_a_large_backlog_takes_several_bounded_statements(
         self, sql: SQL, database_url: str
     ) -> None:

@@ -14,7 +14,6 @@ import hmac
 import http.client
 import json
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,18 +26,19 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox import localpg, tokens
+from outbox import tokens
 from outbox.events import EVENTS
 from tests.conftest import (
-    ROOT,
     SQL,
     Sidecar,
+    call_outbox,
     cloned_database,
     free_port,
     sidecar_environment,
     wait_until,
 )
 from tests.receiver import BlackHole, Receiver, Reply
+from tools import localpg
 
 SECRET = "whsec_api_secret_0123456789"
 OTHER_SECRET = "whsec_rotated_secret_987654321"
@@ -171,14 +171,8 @@ def api(server: Server) -> Api:
 
 
 def outbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    """`outbox ARGS` with ``env`` as its environment, in this process."""
+    return call_outbox(env, *args)
 
 
 def hook_body(**fields: Any) -> dict[str, Any]:
@@ -933,6 +927,7 @@ class TestMetrics:
         assert moved("outbox_claim_batch_size_count") >= 1
         assert after["outbox_dispatcher_up"] == 1
 
+    @pytest.mark.slow
     def test_pending_gauges_read_the_database(
         self, sidecars: Callable[..., Sidecar], sql: SQL
     ) -> None:

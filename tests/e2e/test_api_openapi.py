@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -69,6 +70,7 @@ def test_the_document_lists_every_route(sidecars: Callable[..., Sidecar], sql: S
     }
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_5xx_and_no_undocumented_answer(
     sidecars: Callable[..., Sidecar], sql: SQL, receiver: Receiver
 ) -> None:

@@ -21,6 +21,8 @@ from tests.conftest import ROOT
 from tests.e2e.test_portal_page import CHROMIUM, CHROMIUM_ARGS
 
 PICTURE = ROOT / "docs" / "chat-messages.png"
+
+pytestmark = pytest.mark.browser
 STAMP = "2025-03-05T08:41:17.000Z"
 
 

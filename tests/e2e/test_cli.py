@@ -1,8 +1,13 @@
-"""The `outbox` command as a user types it: real processes, a real database and receiver."""
+"""The `outbox` command as a user types it, with a real database and receiver.
+
+Most commands run in this process (`call_outbox`: the same `main`, environment, input
+and output, without a Python start per command); those whose process matters to a shell
+(exit codes, a closed pipe, stdin) run as real processes (`run_outbox`)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import os
@@ -16,12 +21,31 @@ import standardwebhooks
 
 from outbox import db, tokens
 from outbox.events import EVENTS
-from tests.conftest import ROOT, SQL, run_outbox, sidecar_environment, wait_until
+from tests.conftest import (
+    ROOT,
+    SQL,
+    call_outbox,
+    run_outbox,
+    sidecar_environment,
+    wait_until,
+)
 from tests.receiver import Receiver, Reply
 
 
 @pytest.fixture
 def outbox(database_url: str, ca_file: str):  # type: ignore[no-untyped-def]
+    """`outbox ARGS` in this process, with extra settings as keyword arguments."""
+    env = sidecar_environment(database_url, ca_file)
+
+    def run(*args: str, stdin: str = "", **extra: str) -> subprocess.CompletedProcess[str]:
+        return call_outbox(env | extra, *args, stdin=stdin)
+
+    return run
+
+
+@pytest.fixture
+def outbox_process(database_url: str, ca_file: str):  # type: ignore[no-untyped-def]
+    """`outbox ARGS` as a process of its own."""
     env = sidecar_environment(database_url, ca_file)
 
     def run(*args: str, stdin: str = "", **extra: str) -> subprocess.CompletedProcess[str]:
@@ -71,6 +95,38 @@ class TestWebhookCommands:
         assert sql("SELECT name, enabled, secret FROM outbox.webhooks") == [("Slack", False, None)]
         assert outbox("webhooks", "delete", str(hook_id)).returncode == 0
         assert webhook_count(sql) == 0
+
+    def test_a_generated_secret_is_shown_once_on_stderr(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """`--secret generate` stores a new whsec_ secret (standard base64 of 32 bytes) and
+        shows it on one stderr line, so stdout stays the id alone; update makes another."""
+        added = outbox(
+            "webhooks",
+            "add",
+            "--account",
+            "acct_1",
+            "--name",
+            "n",
+            "--url",
+            "https://example.com/h",
+            "--event",
+            "lead.scored",
+            "--secret",
+            "generate",
+        )
+        assert added.returncode == 0, added.stderr
+        hook_id = int(added.stdout)
+        assert added.stdout == f"{hook_id}\n"
+        (line,) = added.stderr.splitlines()
+        (secret,) = re.findall(r"whsec_\S+", line)
+        assert line.startswith(f"signing secret of webhook {hook_id}: ")
+        assert len(base64.b64decode(secret[6:], validate=True)) == 32
+        assert sql.one("SELECT secret FROM outbox.webhooks") == secret
+
+        updated = outbox("webhooks", "update", str(hook_id), "--secret", "generate")
+        assert updated.returncode == 0, updated.stderr
+        (new,) = re.findall(r"whsec_\S+", updated.stderr)
+        assert new != secret
+        assert sql.one("SELECT secret FROM outbox.webhooks") == new
 
     @pytest.mark.parametrize(
         ("args", "says"),
@@ -144,12 +200,13 @@ class TestTestSend:
         assert sql.one("SELECT count(*) FROM outbox.deliveries") == 0
 
     def test_failure_exits_1_without_retrying(  # type: ignore[no-untyped-def]
-        self, outbox, sql: SQL, receiver: Receiver
+        self, outbox_process, sql: SQL, receiver: Receiver
     ) -> None:
-        """A 5xx answer is reported with its status and exit 1, after exactly one request."""
+        """A 5xx answer is reported with its status and exit 1 (of the process, as a shell
+        script sees it), after exactly one request."""
         receiver.respond = lambda _: Reply(500)
         hook = sql.webhook(receiver.url())
-        result = outbox("webhooks", "test", str(hook))
+        result = outbox_process("webhooks", "test", str(hook))
         assert result.returncode == 1 and "HTTP 500" in result.stdout
         assert len(receiver.received()) == 1
 
@@ -166,10 +223,11 @@ class TestTestSend:
 
 
 class TestEmitAndStatus:
-    def test_emit_from_argument_and_stdin(self, outbox, sql: SQL) -> None:  # type: ignore[no-untyped-def]
-        """emit prints the new event's id alone, taking JSON from the argument or stdin."""
-        first = outbox("emit", "acct_1", "lead.created", '{"lead": {"id": 1}}')
-        second = outbox("emit", "acct_1", "lead.created", stdin='{"lead": {"id": 2}}')
+    def test_emit_from_argument_and_stdin(self, outbox_process, sql: SQL) -> None:  # type: ignore[no-untyped-def]
+        """emit prints the new event's id alone, taking JSON from the argument or from
+        the standard input of its process (a pipe)."""
+        first = outbox_process("emit", "acct_1", "lead.created", '{"lead": {"id": 1}}')
+        second = outbox_process("emit", "acct_1", "lead.created", stdin='{"lead": {"id": 2}}')
         assert first.returncode == second.returncode == 0
         ids = [int(first.stdout), int(second.stdout)]
         rows = sql("SELECT id, data FROM outbox.events ORDER BY id")
@@ -222,11 +280,11 @@ class TestEmitAndStatus:
 class TestMissingDatabase:
     @pytest.mark.parametrize("command", [["migrate"], ["status"]])
     def test_says_how_to_create_it(  # type: ignore[no-untyped-def]
-        self, outbox, database_url: str, command: list[str]
+        self, outbox_process, database_url: str, command: list[str]
     ) -> None:
         """A database that does not exist: one line with the createdb command, exit 2."""
         missing = database_url.rsplit("/", 1)[0] + "/outbox_never_created"
-        result = outbox(*command, OUTBOX_DATABASE_URL=missing)
+        result = outbox_process(*command, OUTBOX_DATABASE_URL=missing)
         assert result.returncode == 2, result.stderr
         assert result.stdout == ""
         (line,) = result.stderr.splitlines()

@@ -358,6 +358,7 @@ def pound_with_test_sends(
 
 
 class TestAccountFairness:
+    @pytest.mark.slow
     def test_test_sends_to_a_black_hole_do_not_starve_another_accounts_delivery(
         self, sql: SQL, receiver: Receiver, black_hole: BlackHole, sidecars: Start
     ) -> None:
@@ -397,6 +398,7 @@ class TestAccountFairness:
                 assert int(answer.headers["Retry-After"]) >= 1
                 assert answer.error[0] == "rate_limited"
 
+    @pytest.mark.slow
     def test_one_accounts_backlog_leaves_slots_for_another_account(
         self, sql: SQL, receiver: Receiver, black_hole: BlackHole, sidecars: Start
     ) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from psycopg.rows import dict_row
 
 from outbox import __version__
@@ -246,6 +247,7 @@ _TRANSPORT = {"Host", "Content-Length", "Accept"}
 
 
 class TestAutoDisable:
+    @pytest.mark.slow
     def test_an_endpoint_that_keeps_failing_is_disabled_until_enabled(
         self, sql: SQL, receiver: Receiver, sidecars: Start
     ) -> None:

@@ -15,7 +15,7 @@ import standardwebhooks
 
 from outbox.events import EVENTS, sample
 from tests.chat import escape_error
-from tests.conftest import SQL, Sidecar, run_outbox, sidecar_environment, wait_until
+from tests.conftest import SQL, Sidecar, call_outbox, sidecar_environment, wait_until
 from tests.receiver import Receiver
 
 # Not base64 after whsec_, so every library keys with its UTF-8 bytes.
@@ -150,7 +150,7 @@ def outbox(database_url: str, ca_file: str):  # type: ignore[no-untyped-def]
     env = sidecar_environment(database_url, ca_file)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return run_outbox(env, *args)
+        return call_outbox(env, *args)
 
     return run
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from outbox import signing
-from tests.conftest import ROOT, SQL, Sidecar, free_port, wait_until
+from tests.conftest import ROOT, SQL, Sidecar, call_outbox, free_port, wait_until
 
 
 class Listener:
@@ -85,15 +85,7 @@ def deliver(
     exports = listen.exports()
     assert set(exports) == {"OUTBOX_CA_FILE", "OUTBOX_ALLOW_PRIVATE_TARGETS"}
     sidecar = sidecars(**exports)
-    added = subprocess.run(
-        [sys.executable, "-m", "outbox", *listen.add_command()],
-        env=sidecar.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    added = call_outbox(sidecar.env, *listen.add_command())
     assert added.returncode == 0, added.stderr
     sql.emit(data={"lead": {"id": 42, "name": "Ada"}, "score": {"overall": 87}})
 

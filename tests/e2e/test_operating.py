@@ -29,10 +29,10 @@ from tests.conftest import (
     sidecar_environment,
     wait_until,
 )
+from tests.deploy.test_alerts import rules
+from tests.deploy.test_dashboard import dashboard_metrics, named_metrics
+from tests.deploy.test_kubernetes import outbox_container
 from tests.receiver import BlackHole, Receiver
-from tests.unit.test_alerts import rules
-from tests.unit.test_dashboard import dashboard_metrics, named_metrics
-from tests.unit.test_deploy import outbox_container
 
 Start = Callable[..., Sidecar]
 

@@ -23,18 +23,20 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from outbox import db, localpg
+from outbox import db
 from tests.conftest import (
     SIDECAR_LOGIN,
     SQL,
     Sidecar,
+    call_outbox,
+    doorbell_holders,
     free_port,
-    run_outbox,
     sidecar_environment,
     wait_until,
 )
 from tests.e2e.test_api import make_token
 from tests.receiver import Receiver
+from tools import localpg
 
 Start = Callable[..., Sidecar]
 
@@ -136,16 +138,7 @@ class TestBehindPgBouncer:
         )
         for n in range(1, 6):
             # Idle, with the doorbell armed, before each commit.
-            wait_until(
-                lambda: (
-                    sql.one(
-                        "SELECT count(*) FROM pg_locks WHERE objid = 1 AND granted"
-                        " AND locktype = 'advisory' AND classid = 1869968482"
-                    )
-                    == 1
-                ),
-                what="the doorbell to be armed",
-            )
+            wait_until(lambda: doorbell_holders(sql) == 1, what="the doorbell to be armed")
             sql.emit(data={"n": n})
             receiver.wait_for(n, timeout=10)
         for n in range(200):
@@ -207,6 +200,7 @@ class TestBehindPgBouncer:
                 assert row == (default,), setting
         assert sidecar.stop() == 0
 
+    @pytest.mark.slow
     def test_sidecar_retention_and_prune_work_through_pgbouncer(
         self,
         sql: SQL,
@@ -235,7 +229,7 @@ class TestBehindPgBouncer:
         sql.emit(account="acct_without_webhooks")
         sql("UPDATE outbox.events SET occurred_at = now() - interval '1 hour'")
         env = sidecar_environment(pooled_url, ca_file, OUTBOX_DATABASE_POOLER="pgbouncer")
-        result = run_outbox(env, "prune", "--older-than", "1m")
+        result = call_outbox(env, "prune", "--older-than", "1m")
         assert result.returncode == 0, result.stderr
         assert result.stdout == "deleted 0 deliveries, 0 attempts, 1 events\n"
 

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from outbox import localpg, portal
+from outbox import portal
 from tests.conftest import SQL, Sidecar, free_port, wait_until
 from tests.e2e.test_api import (
     DEEP_JSON,
@@ -39,6 +39,7 @@ from tests.e2e.test_api import (
     owned_rows,
     sidecar_env,
 )
+from tools import localpg
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

@@ -25,7 +25,6 @@ import pytest
 import trustme
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from outbox import localpg
 from outbox.api import EXAMPLE_SECRET
 from outbox.events import EVENTS
 from tests.conftest import ROOT, SQL, Sidecar, cloned_database, wait_until
@@ -38,6 +37,7 @@ from tests.e2e.test_portal_page import (
     row,
 )
 from tests.receiver import Receiver, Reply
+from tools import localpg
 
 PRODUCT = "AutoReach"
 ACCENT = "#7a3e9d"

@@ -25,6 +25,8 @@ from tests.receiver import Receiver, Reply
 browser = shared.browser
 open_page = shared.open_page
 
+pytestmark = pytest.mark.browser
+
 MAINTENANCE = '{"error": "down for maintenance until 11:00 UTC"}'
 
 

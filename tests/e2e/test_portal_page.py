@@ -28,11 +28,12 @@ from urllib.parse import urlsplit
 import pytest
 import trustme
 
-from outbox import localpg, portal, tokens
+from outbox import portal, tokens
 from tests.conftest import ROOT, SQL, Sidecar, cloned_database, wait_until
 from tests.e2e.test_api import add_delivery, outbox, sidecar_env
 from tests.e2e.test_portal import CSP
 from tests.receiver import Receiver, Reply
+from tools import localpg
 
 try:
     from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
@@ -55,6 +56,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOT = ROOT / "docs" / "settings-webhooks.png"
+
+pytestmark = pytest.mark.browser
 SECRET = "whsec_page_secret_0123456789"
 EVENT_NAMES = [
     "Lead Created",

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from outbox import db, localpg
+from outbox import db
 from tests.conftest import ROOT, SQL, Sidecar, wait_until
 from tests.receiver import Receiver, Reply
+from tools import localpg
 
 Start = Callable[..., Sidecar]
 
@@ -45,6 +46,7 @@ def emit_many(sql: SQL, count: int, account: str = "acct_1") -> None:
 
 
 class TestSeveralDispatchers:
+    @pytest.mark.slow
     def test_three_dispatchers_share_thousands_without_duplicates(
         self, sql: SQL, receiver: Receiver, sidecars: Start
     ) -> None:
@@ -69,6 +71,7 @@ class TestSeveralDispatchers:
 
 
 class TestCrashes:
+    @pytest.mark.slow
     def test_kill_9_mid_flight_loses_nothing(
         self, sql: SQL, receiver: Receiver, sidecars: Start
     ) -> None:
@@ -89,6 +92,7 @@ class TestCrashes:
         delivered = {r.headers["X-Webhook-Id"] for r in receiver.received()}
         assert len(delivered) == 20
 
+    @pytest.mark.slow
     def test_terminated_database_connections_lose_nothing(
         self, sql: SQL, receiver: Receiver, sidecars: Start
     ) -> None:
@@ -191,6 +195,7 @@ class TestPrivateCluster:
         assert app.one("SELECT outbox.emit('acct_1', 'lead.created', '{}')") == 1
         app.conn.close()
 
+    @pytest.mark.slow
     def test_dispatcher_survives_a_database_restart(
         self, private_pg: localpg.Server, receiver: Receiver, sidecars: Start
     ) -> None:

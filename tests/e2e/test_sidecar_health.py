@@ -30,6 +30,7 @@ from tests.conftest import (
     SQL,
     Sidecar,
     as_sidecar_role,
+    doorbell_holders,
     login_url,
     run_outbox,
     sidecar_environment,
@@ -176,6 +177,7 @@ class TestProbes:
 
 
 class TestMetricsLoad:
+    @pytest.mark.slow
     def test_scrapes_never_query_the_backlog(self, sql: SQL, sidecars: Start) -> None:
         """With the deliveries table locked, 100 scrapes from 10 clients all answer with
         the last known backlog, and at most one backlog query (the sidecar's own, every
@@ -273,20 +275,11 @@ class TestParts:
             ),
             what="the listener",
         )
-        wait_until(
-            lambda: (
-                sql.one(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
-                    " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
-                    " AND l.classid = 1869968482 AND l.objid = 1 AND l.granted"
-                )
-                == 1
-            ),
-            what="the doorbell",
-        )
+        wait_until(lambda: doorbell_holders(sql) == 1, what="the doorbell")
         assert probe(sidecar, "/healthz") == (200, {"status": "ok"})
         assert sidecar.stop() == 0
 
+    @pytest.mark.slow
     def test_a_part_that_keeps_failing_stops_the_sidecar_with_exit_1(
         self, sql: SQL, receiver: Receiver, sidecars: Start
     ) -> None:

@@ -29,9 +29,12 @@ from tests.receiver import Receiver
 IMAGE = os.environ.get("OUTBOX_IMAGE", "")
 SECRET = "image-test-secret-0123"
 
-pytestmark = pytest.mark.skipif(
-    not IMAGE, reason="OUTBOX_IMAGE names no image (`make image-test` builds one and sets it)"
-)
+pytestmark = [
+    pytest.mark.image,
+    pytest.mark.skipif(
+        not IMAGE, reason="OUTBOX_IMAGE names no image (`make image-test` builds one and sets it)"
+    ),
+]
 
 
 def podman(*args: str) -> str:

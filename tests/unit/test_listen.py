@@ -34,7 +34,12 @@ def signed(secret: str | None, previous: str | None = None) -> dict[str, str]:
 
 
 class TestCheckSignatures:
-    @pytest.mark.parametrize("secret", [signing.generate_secret(), "a-secret-someone-typed"])
+    # Fixed ids: a random one would differ between pytest-xdist workers' collections.
+    @pytest.mark.parametrize(
+        "secret",
+        [signing.generate_secret(), "a-secret-someone-typed"],
+        ids=["generated-whsec", "typed"],
+    )
     def test_both_signatures_verify_with_the_webhooks_secret(self, secret: str) -> None:
         """A whsec_ secret (key: its decoded bytes) and a typed one (its UTF-8) both verify."""
         line = listen.check_signatures(secret, signed(secret), BODY)

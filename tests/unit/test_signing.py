@@ -5,10 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import standardwebhooks
@@ -181,24 +178,6 @@ class TestVerify:
         assert verify(SECRET, b'{"a":2}', header) is False
 
 
-NODE_VERIFIER = Path(__file__).parent.parent / "node" / "verify.mjs"
-
-
-def node_verify(secret: str, body: bytes, headers: dict[str, str]) -> str:
-    """What the npm `standardwebhooks` package says of a request (``make test`` installs it)."""
-    if not (NODE_VERIFIER.parent / "node_modules" / "standardwebhooks").is_dir():
-        pytest.skip("the npm verifier is not installed: run `make test` (needs Node.js)")
-    done = subprocess.run(
-        ["node", str(NODE_VERIFIER)],
-        input=json.dumps({"secret": secret, "body": body.decode(), "headers": headers}),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return done.stdout.strip() or done.stderr.strip()
-
-
 class TestStandardKey:
     """Secrets the product generates verify with `new Webhook(secret)` in every library."""
 
@@ -241,14 +220,6 @@ class TestStandardKey:
         secret = generate_secret()
         standardwebhooks.Webhook(secret).verify(BODY, self.signed(secret, "msg_7"))
 
-    def test_npm_library_verifies_with_the_secret_itself(self) -> None:
-        """The npm standardwebhooks package's `new Webhook(secret)` accepts the request."""
-        secret = generate_secret()
-        headers = self.signed(secret, "msg_8")
-        assert node_verify(secret, BODY, headers) == "ok"
-        tampered = headers | {"webhook-id": "msg_9"}
-        assert node_verify(secret, BODY, tampered) != "ok"
-
 
 class TestRotation:
     """While a secret is rotated out, both sign webhook-signature, the new one first."""
@@ -264,4 +235,3 @@ class TestRotation:
         headers = {"webhook-id": "m", "webhook-timestamp": str(now), "webhook-signature": value}
         standardwebhooks.Webhook(new).verify(BODY, headers)
         standardwebhooks.Webhook(old.encode()).verify(BODY, headers)
-        assert node_verify(new, BODY, headers) == "ok"

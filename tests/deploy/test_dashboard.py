@@ -12,7 +12,7 @@ import promql_parser
 import pytest
 
 from tests.conftest import ROOT
-from tests.unit.test_alerts import rules
+from tests.deploy.test_alerts import rules
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "outbox.json"
 

@@ -1,4 +1,5 @@
-"""Find or start a local PostgreSQL for development and tests.
+"""Find or start a local PostgreSQL for development and tests (not shipped: the wheel
+and the image hold the outbox package alone).
 
 `server()` prefers a server already answering on 127.0.0.1:5432 and otherwise runs
 a private cluster in a data directory (default `<repo>/.pgdata`), started once
@@ -6,8 +7,8 @@ and reused by later calls.
 
 Command line::
 
-    python -m outbox.localpg url [DBNAME]   # print a URL, creating the database
-    python -m outbox.localpg stop           # stop the private cluster
+    python -m tools.localpg url [DBNAME]   # print a URL, creating the database
+    python -m tools.localpg stop           # stop the private cluster
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ __all__ = [
     "default_datadir",
     "ensure_database",
     "main",
+    "private_server",
     "server",
     "stop_private",
 ]
 
 # An explicit name: under `python -m` this module is `__main__`, and the CLI
 # attaches its stderr handler to this logger.
-log = logging.getLogger("outbox.localpg")
+log = logging.getLogger("tools.localpg")
 
 HOST = "127.0.0.1"
 SYSTEM_PORT = 5432
@@ -120,7 +122,7 @@ def server(*, force_private: bool = False) -> Server:
                 )
             else:
                 return system
-    return _private_server(default_datadir())
+    return private_server(default_datadir())
 
 
 def ensure_database(server: Server, dbname: str) -> str:
@@ -173,7 +175,8 @@ def stop_private(datadir: Path | None = None) -> None:
 # --- the private cluster -------------------------------------------------------------
 
 
-def _private_server(datadir: Path) -> Server:
+def private_server(datadir: Path) -> Server:
+    """The private cluster in `datadir`: made there if missing, started if stopped."""
     binaries = _find_binaries()
     account = _account_for(datadir)
     datadir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -339,7 +342,7 @@ def _running_server(binaries: _Binaries, datadir: Path, account: _Account | None
         if time.monotonic() >= deadline:
             raise LocalPgError(
                 f"the private PostgreSQL in {datadir} runs but does not answer on "
-                f"{HOST}:{port}; stop it with `python -m outbox.localpg stop` "
+                f"{HOST}:{port}; stop it with `python -m tools.localpg stop` "
                 f"(if no server is running, remove {datadir / 'postmaster.pid'})"
                 f"{_log_tail(datadir)}"
             )
@@ -518,7 +521,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(
-        prog="python -m outbox.localpg",
+        prog="python -m tools.localpg",
         description="Find or start a local PostgreSQL for development and tests.",
     )
     commands = parser.add_subparsers(dest="command", required=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from outbox import localpg
+from tools import localpg
 
 
 def test_url_quotes_names() -> None:
