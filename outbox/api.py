@@ -28,7 +28,7 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import auth, db, errors, metrics, openapi, page, portal, webhooks, wire
+from outbox import auth, db, errors, jsontext, metrics, openapi, page, portal, webhooks, wire
 from outbox.auth import ApiError
 from outbox.config import Settings
 from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender, for_tenant
@@ -60,33 +60,9 @@ PAGE_SIZE = 20
 PAGE_MAX = 100
 _BIGINT_MAX = 2**63 - 1
 
-_WEBHOOK_FIELDS = (
-    "id",
-    "name",
-    "url",
-    "event",
-    "format",
-    "enabled",
-    "has_secret",
-    "previous_secret_expires_at",
-    "created_at",
-    "updated_at",
-    "last_delivery_status",
-    "last_delivery_at",
-    "last_error",
-    "pending",
-    "retrying",
-    "last_attempt_at",
-    "last_attempt_status",
-    "last_attempt_error",
-    "next_retry_at",
-    "next_retry_attempt",
-    "disabled_reason",
-    "headers",
-    "rate_limit",
-    "failing_since",
-    "failed_in_streak",
-)
+# The webhook object's fields are the OpenAPI document's: one list, so that what the API
+# answers and what it documents cannot drift apart (the status query must select each).
+_WEBHOOK_FIELDS = tuple(openapi.DOCUMENT["components"]["schemas"]["Webhook"]["properties"])
 # What the delivery log may be filtered by (GET .../deliveries?status=).
 DELIVERY_STATUSES = ("pending", "succeeded", "failed", "cancelled")
 _WRITABLE = ("name", "url", "event", "format", "secret", "enabled", "headers", "rate_limit")
@@ -98,7 +74,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.json_response(data, status=status, headers=headers, dumps=auth.dumps)
+    return web.json_response(data, status=status, headers=headers, dumps=jsontext.dumps)
 
 
 # Errors raised by outbox.webhooks and outbox.events, as (status, code).

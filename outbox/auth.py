@@ -17,19 +17,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, portal, tokens
+from outbox import db, jsontext, portal, tokens
 
 __all__ = [
     "ACCOUNT",
@@ -47,8 +45,6 @@ __all__ = [
     "account",
     "authenticate",
     "connection",
-    "dumps",
-    "json_default",
     "secure",
     "session_cookie",
     "session_of",
@@ -97,7 +93,9 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         body = {"error": {"code": self.code, "message": str(self)}}
-        return web.json_response(body, status=self.status, headers=self.headers, dumps=dumps)
+        return web.json_response(
+            body, status=self.status, headers=self.headers, dumps=jsontext.dumps
+        )
 
 
 class Credentials:
@@ -197,18 +195,6 @@ class Roster:
 
 
 ROSTER = web.AppKey("roster", Roster)
-
-
-def json_default(value: Any) -> Any:
-    """JSON for what json.dumps cannot write: times as RFC 3339 in UTC (the CLI's too)."""
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def dumps(data: Any) -> str:
-    # The newline keeps a shell prompt off the end of what curl prints.
-    return json.dumps(data, default=json_default) + "\n"
 
 
 def _unauthorized(message: str) -> ApiError:

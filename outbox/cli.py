@@ -15,9 +15,9 @@ import psycopg
 
 from outbox import (
     __version__,
-    auth,
     db,
     errors,
+    jsontext,
     listen,
     portal,
     retention,
@@ -234,7 +234,7 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = [_shown(row) for row in await webhooks.status(conn, args.account)]
     if args.json:
-        print(json.dumps(rows, default=auth.json_default, indent=2))
+        print(jsontext.dumps(rows, indent=2), end="")
     elif rows:
         print(_table(rows, _LIST_COLUMNS))
     else:
@@ -335,7 +335,7 @@ async def _token_list(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         rows = await tokens.for_account(conn, args.account)
     if args.json:
-        print(json.dumps(rows, default=auth.json_default, indent=2))
+        print(jsontext.dumps(rows, indent=2), end="")
     elif rows:
         kinds = [{**r, "kind": "operator" if r["operator"] else "account"} for r in rows]
         print(_table(kinds, ("id", "kind", "created_at", "last_used_at")))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api, auth, metrics, openapi, tokens, webhooks
+from outbox import api, auth, jsontext, metrics, openapi, tokens, webhooks
 from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.errors import Invalid
@@ -180,4 +180,4 @@ class TestDocument:
 def test_times_are_utc_with_z() -> None:
     """Every time in an answer is RFC 3339 in UTC, whatever the session's time zone."""
     at = datetime(2026, 11, 27, 14, 30, tzinfo=timezone(timedelta(hours=1)))
-    assert auth.json_default(at) == "2026-11-27T13:30:00Z"
+    assert jsontext.default(at) == "2026-11-27T13:30:00Z"
