@@ -19,7 +19,6 @@ from outbox import (
     errors,
     jsontext,
     listen,
-    portal,
     retention,
     sidecar,
     signing,
@@ -30,6 +29,7 @@ from outbox.config import ConfigError, Settings, parse_duration
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent
 from outbox.log import configure
+from outbox.web import portal
 
 __all__ = ["main"]
 

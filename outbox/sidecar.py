@@ -20,11 +20,12 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api, db, metrics, notify, retention, tracing
+from outbox import db, metrics, notify, retention, tracing
 from outbox.config import ConfigError, Settings
 from outbox.delivery import Sender
 from outbox.dispatcher import Dispatcher
 from outbox.supervisor import EXIT_SCHEMA, Supervisor
+from outbox.web import api
 
 __all__ = [
     "BOTH",

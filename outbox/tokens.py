@@ -2,7 +2,7 @@
 
 An account token acts for its one account. An operator token (``tokens create
 --operator``) belongs to no account: the SaaS's backend names the account each request
-is for in the ``Outbox-Account`` header (outbox.auth), so it needs one credential, not
+is for in the ``Outbox-Account`` header (outbox.web.auth), so it needs one credential, not
 one per customer.
 
 A token is ``obx_`` and 43 URL-safe characters (256 random bits). The prefix lets

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from outbox import api, cli, sidecar
+from outbox import cli, sidecar
 from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.supervisor import Supervisor
+from outbox.web import api
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"

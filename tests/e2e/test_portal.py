@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from outbox import portal
+from outbox.web import portal
 from tests.conftest import SQL, Sidecar, free_port, wait_until
 from tests.e2e.test_api import (
     DEEP_JSON,
@@ -757,7 +757,7 @@ class TestPages:
         assert answers[2].headers["Content-Type"].startswith("text/css")
 
     def test_only_the_pages_files_are_served(self, p: Portal) -> None:
-        """The templates and anything outside outbox/static stay unserved."""
+        """The templates and anything outside outbox/web/static stay unserved."""
         for name in ("webhooks.html", "message.html", "..%2Fportal.py", "%2E%2E%2Fapi.py"):
             assert p.api("GET", f"/static/{name}", anonymous=True).status == 404, name
 

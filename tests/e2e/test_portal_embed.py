@@ -25,8 +25,8 @@ import pytest
 import trustme
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from outbox.api import EXAMPLE_SECRET
 from outbox.events import EVENTS
+from outbox.web.api import EXAMPLE_SECRET
 from tests.conftest import ROOT, SQL, Sidecar, cloned_database, wait_until
 from tests.e2e.test_api import outbox, sidecar_env
 from tests.e2e.test_portal_page import (

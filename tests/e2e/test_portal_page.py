@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 import pytest
 import trustme
 
-from outbox import portal, tokens
+from outbox import tokens
+from outbox.web import portal
 from tests.conftest import ROOT, SQL, Sidecar, cloned_database, wait_until
 from tests.e2e.test_api import add_delivery, outbox, sidecar_env
 from tests.e2e.test_portal import CSP

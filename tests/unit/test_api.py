@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import api, auth, jsontext, metrics, openapi, tokens, webhooks
+from outbox import jsontext, metrics, tokens, webhooks
 from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.errors import Invalid
 from outbox.supervisor import Supervisor
+from outbox.web import api, auth, openapi
 
 
 class TestWebhookFields:

@@ -1,4 +1,4 @@
-"""Tests for outbox.auth.Credentials: the two lanes credentials are looked up through."""
+"""Tests for outbox.web.auth.Credentials: the two lanes credentials are looked up through."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from outbox import auth
-from outbox.auth import ApiError, Credentials
+from outbox.web import auth
+from outbox.web.auth import ApiError, Credentials
 
 
 class TestLanes:

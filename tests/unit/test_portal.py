@@ -15,9 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox import db, portal
+from outbox import db
 from outbox.config import ConfigError, Settings
 from outbox.errors import Invalid
+from outbox.web import portal
 
 KEY = b"k" * 32
 CLAIMS = portal.Claims("acct_1", 1_900_000_000, "nonce")

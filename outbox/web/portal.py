@@ -4,7 +4,7 @@ A host application hands its customer a link (``outbox portal-link``, or
 ``POST /api/v1/portal-links`` with its token). Fetching the link (GET) only shows a
 page with a Continue button, so that mail scanners and chat previews that fetch links
 use nothing up; the button POSTs the same link, which signs that browser in to the one
-account and moves on to outbox/static/webhooks.html: plain JavaScript that calls the
+account and moves on to outbox/web/static/webhooks.html: plain JavaScript that calls the
 same JSON API as everyone else, with the session cookie instead of a token.
 
 - A link is ``<payload>.<signature>``: the account, an expiry and a random nonce,
@@ -21,7 +21,7 @@ same JSON API as everyone else, with the session cookie instead of a token.
   signs it out everywhere at once), at the cost of one lookup per request, the same as
   an API token's.
 - Every change the page makes carries the CSRF token in ``X-CSRF-Token`` (checked by
-  outbox.auth), besides the cookie being HttpOnly and SameSite=Strict, and named with
+  outbox.web.auth), besides the cookie being HttpOnly and SameSite=Strict, and named with
   the ``__Host-`` prefix over https, so that no other host of the domain can plant one.
 - Signing in must come from the Continue page itself (same_origin), so that another
   site cannot sign a visitor's browser in to an account of its choosing.

@@ -9,8 +9,8 @@ have the right JSON types before passing them on. ``GET /healthz``, ``GET /ready
 and ``GET /metrics`` need no token: the first and the last answer from memory, and
 ``/readyz`` runs one tiny query.
 
-The settings page (outbox.page) calls the same routes with its session cookie instead
-of a token; outbox.auth says how either is judged. make_app serves both.
+The settings page (outbox.web.page) calls the same routes with its session cookie instead
+of a token; outbox.web.auth says how either is judged. make_app serves both.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import auth, db, errors, jsontext, metrics, openapi, page, portal, webhooks, wire
-from outbox.auth import ApiError
+from outbox import db, errors, jsontext, metrics, webhooks, wire
 from outbox.config import Settings
 from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender, for_tenant
 from outbox.events import EVENTS, check_event, sample
 from outbox.supervisor import Supervisor
 from outbox.throttle import REPLAYS_PER_MINUTE, PerMinute, Refused, Throttle
+from outbox.web import auth, openapi, page, portal
+from outbox.web.auth import ApiError
 
 __all__ = ["BODY_LIMIT", "make_app"]
 

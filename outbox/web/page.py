@@ -2,10 +2,10 @@
 
 A portal link is opened in two steps: a GET shows a Continue button and uses nothing
 up (mail scanners and chat previews fetch links), and only that button's POST uses the
-link and sets the session cookie. The page then calls the JSON API (outbox.api) with
-that cookie; outbox.auth says how such calls are judged. Inside an iframe of an origin
+link and sets the session cookie. The page then calls the JSON API (outbox.web.api) with
+that cookie; outbox.web.auth says how such calls are judged. Inside an iframe of an origin
 that OUTBOX_PORTAL_FRAME_ANCESTORS allows, the POST answers the page itself with its
-session in it instead (see outbox.portal).
+session in it instead (see outbox.web.portal).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import psycopg
 import structlog
 from aiohttp import web
 
-from outbox import auth, errors, portal
+from outbox import errors
 from outbox.config import Settings
+from outbox.web import auth, portal
 
 __all__ = ["HEADERS", "LINK_KEYS", "SETTINGS", "add_routes"]
 

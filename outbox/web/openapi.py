@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from outbox import __version__, portal
+from outbox import __version__
 from outbox.events import EVENTS
 from outbox.formats import FORMATS
+from outbox.web import portal
 
 __all__ = ["DOCUMENT"]
 

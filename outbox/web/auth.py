@@ -27,7 +27,8 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, jsontext, portal, tokens
+from outbox import db, jsontext, tokens
+from outbox.web import portal
 
 __all__ = [
     "ACCOUNT",
