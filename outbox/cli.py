@@ -209,7 +209,7 @@ def _shown(row: dict[str, Any]) -> dict[str, Any]:
     """A webhook's row as `webhooks list` shows it: its headers by name, each value
     masked as the API masks it."""
     shown = {k: v for k, v in row.items() if k != "header_names"}
-    shown["headers"] = dict.fromkeys(row["header_names"], webhooks.MASKED)
+    shown["headers"] = webhooks.masked(row["header_names"])
     return shown
 
 

@@ -61,8 +61,7 @@ def slowdown_delay(
         return None
     if retry_after is not None:
         return min(retry_after, max(delays))
-    scheduled = delays[min(attempt, len(delays)) - 1]
-    return scheduled * (1 + (rng or random).uniform(-JITTER, JITTER))
+    return next_delay(min(attempt, len(delays)), delays, rng=rng)
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:

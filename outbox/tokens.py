@@ -37,7 +37,7 @@ __all__ = [
 
 PREFIX = "obx_"
 # What generate() makes: the prefix and 32 random bytes in unpadded URL-safe base64.
-_FORM = re.compile(r"obx_[A-Za-z0-9_-]{43}")
+_FORM = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]{43}")
 
 
 def generate() -> str:

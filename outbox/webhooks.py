@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +32,7 @@ __all__ = [
     "emit",
     "full_request_body",
     "get",
+    "masked",
     "parse_since",
     "recover",
     "render",
@@ -171,6 +172,11 @@ _SIGNATURES = ("X-Webhook-Signature", "webhook-signature")
 MASKED = "***"
 
 
+def masked(names: Iterable[str]) -> dict[str, str]:
+    """A webhook's own headers as anyone but the receiver sees them: names only."""
+    return dict.fromkeys(names, MASKED)
+
+
 def sent_request(
     delivery: Mapping[str, Any], attempt: Mapping[str, Any], body: bytes | None = None
 ) -> dict[str, Any]:
@@ -192,7 +198,7 @@ def sent_request(
         secret=delivery["wire_secret"],
         now=int(started_at.timestamp()),
         previous_secret=previous,
-        extra=dict.fromkeys(delivery["wire_header_names"], MASKED),
+        extra=masked(delivery["wire_header_names"]),
     )
     if delivery["wire_updated_at"] > started_at:
         for name in _SIGNATURES:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -292,7 +293,7 @@ _REASONS = ("last_error", "last_attempt_error")
 def _webhook(row: Mapping[str, Any]) -> dict[str, Any]:
     """The webhook object: its headers' values are never shown, nor a refused
     target's address (see for_tenant)."""
-    masked = {"headers": dict.fromkeys(row["header_names"], webhooks.MASKED)}
+    masked = {"headers": webhooks.masked(row["header_names"])}
     shown: dict[str, Any] = {
         key: masked[key] if key in masked else row[key] for key in _WEBHOOK_FIELDS
     }
@@ -418,11 +419,18 @@ def example(event: str) -> dict[str, Any]:
     return {"headers": headers, "body": body.decode(), "secret": EXAMPLE_SECRET}
 
 
-async def list_events(request: web.Request) -> web.Response:
-    events = [
+@functools.cache
+def _catalogue() -> list[dict[str, Any]]:
+    """The event catalogue with each event's example: the same for every request (a
+    fixed secret, time and id), so rendered and signed once."""
+    return [
         {"name": name, "display_name": display, "example": example(name)}
         for name, display in EVENTS.items()
     ]
+
+
+async def list_events(request: web.Request) -> web.Response:
+    events = _catalogue()
     return _json({"events": events})
 
 
@@ -552,12 +560,7 @@ async def _log_slot(request: web.Request, account: str) -> AsyncIterator[None]:
     holds at most that many of the pool's connections and rendering turns."""
     in_flight = request.app[LOGS]
     if in_flight.get(account, 0) >= LOG_SLOTS:
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"at most {LOG_SLOTS} delivery logs at once per account; try again in 1 s",
-            {"Retry-After": "1"},
-        )
+        raise _rate_limited(Refused(f"at most {LOG_SLOTS} delivery logs at once per account", 1))
     in_flight[account] = in_flight.get(account, 0) + 1
     try:
         yield

@@ -15,7 +15,6 @@ the credential's own account: a header never widens what a credential may see.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import time
 from collections import OrderedDict
@@ -120,7 +119,7 @@ class Credentials:
         self, credential: str, ask: Callable[[], Awaitable[Any | None]]
     ) -> Any | None:
         """What ``ask()`` finds for ``credential``, through the lane it deserves."""
-        key = hashlib.sha256(credential.encode()).digest()
+        key = tokens.digest(credential)
         now = time.monotonic()
         seen = self._known.get(key)
         if seen is not None and now - seen < KNOWN_FOR:

@@ -31,6 +31,8 @@ LINK_KEYS = web.AppKey("link_keys", portal.LinkKeys)
 SETTINGS = web.AppKey("settings", Settings)
 # Every page's and file's security headers: who may frame them comes from the settings.
 HEADERS = web.AppKey("page_headers", dict[str, str])
+# The branding stylesheet: the accent colour is fixed at start.
+THEME = web.AppKey("theme_css", str)
 
 
 def _headers(request: web.Request) -> dict[str, str]:
@@ -203,14 +205,14 @@ async def static_file(request: web.Request) -> web.FileResponse:
 async def theme(request: web.Request) -> web.Response:
     """The stylesheet that brands the page (OUTBOX_PORTAL_ACCENT_COLOR)."""
     headers = {**_headers(request), "Cache-Control": "no-cache"}
-    css = portal.theme_css(request.app[SETTINGS].portal_accent_color)
-    return web.Response(text=css, content_type="text/css", headers=headers)
+    return web.Response(text=request.app[THEME], content_type="text/css", headers=headers)
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:
     """The page's routes, on the admin server's ``app``."""
     app[LINK_KEYS] = portal.LinkKeys()
     app[SETTINGS] = settings
+    app[THEME] = portal.theme_css(settings.portal_accent_color)
     app[HEADERS] = portal.page_headers(settings.portal_frame_ancestors)
     add = app.router.add_route
     add("GET", "/static/theme.css", theme)

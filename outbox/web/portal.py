@@ -61,7 +61,7 @@ from urllib.parse import urlsplit
 import psycopg
 
 from outbox import db
-from outbox.config import Settings
+from outbox.config import Settings, parse_duration
 from outbox.errors import Invalid
 from outbox.events import EVENTS
 from outbox.retry import duration_words
@@ -261,15 +261,17 @@ def check(secret: bytes, token: str, now: float) -> Claims:
     return claims
 
 
-_TTL = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
-_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# A link's ttl may have a space before its unit ("15 m"), which a DURATION setting may not.
+_SPACE_BEFORE_UNIT = re.compile(r"(?<=[\d.])\s+(?=[A-Za-z]$)")
 
 
 def parse_ttl(raw: str) -> int:
     """Seconds in a DURATION (``15m``, ``1h``, ``90s``, ``1d`` or ``90``); from 1 s to
     24 h."""
-    match = _TTL.fullmatch(raw.strip().lower())
-    seconds = math.ceil(float(match[1]) * _UNIT[match[2]]) if match else 0
+    try:
+        seconds = math.ceil(parse_duration(_SPACE_BEFORE_UNIT.sub("", raw.strip())))
+    except ValueError:
+        seconds = 0
     if not 1 <= seconds <= LINK_SECONDS_MAX:
         raise Invalid(f"ttl must be a time like 15m, 1h or 90s, from 1s to 24h, not {raw!r}")
     return seconds
