@@ -130,6 +130,7 @@ clean:
 	-$(BIN)/python -m tools.localpg stop
 	rm -rf $(VENV) .pgdata .mypy_cache .ruff_cache
 
-# Retake docs/settings-webhooks.png (the picture README shows) and its phone-width twin.
+# Retake docs/settings-webhooks.png (the picture docs/settings-page.md shows), its
+# phone-width twin and docs/chat-messages.png.
 screenshot: setup chromium
 	OUTBOX_UPDATE_SCREENSHOT=1 $(BIN)/pytest -q tests/e2e/test_portal_page.py tests/e2e/test_portal_embed.py tests/e2e/test_chat_preview.py -k "readme_screenshot or chat_preview or phone"

@@ -215,7 +215,7 @@ def _accent_color(env: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the sidecar can be told; see README for each variable."""
+    """Everything the sidecar can be told; docs/operating.md, Settings, says what each is."""
 
     database_url: str = ""
     retry_delays: tuple[float, ...] = (300.0, 3600.0, 43200.0)

@@ -1,4 +1,4 @@
-"""docs/chat-messages.png, which README shows: a Slack and a Discord message as outbox
+"""docs/chat-messages.png, which docs/formats.md shows: a Slack and a Discord message as outbox
 renders them, drawn as a static page and photographed with Chromium. A sketch of each
 service's look, not a copy of it; the messages are the real output of outbox.formats."""
 

@@ -718,8 +718,9 @@ class TestSigningOut:
         assert says in made.stderr and len(made.stderr.splitlines()) == 1
 
     def test_revoking_the_last_token_leaves_sessions_open(self, p: Portal) -> None:
-        """What README warns about: tokens and page sessions are separate, so revoking
-        an account's tokens does not sign its browsers out; portal-signout does."""
+        """What docs/settings-page.md warns about: tokens and page sessions are separate,
+        so revoking an account's tokens does not sign its browsers out; portal-signout
+        does."""
         session = p.sign_in()
         p.sql("DELETE FROM outbox.api_tokens WHERE account_id = %s", (p.api.main,))
         assert p.api("GET", "/api/v1/webhooks").status == 401

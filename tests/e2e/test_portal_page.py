@@ -926,7 +926,7 @@ class TestAccessibility:
 
 
 def test_the_readme_screenshot(open_page: Opener, site: Site, tmp_path: Path) -> None:
-    """docs/settings-webhooks.png, which README shows: four webhooks after real
+    """docs/settings-webhooks.png, which docs/settings-page.md shows: four webhooks after real
     deliveries, one succeeded, one failed with its reason, one disabled, one new."""
     account = "acct_1"
     crm = site.hook(account, name="CRM Sync", event="lead.scored")

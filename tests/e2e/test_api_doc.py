@@ -1,4 +1,4 @@
-"""The README's curl examples work when pasted, against a real sidecar."""
+"""The curl examples of docs/api.md work when pasted, against a real sidecar."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, Sidecar
 
-# Run between the README's two blocks: "once that delivery has finished".
+# Run between the page's two blocks: "once that delivery has finished".
 _UNTIL_FINISHED = """
 for _ in $(seq 100); do
     curl -s "$OUTBOX_API/api/v1/webhooks/$HOOK" -H "$AUTH" | jq -e '.pending == 0' && break
@@ -21,8 +21,8 @@ done
 
 
 def _examples() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("\n## Admin API\n") :]
+    page = (ROOT / "docs" / "api.md").read_text()
+    section = page[page.index("\n## With curl\n") : page.index("\n## Calls\n")]
     return [block for block in re.findall(r"```sh\n(.*?)```", section, re.S) if "curl" in block]
 
 
