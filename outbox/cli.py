@@ -22,6 +22,7 @@ from outbox import (
     retention,
     sidecar,
     signing,
+    testsend,
     tokens,
     webhooks,
 )
@@ -294,7 +295,7 @@ async def _test(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         webhook = await webhooks.get(conn, args.id)
     async with Sender(settings) as sender:
-        attempt = await webhooks.test(sender, webhook, args.event)
+        attempt = await testsend.send(sender, webhook, args.event)
     outcome = "ok" if attempt.ok else "failed"
     detail = f"HTTP {attempt.status}" if attempt.ok else attempt.error
     print(f"{outcome}: {detail} in {attempt.duration_ms} ms")

@@ -7,9 +7,6 @@ The database enforces every rule; these functions turn its refusals into
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,8 +16,6 @@ from typing import Any
 import psycopg
 
 from outbox import db, errors, wire
-from outbox.delivery import Attempt, Sender
-from outbox.events import check_event, sample
 
 __all__ = [
     "MASKED",
@@ -40,7 +35,6 @@ __all__ = [
     "retry",
     "sent_request",
     "status",
-    "test",
     "update",
 ]
 
@@ -142,26 +136,6 @@ async def status(
 ) -> list[dict[str, Any]]:
     """Each webhook with its status fields (the outbox.webhook_status view)."""
     return await db.webhooks.status(conn, account_id)
-
-
-async def test(sender: Sender, webhook: Mapping[str, Any], event: str | None = None) -> Attempt:
-    """Send one sample payload now, in the webhook's format, signed as a delivery
-    would be and with its headers; no retries, no record."""
-    event = check_event(event or webhook["event"])
-    timestamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-    payload = wire.payload(webhook["format"], event, timestamp, json.dumps(sample(event)))
-    headers = wire.headers(
-        message_id=f"test_{uuid.uuid4().hex}",
-        event=event,
-        attempt=1,
-        payload=payload,
-        secret=webhook["secret"],
-        now=int(time.time()),
-        test=True,
-        previous_secret=webhook.get("previous_secret"),
-        extra=webhook.get("headers"),
-    )
-    return await sender.post(webhook["url"], payload, headers)
 
 
 # Shown for a signature the delivery log cannot rebuild: the webhook (maybe its secret)

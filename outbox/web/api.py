@@ -29,7 +29,7 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, errors, jsontext, metrics, webhooks, wire
+from outbox import db, errors, jsontext, metrics, testsend, webhooks, wire
 from outbox.config import Settings
 from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender, for_tenant
 from outbox.events import EVENTS, check_event, sample
@@ -504,7 +504,7 @@ async def test_webhook(request: web.Request) -> web.Response:
         )
         raise _rate_limited(exc) from None
     try:
-        attempt = await webhooks.test(request.app[TEST_SENDER], webhook, event)
+        attempt = await testsend.send(request.app[TEST_SENDER], webhook, event)
     finally:
         throttle.done(webhook_id)
     log.info(
