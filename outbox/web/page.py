@@ -20,7 +20,7 @@ from aiohttp import web
 
 from outbox import errors
 from outbox.config import Settings
-from outbox.web import auth, portal
+from outbox.web import auth, http, portal
 
 __all__ = ["HEADERS", "LINK_KEYS", "SETTINGS", "add_routes"]
 
@@ -70,7 +70,7 @@ def _framed(request: web.Request) -> bool:
 def _set_session_cookie(
     request: web.Request, response: web.StreamResponse, value: str, max_age: int
 ) -> None:
-    secure = auth.secure(request)
+    secure = http.secure(request)
     response.set_cookie(
         portal.cookie_name(secure),
         value,
@@ -86,7 +86,7 @@ async def _checked_link(request: web.Request) -> portal.Claims:
     """The link's claims, checked against the key this process keeps: garbage and
     expired links are refused before any connection is taken from the pool."""
     keys = request.app[LINK_KEYS]
-    return await keys.check(request.match_info["token"], lambda: auth.connection(request))
+    return await keys.check(request.match_info["token"], lambda: http.connection(request))
 
 
 async def show_portal_link(request: web.Request) -> web.Response:
@@ -104,7 +104,7 @@ async def show_portal_link(request: web.Request) -> web.Response:
 
 async def open_portal_link(request: web.Request) -> web.Response:
     """Use a one-time link: a session cookie for its account, then the settings page."""
-    hosts = {request.host, urlsplit(request.app[auth.PUBLIC_URL]).netloc}
+    hosts = {request.host, urlsplit(request.app[http.PUBLIC_URL]).netloc}
     if not portal.same_origin(request.headers, hosts):
         # Another site posting a link of its own would sign this browser in to the
         # account of that site's choosing.
@@ -116,7 +116,7 @@ async def open_portal_link(request: web.Request) -> web.Response:
         return _page(request, portal.message_page("This sign-in was not completed", message), 403)
     try:
         await _checked_link(request)
-        async with auth.connection(request) as conn:
+        async with http.connection(request) as conn:
             current = await portal.open_link(conn, request.match_info["token"])
     except portal.LinkRefused as exc:
         return _refused_page(request, exc)
@@ -171,7 +171,7 @@ async def sign_out(request: web.Request) -> web.Response:
                     message = "Reload the settings page and press Sign out again."
                     still = portal.message_page("You are still signed in", message)
                     return _page(request, still, 403)
-                async with auth.connection(request) as conn:
+                async with http.connection(request) as conn:
                     await portal.end_session(conn, cookie)
                 log.info("portal: signed out", account_id=current.account_id)
         except psycopg.OperationalError:
