@@ -30,7 +30,7 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, errors, metrics, testsend, webhooks, wire
+from outbox import db, deliverylog, errors, metrics, testsend, webhooks, wire
 from outbox.config import Settings
 from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender, for_tenant
 from outbox.events import EVENTS, check_event, sample
@@ -548,12 +548,12 @@ async def list_deliveries(request: web.Request) -> web.Response:
         async with http.connection(request) as conn:
             await _owned(conn, account, webhook_id)
             # One more than asked for tells whether there is a next page.
-            found = await webhooks.deliveries(
+            found = await deliverylog.deliveries(
                 conn, webhook_id, before=before, limit=limit + 1, status=status, since=since
             )
         more = len(found.rows) > limit
-        found = webhooks.Log(found.rows[:limit], found.attempts)
-        page = [_delivery(row) for row in await webhooks.render(found)]
+        found = deliverylog.Log(found.rows[:limit], found.attempts)
+        page = [_delivery(row) for row in await deliverylog.render(found)]
     cursor = str(page[-1]["id"]) if more else None
     return http.json_response({"deliveries": page, "next_cursor": cursor})
 
@@ -563,7 +563,7 @@ async def delivery_request_body(request: web.Request) -> web.Response:
     first BODY_SHOWN bytes of it)."""
     delivery_id = _id(request, "delivery")
     async with http.connection(request) as conn:
-        body = await webhooks.full_request_body(conn, delivery_id, auth.account(request))
+        body = await deliverylog.full_request_body(conn, delivery_id, auth.account(request))
     return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
@@ -572,9 +572,9 @@ async def retry_delivery(request: web.Request) -> web.Response:
     with _replay(request, account):
         async with http.connection(request) as conn:
             await webhooks.retry(conn, delivery_id, account)
-            found = await webhooks.delivery(conn, delivery_id, account)
+            found = await deliverylog.delivery(conn, delivery_id, account)
     log.info("api: delivery re-queued", account_id=account, delivery_id=delivery_id)
-    (delivery,) = await webhooks.render(found)
+    (delivery,) = await deliverylog.render(found)
     return http.json_response(_delivery(delivery), status=202)
 
 
