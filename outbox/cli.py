@@ -22,6 +22,7 @@ from outbox import (
     retention,
     sidecar,
     signing,
+    testsend,
     tokens,
     webhooks,
 )
@@ -29,7 +30,7 @@ from outbox.config import ConfigError, Settings, parse_duration
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent
 from outbox.log import configure
-from outbox.web import portal
+from outbox.web import page, portal
 
 __all__ = ["main"]
 
@@ -247,7 +248,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
         rows = await webhooks.status(conn, args.account)
     print(_table(rows, ("account_id", *_COLUMNS)) if rows else "no webhooks")
     # On stderr: stdout stays the table alone, for scripts that read it.
-    print(portal.retry_note(settings), file=sys.stderr)
+    print(page.retry_note(settings), file=sys.stderr)
     return 0
 
 
@@ -294,7 +295,7 @@ async def _test(args: argparse.Namespace, settings: Settings) -> int:
     async with await db.connect(settings.database_url) as conn:
         webhook = await webhooks.get(conn, args.id)
     async with Sender(settings) as sender:
-        attempt = await webhooks.test(sender, webhook, args.event)
+        attempt = await testsend.send(sender, webhook, args.event)
     outcome = "ok" if attempt.ok else "failed"
     detail = f"HTTP {attempt.status}" if attempt.ok else attempt.error
     print(f"{outcome}: {detail} in {attempt.duration_ms} ms")

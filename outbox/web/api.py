@@ -2,8 +2,9 @@
 
 Every ``/api/`` call is made for one account: the one its bearer token belongs to. An
 id that another account owns answers 404, exactly like an id that does not exist, so
-the API tells no one what other accounts have. Handlers raise; one middleware turns
-what they raise into the error shape ``{"error": {"code", "message"}}``. The rules for
+the API tells no one what other accounts have. Handlers raise; one middleware
+(outbox.web.http) turns what they raise into the error shape ``{"error": {"code",
+"message"}}``. The rules for
 webhooks are the database's (see outbox.webhooks); this module only checks that values
 have the right JSON types before passing them on. ``GET /healthz``, ``GET /readyz``
 and ``GET /metrics`` need no token: the first and the last answer from memory, and
@@ -20,7 +21,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -29,14 +30,14 @@ import structlog
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, errors, jsontext, metrics, webhooks, wire
+from outbox import db, deliverylog, errors, metrics, testsend, webhooks, wire
 from outbox.config import Settings
 from outbox.delivery import BLOCKED_WITHOUT_ADDRESS, Sender, for_tenant
 from outbox.events import EVENTS, check_event, sample
 from outbox.supervisor import Supervisor
 from outbox.throttle import REPLAYS_PER_MINUTE, PerMinute, Refused, Throttle
-from outbox.web import auth, openapi, page, portal
-from outbox.web.auth import ApiError
+from outbox.web import auth, http, openapi, page, portal
+from outbox.web.http import ApiError, Handler
 
 __all__ = ["BODY_LIMIT", "make_app"]
 
@@ -71,56 +72,6 @@ _WRITABLE = ("name", "url", "event", "format", "secret", "enabled", "headers", "
 _INT_MAX = 2**31 - 1
 # A change may also end a rotated-out secret's overlap early, by setting this to null.
 _END_OVERLAP = "previous_secret_expires_at"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.json_response(data, status=status, headers=headers, dumps=jsontext.dumps)
-
-
-# Errors raised by outbox.webhooks and outbox.events, as (status, code).
-_DOMAIN_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
-    (errors.NotFound, 404, "not_found"),
-    (errors.LimitReached, 409, "limit_reached"),
-    (errors.Conflict, 409, "conflict"),
-    (errors.Invalid, 422, "invalid"),
-)
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
-}
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return exc.response()
-    except web.HTTPException as exc:
-        # aiohttp's own answers: no such route, a method the route lacks, and so on.
-        if exc.status < 400:
-            raise
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        code = _HTTP_CODES.get(exc.status, "http_error")
-        return ApiError(exc.status, code, exc.reason, headers).response()
-    except psycopg.OperationalError as exc:
-        log.warning("api: database unavailable", path=request.path, error=type(exc).__name__)
-        return ApiError(503, "unavailable", "the database is not answering; try again").response()
-    except Exception as exc:
-        for kind, status, code in _DOMAIN_ERRORS:
-            if isinstance(exc, kind):
-                return ApiError(status, code, str(exc)).response()
-        log.exception("api: unexpected error", method=request.method, path=request.path)
-        return ApiError(500, "internal", "internal error; see the server log").response()
-
-
-async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
-    # JSON (and every other answer) is what its Content-Type says, never sniffed as HTML.
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
 @web.middleware
@@ -393,7 +344,7 @@ async def prometheus(request: web.Request) -> web.Response:
 
 
 async def openapi_document(request: web.Request) -> web.Response:
-    return _json(openapi.DOCUMENT)
+    return http.json_response(openapi.DOCUMENT)
 
 
 # The example a customer learns from (the settings page shows it): a real body and real
@@ -431,37 +382,37 @@ def _catalogue() -> list[dict[str, Any]]:
 
 async def list_events(request: web.Request) -> web.Response:
     events = _catalogue()
-    return _json({"events": events})
+    return http.json_response({"events": events})
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
-    async with auth.connection(request) as conn:
+    async with http.connection(request) as conn:
         rows = await webhooks.status(conn, auth.account(request))
-    return _json({"webhooks": [_webhook(row) for row in rows]})
+    return http.json_response({"webhooks": [_webhook(row) for row in rows]})
 
 
 async def create_webhook(request: web.Request) -> web.Response:
     account = auth.account(request)
     fields = webhook_fields(await _body(request), partial=False)
-    async with auth.connection(request) as conn:
+    async with http.connection(request) as conn:
         webhook_id = await webhooks.add(conn, account_id=account, **fields)
         row = await _owned(conn, account, webhook_id)
     log.info("api: webhook created", account_id=account, webhook_id=webhook_id)
     location = f"/api/v1/webhooks/{webhook_id}"
-    return _json(_webhook(row), status=201, headers={"Location": location})
+    return http.json_response(_webhook(row), status=201, headers={"Location": location})
 
 
 async def get_webhook(request: web.Request) -> web.Response:
     webhook_id = _id(request, "webhook")
-    async with auth.connection(request) as conn:
+    async with http.connection(request) as conn:
         row = await _owned(conn, auth.account(request), webhook_id)
-    return _json(_webhook(row))
+    return http.json_response(_webhook(row))
 
 
 async def update_webhook(request: web.Request) -> web.Response:
     account, webhook_id = auth.account(request), _id(request, "webhook")
     fields = webhook_fields(await _body(request), partial=True)
-    async with auth.connection(request) as conn:
+    async with http.connection(request) as conn:
         row = await _owned(conn, account, webhook_id)
         if fields:
             await webhooks.update(conn, webhook_id, **fields)
@@ -470,12 +421,12 @@ async def update_webhook(request: web.Request) -> web.Response:
         log.info(
             "api: webhook updated", account_id=account, webhook_id=webhook_id, fields=sorted(fields)
         )
-    return _json(_webhook(row))
+    return http.json_response(_webhook(row))
 
 
 async def delete_webhook(request: web.Request) -> web.Response:
     account, webhook_id = auth.account(request), _id(request, "webhook")
-    async with auth.connection(request) as conn:
+    async with http.connection(request) as conn:
         await _owned(conn, account, webhook_id)
         await webhooks.delete(conn, webhook_id)
     log.info("api: webhook deleted", account_id=account, webhook_id=webhook_id)
@@ -492,7 +443,7 @@ async def test_webhook(request: web.Request) -> web.Response:
     event = body.get("event")
     if event is not None:
         check_event(_text("event", event))
-    async with auth.connection(request) as conn:
+    async with http.connection(request) as conn:
         await _owned(conn, account, webhook_id)
         webhook = await webhooks.get(conn, webhook_id)
     throttle = request.app[THROTTLE]
@@ -504,7 +455,7 @@ async def test_webhook(request: web.Request) -> web.Response:
         )
         raise _rate_limited(exc) from None
     try:
-        attempt = await webhooks.test(request.app[TEST_SENDER], webhook, event)
+        attempt = await testsend.send(request.app[TEST_SENDER], webhook, event)
     finally:
         throttle.done(webhook_id)
     log.info(
@@ -523,7 +474,7 @@ async def test_webhook(request: web.Request) -> web.Response:
         # chose the URL is not told what its host resolves to inside the network.
         "error": BLOCKED_WITHOUT_ADDRESS if attempt.blocked else attempt.error,
     }
-    return _json(result)
+    return http.json_response(result)
 
 
 def _rate_limited(exc: Refused) -> ApiError:
@@ -594,37 +545,37 @@ async def list_deliveries(request: web.Request) -> web.Response:
     before, limit = page_params(request.query)
     status, since = log_filter(request.query)
     async with _log_slot(request, account):
-        async with auth.connection(request) as conn:
+        async with http.connection(request) as conn:
             await _owned(conn, account, webhook_id)
             # One more than asked for tells whether there is a next page.
-            found = await webhooks.deliveries(
+            found = await deliverylog.deliveries(
                 conn, webhook_id, before=before, limit=limit + 1, status=status, since=since
             )
         more = len(found.rows) > limit
-        found = webhooks.Log(found.rows[:limit], found.attempts)
-        page = [_delivery(row) for row in await webhooks.render(found)]
+        found = deliverylog.Log(found.rows[:limit], found.attempts)
+        page = [_delivery(row) for row in await deliverylog.render(found)]
     cursor = str(page[-1]["id"]) if more else None
-    return _json({"deliveries": page, "next_cursor": cursor})
+    return http.json_response({"deliveries": page, "next_cursor": cursor})
 
 
 async def delivery_request_body(request: web.Request) -> web.Response:
     """The whole body of a delivery's requests, exactly as sent (the log shows the
     first BODY_SHOWN bytes of it)."""
     delivery_id = _id(request, "delivery")
-    async with auth.connection(request) as conn:
-        body = await webhooks.full_request_body(conn, delivery_id, auth.account(request))
+    async with http.connection(request) as conn:
+        body = await deliverylog.full_request_body(conn, delivery_id, auth.account(request))
     return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 async def retry_delivery(request: web.Request) -> web.Response:
     account, delivery_id = auth.account(request), _id(request, "delivery")
     with _replay(request, account):
-        async with auth.connection(request) as conn:
+        async with http.connection(request) as conn:
             await webhooks.retry(conn, delivery_id, account)
-            found = await webhooks.delivery(conn, delivery_id, account)
+            found = await deliverylog.delivery(conn, delivery_id, account)
     log.info("api: delivery re-queued", account_id=account, delivery_id=delivery_id)
-    (delivery,) = await webhooks.render(found)
-    return _json(_delivery(delivery), status=202)
+    (delivery,) = await deliverylog.render(found)
+    return http.json_response(_delivery(delivery), status=202)
 
 
 async def recover_webhook(request: web.Request) -> web.Response:
@@ -635,13 +586,13 @@ async def recover_webhook(request: web.Request) -> web.Response:
             raise errors.Invalid(f"unknown field {key!r}: recover takes only since")
     since = webhooks.parse_since(body.get("since"))
     with _replay(request, account):
-        async with auth.connection(request) as conn:
+        async with http.connection(request) as conn:
             await _owned(conn, account, webhook_id)
             count = await webhooks.recover(conn, webhook_id, since)
     log.info(
         "api: failed deliveries re-queued", account_id=account, webhook_id=webhook_id, count=count
     )
-    return _json({"requeued": count}, status=202)
+    return http.json_response({"requeued": count}, status=202)
 
 
 async def create_portal_link(request: web.Request) -> web.Response:
@@ -661,13 +612,13 @@ async def create_portal_link(request: web.Request) -> web.Response:
     display_name = body.get("display_name")
     if display_name is not None:
         display_name = portal.check_display_name(_text("display_name", display_name))
-    base_url = request.app[auth.PUBLIC_URL] or f"{request.scheme}://{request.host}"
-    async with auth.connection(request) as conn:
+    base_url = request.app[http.PUBLIC_URL] or f"{request.scheme}://{request.host}"
+    async with http.connection(request) as conn:
         link = await portal.mint(
             conn, account, base_url=base_url, seconds=ttl, display_name=display_name
         )
     log.info("api: portal link made", account_id=account, expires_at=link.expires_at)
-    return _json({"url": link.url, "expires_at": link.expires_at}, status=201)
+    return http.json_response({"url": link.url, "expires_at": link.expires_at}, status=201)
 
 
 def _ttl(value: Any) -> int:
@@ -687,7 +638,7 @@ async def end_portal_sessions(request: web.Request) -> web.Response:
     if auth.SESSION in request:
         raise ApiError(403, "forbidden", "portal sessions are ended with an API token")
     account = auth.account(request)
-    async with auth.connection(request) as conn:
+    async with http.connection(request) as conn:
         count = await portal.end_sessions(conn, account)
     log.info("api: portal sessions ended", account_id=account, count=count)
     return web.Response(status=204)
@@ -705,10 +656,10 @@ def make_app(
     dispatcher's settings (the same SSRF guard, timeout and TLS settings as deliveries)
     but not the dispatcher's own. ``parts`` says whether the sidecar is alive."""
     serving = test_sender is not None
-    middlewares = [_errors, _auth] if serving else [_errors]
+    middlewares = [http.answer_errors, _auth] if serving else [http.answer_errors]
     app = web.Application(middlewares=middlewares, client_max_size=BODY_LIMIT)
-    app.on_response_prepare.append(_nosniff)
-    app[auth.POOL] = pool
+    app.on_response_prepare.append(http.nosniff)
+    app[http.POOL] = pool
     app[READINESS] = Readiness(pool)
     app[PARTS] = parts
     add = app.router.add_route
@@ -724,7 +675,7 @@ def make_app(
     app[REPLAYS] = PerMinute(REPLAYS_PER_MINUTE, "retries and recoveries")
     app[LOGS] = {}
     # Portal links start with OUTBOX_PUBLIC_URL, or else the address each request came to.
-    app[auth.PUBLIC_URL] = settings.public_url
+    app[http.PUBLIC_URL] = settings.public_url
     add("GET", "/api/v1/openapi.json", openapi_document)
     add("GET", "/api/v1/events", list_events)
     add("GET", "/api/v1/webhooks", list_webhooks)

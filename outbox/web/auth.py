@@ -1,4 +1,4 @@
-"""Who is asking the admin server, and the pieces every route shares.
+"""Who is asking the admin server, and for which account.
 
 An ``/api/`` call is made for one account: the one its bearer token belongs to; for an
 operator token, the one named in the ``Outbox-Account`` header; or, for the settings
@@ -18,42 +18,32 @@ import asyncio
 import hmac
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from outbox import db, jsontext, tokens
-from outbox.web import portal
+from outbox import db, tokens
+from outbox.web import http, portal
+from outbox.web.http import ApiError
 
 __all__ = [
     "ACCOUNT",
     "ACCOUNT_HEADER",
     "CREDENTIALS",
     "CSRF_HEADER",
-    "POOL",
-    "PUBLIC_URL",
     "ROSTER",
     "SESSION",
     "SESSION_HEADER",
-    "ApiError",
     "Credentials",
     "Roster",
     "account",
     "authenticate",
-    "connection",
-    "secure",
     "session_cookie",
     "session_of",
 ]
 
-POOL = web.AppKey("pool", AsyncConnectionPool)
-# The admin server's address as people reach it, for portal links; "" for the
-# address each request came to.
-PUBLIC_URL = web.AppKey("public_url", str)
 # Set by the auth middleware on every /api/ request that got past it: the account, or
 # None for an operator token that named none (see ``account``).
 ACCOUNT = "outbox.account"
@@ -66,8 +56,6 @@ ACCOUNT_HEADER = "Outbox-Account"
 SESSION_HEADER = "X-Outbox-Session"
 _ACCOUNT_MAX = 256
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# How long a request waits for a database connection before answering 503.
-DB_WAIT = 5.0
 # A credential that answered for an account this recently takes the open lane.
 KNOWN_FOR = 3600.0
 KNOWN_MAX = 10_000
@@ -78,24 +66,6 @@ STRANGERS_WAITING = 64
 # not in it may wait for that at once (more are refused as unknown).
 ROSTER_EVERY = 1.0
 ROSTER_WAITING = 1000
-
-
-class ApiError(Exception):
-    """An answer other than success, in the API's error shape."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.headers = dict(headers or {})
-
-    def response(self) -> web.Response:
-        body = {"error": {"code": self.code, "message": str(self)}}
-        return web.json_response(
-            body, status=self.status, headers=self.headers, dumps=jsontext.dumps
-        )
 
 
 class Credentials:
@@ -187,7 +157,7 @@ class Roster:
     async def _read(self) -> None:
         try:
             await asyncio.sleep(max(0.0, self._read_at + ROSTER_EVERY - time.monotonic()))
-            async with self._pool.connection(timeout=DB_WAIT) as conn:
+            async with self._pool.connection(timeout=http.DB_WAIT) as conn:
                 self._digests = await db.access.token_digests(conn)
             self._read_at = time.monotonic()
         finally:
@@ -201,14 +171,9 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="outbox"'})
 
 
-def secure(request: web.Request) -> bool:
-    """Whether browsers reach this server over https."""
-    return request.secure or request.app[PUBLIC_URL].startswith("https://")
-
-
 def session_cookie(request: web.Request) -> str | None:
     """The session cookie of the name this server gives it (see portal.cookie_name)."""
-    return request.cookies.get(portal.cookie_name(secure(request)))
+    return request.cookies.get(portal.cookie_name(http.secure(request)))
 
 
 async def authenticate(request: web.Request) -> str | None:
@@ -227,7 +192,7 @@ async def authenticate(request: web.Request) -> str | None:
 
     # A token in the roster exists (or did a moment ago): asked about at once, on the
     # pool like any request, so that a revoked one stops at once.
-    async with connection(request) as conn:
+    async with http.connection(request) as conn:
         holder = await tokens.account(conn, token)
     if holder is None:
         raise _unauthorized("unknown or revoked token")
@@ -290,7 +255,7 @@ async def session_of(request: web.Request, cookie: str) -> portal.Session | None
         return None
 
     async def ask() -> portal.Session | None:
-        async with connection(request) as conn:
+        async with http.connection(request) as conn:
             return await portal.session(conn, cookie)
 
     current: portal.Session | None = await request.app[CREDENTIALS].look_up(cookie, ask)
@@ -308,9 +273,3 @@ def account(request: web.Request) -> str:
             f"send {ACCOUNT_HEADER}: <account id>",
         )
     return account
-
-
-def connection(
-    request: web.Request,
-) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
-    return request.app[POOL].connection(timeout=DB_WAIT)

@@ -13,7 +13,7 @@ from typing import Any
 from outbox import __version__
 from outbox.events import EVENTS
 from outbox.formats import FORMATS
-from outbox.web import portal
+from outbox.web import page, portal
 
 __all__ = ["DOCUMENT"]
 
@@ -820,7 +820,7 @@ _PATHS: dict[str, Any] = {
                     "name": "name",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "enum": list(portal.STATIC_FILES)},
+                    "schema": {"type": "string", "enum": list(page.STATIC_FILES)},
                 }
             ],
             "responses": {

@@ -1,4 +1,6 @@
-"""The settings page: one-time portal links, the page itself, Sign out, its files.
+"""The settings page: its HTML (templates in static/, filled in with every value
+escaped), its security headers (CSP), its files, and its routes: one-time portal links,
+the page itself, Sign out.
 
 A portal link is opened in two steps: a GET shows a Continue button and uses nothing
 up (mail scanners and chat previews fetch links), and only that button's POST uses the
@@ -11,7 +13,11 @@ session in it instead (see outbox.web.portal).
 from __future__ import annotations
 
 import hmac
+import html
+import re
 from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
@@ -20,9 +26,28 @@ from aiohttp import web
 
 from outbox import errors
 from outbox.config import Settings
-from outbox.web import auth, portal
+from outbox.events import EVENTS
+from outbox.retry import duration_words
+from outbox.web import auth, http, portal
 
-__all__ = ["HEADERS", "LINK_KEYS", "SETTINGS", "add_routes"]
+__all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "HEADERS",
+    "LINK_KEYS",
+    "PAGE_HEADERS",
+    "SETTINGS",
+    "STATIC_FILES",
+    "add_routes",
+    "continue_page",
+    "intro",
+    "message_page",
+    "page_headers",
+    "retry_note",
+    "settings_page",
+    "signed_out_page",
+    "static_path",
+    "theme_css",
+]
 
 log = structlog.get_logger("outbox.page")
 
@@ -33,6 +58,187 @@ SETTINGS = web.AppKey("settings", Settings)
 HEADERS = web.AppKey("page_headers", dict[str, str])
 # The branding stylesheet: the accent colour is fixed at start.
 THEME = web.AppKey("theme_css", str)
+
+
+STATIC_DIR = Path(__file__).with_name("static")
+# What /static/{name} serves; the HTML templates are only ever filled in and served
+# by their own routes.
+STATIC_FILES = {
+    "webhooks.css": "text/css; charset=utf-8",
+    "webhooks.js": "text/javascript; charset=utf-8",
+}
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+# Sent with every page, error page and static file, unless frames are allowed (see
+# page_headers).
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def page_headers(frame_ancestors: tuple[str, ...]) -> dict[str, str]:
+    """PAGE_HEADERS, or with origins that may frame the page, a policy naming them and
+    no X-Frame-Options (whose DENY would win over the policy in some browsers)."""
+    if not frame_ancestors:
+        return dict(PAGE_HEADERS)
+    policy = CONTENT_SECURITY_POLICY.replace(
+        "frame-ancestors 'none'", "frame-ancestors " + " ".join(frame_ancestors)
+    )
+    headers = {**PAGE_HEADERS, "Content-Security-Policy": policy}
+    del headers["X-Frame-Options"]
+    return headers
+
+
+@cache
+def _template(name: str) -> str:
+    return (STATIC_DIR / name).read_text()
+
+
+def _fill(name: str, **values: str) -> str:
+    """The template with each ``{{key}}`` replaced by its value, escaped for HTML."""
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: html.escape(values[m[1]]), _template(name))
+
+
+def _who(account_id: str, display_name: str | None) -> dict[str, str]:
+    """How the page names whose settings these are: the display name, or the id."""
+    if display_name:
+        return {"account_prefix": "", "account": display_name}
+    return {"account_prefix": "Account ", "account": account_id}
+
+
+def settings_page(current: portal.Session, settings: Settings, session_token: str = "") -> str:
+    """The Settings > Webhooks page for a signed-in browser; what it says about retries
+    comes from the settings in force. ``session_token`` is given only inside a frame,
+    where the page must send its session itself (see the module's docstring)."""
+    product = settings.portal_product_name
+    return _fill(
+        "webhooks.html",
+        **_who(current.account_id, current.display_name),
+        csrf_token=current.csrf_token,
+        session_token=session_token,
+        max_attempts=str(len(settings.retry_delays) + 1),
+        retry_note=retry_note(settings),
+        product=product,
+        title=f"Webhooks · Settings · {product}" if product else "Webhooks · Settings",
+        intro=intro(product),
+        events=_series(list(EVENTS.values())),
+    )
+
+
+def intro(product: str) -> str:
+    """The page's first words: what a webhook is, for the events of the catalogue."""
+    where = f" in {product}" if product else ""
+    return (
+        f"Receive real-time notifications when important events happen{where}. An HTTP "
+        "request is sent to a URL you specify whenever the event you choose happens."
+    )
+
+
+def theme_css(accent: str) -> str:
+    """The stylesheet that brands the page: the accent colour (#rrggbb) for buttons and
+    links, with a darker shade for hovering and the text colour that reads on it."""
+    if not accent:
+        return "/* the page's own colours */\n"
+    red, green, blue = (int(accent[i : i + 2], 16) for i in (1, 3, 5))
+    dark = "#" + "".join(f"{round(c * 0.8):02x}" for c in (red, green, blue))
+
+    def linear(c: int) -> float:
+        v = c / 255
+        return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
+
+    luminance = 0.2126 * linear(red) + 0.7152 * linear(green) + 0.0722 * linear(blue)
+    # White on the accent, unless black reads better on it (WCAG contrast).
+    on_accent = (
+        "#ffffff" if (1.05 / (luminance + 0.05)) >= ((luminance + 0.05) / 0.05) else "#111111"
+    )
+    return (
+        f":root {{\n  --primary: {accent};\n  --primary-dark: {dark};\n"
+        f"  --focus: {accent};\n  --on-primary: {on_accent};\n}}\n"
+    )
+
+
+def _series(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _rounded(seconds: float) -> str:
+    """A duration in its largest whole unit, rounded: ``13 hours`` for 13 h 5 min."""
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds >= size:
+            count = round(seconds / size)
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return duration_words(seconds)
+
+
+def retry_note(settings: Settings) -> str:
+    """What happens to a delivery that fails, and to an endpoint that keeps failing."""
+    delays = settings.retry_delays
+    if delays:
+        times = "once" if len(delays) == 1 else f"up to {len(delays)} times"
+        # The whole window too: whether an endpoint down overnight still gets its events.
+        window = f", about {_rounded(sum(delays))} in all" if len(delays) > 1 else ""
+        retries = (
+            f"A delivery that fails is retried {times}: after about "
+            f"{_series([duration_words(d) for d in delays])}{window}."
+        )
+    else:
+        retries = "A delivery that fails is not retried."
+    shown = (
+        "While a delivery is being retried its webhook shows Retrying with the reason; if "
+        "every attempt fails, it shows Failed, and its delivery log shows every attempt "
+        "with your endpoint's answer."
+        if delays
+        else "The webhook then shows Failed with the reason, and its delivery log shows "
+        "the attempt with your endpoint's answer."
+    )
+    note = (
+        f"{retries} Each attempt waits up to {duration_words(settings.http_timeout)} for "
+        f"an answer. {shown}"
+    )
+    if settings.auto_disable_after is not None:
+        note += (
+            " A webhook whose deliveries keep failing, with none succeeding for "
+            f"{duration_words(settings.auto_disable_after)}, is disabled; fix the endpoint, "
+            "then enable the webhook again."
+        )
+    return note
+
+
+def continue_page(claims: portal.Claims) -> str:
+    """What fetching a link answers: a button that signs in with it.
+
+    Pressing it also makes the sign-in a navigation begun on this site, whose redirect
+    to the settings page sends the new SameSite=Strict cookie; a navigation begun on
+    the host application's site would not.
+    """
+    who = _who(claims.account_id, claims.display_name)
+    return _fill(
+        "continue.html", account=who["account"], account_prefix_lower=who["account_prefix"].lower()
+    )
+
+
+def signed_out_page() -> str:
+    return message_page(
+        "You are signed out",
+        "This browser no longer has access to your webhook settings. To open them "
+        "again, go back to your account and open Settings > Webhooks.",
+    )
+
+
+def message_page(title: str, message: str) -> str:
+    """A page that says why the settings page cannot be shown."""
+    return _fill("message.html", title=title, message=message)
+
+
+def static_path(name: str) -> Path | None:
+    """The file /static/{name} serves, or None."""
+    return STATIC_DIR / name if name in STATIC_FILES else None
 
 
 def _headers(request: web.Request) -> dict[str, str]:
@@ -52,12 +258,12 @@ def _page(
 
 def _unavailable_page(request: web.Request) -> web.Response:
     message = "The database is not answering. Try again in a moment."
-    return _page(request, portal.message_page("Settings are unavailable", message), 503)
+    return _page(request, message_page("Settings are unavailable", message), 503)
 
 
 def _refused_page(request: web.Request, exc: portal.LinkRefused) -> web.Response:
     log.info("portal: link refused", reason=exc.reason)
-    return _page(request, portal.message_page(exc.title, exc.explanation), exc.status)
+    return _page(request, message_page(exc.title, exc.explanation), exc.status)
 
 
 def _framed(request: web.Request) -> bool:
@@ -70,7 +276,7 @@ def _framed(request: web.Request) -> bool:
 def _set_session_cookie(
     request: web.Request, response: web.StreamResponse, value: str, max_age: int
 ) -> None:
-    secure = auth.secure(request)
+    secure = http.secure(request)
     response.set_cookie(
         portal.cookie_name(secure),
         value,
@@ -86,7 +292,7 @@ async def _checked_link(request: web.Request) -> portal.Claims:
     """The link's claims, checked against the key this process keeps: garbage and
     expired links are refused before any connection is taken from the pool."""
     keys = request.app[LINK_KEYS]
-    return await keys.check(request.match_info["token"], lambda: auth.connection(request))
+    return await keys.check(request.match_info["token"], lambda: http.connection(request))
 
 
 async def show_portal_link(request: web.Request) -> web.Response:
@@ -99,12 +305,12 @@ async def show_portal_link(request: web.Request) -> web.Response:
         return _unavailable_page(request)
     # The button's POST must say where it comes from (see same_origin): a page whose
     # referrer policy is no-referrer makes browsers send Origin: null.
-    return _page(request, portal.continue_page(claims), headers={"Referrer-Policy": "same-origin"})
+    return _page(request, continue_page(claims), headers={"Referrer-Policy": "same-origin"})
 
 
 async def open_portal_link(request: web.Request) -> web.Response:
     """Use a one-time link: a session cookie for its account, then the settings page."""
-    hosts = {request.host, urlsplit(request.app[auth.PUBLIC_URL]).netloc}
+    hosts = {request.host, urlsplit(request.app[http.PUBLIC_URL]).netloc}
     if not portal.same_origin(request.headers, hosts):
         # Another site posting a link of its own would sign this browser in to the
         # account of that site's choosing.
@@ -113,10 +319,10 @@ async def open_portal_link(request: web.Request) -> web.Response:
             "Signing in must start from the page the link opens. Open your link again "
             "and press Continue."
         )
-        return _page(request, portal.message_page("This sign-in was not completed", message), 403)
+        return _page(request, message_page("This sign-in was not completed", message), 403)
     try:
         await _checked_link(request)
-        async with auth.connection(request) as conn:
+        async with http.connection(request) as conn:
             current = await portal.open_link(conn, request.match_info["token"])
     except portal.LinkRefused as exc:
         return _refused_page(request, exc)
@@ -127,14 +333,14 @@ async def open_portal_link(request: web.Request) -> web.Response:
     if framed:
         # A cookie set here would be a third-party cookie, which browsers may drop: the
         # page carries its session itself, in memory, for as long as it is open.
-        page = portal.settings_page(current, request.app[SETTINGS], session_token=current.cookie)
+        page = settings_page(current, request.app[SETTINGS], session_token=current.cookie)
         return _page(request, page)
     response = _page(request, "", 303, {"Location": "../settings/webhooks"})
     _set_session_cookie(request, response, current.cookie, portal.SESSION_SECONDS)
     return response
 
 
-async def settings_page(request: web.Request) -> web.Response:
+async def show_settings(request: web.Request) -> web.Response:
     """Settings > Webhooks, for a browser signed in by a portal link."""
     cookie = auth.session_cookie(request)
     current = None
@@ -149,8 +355,8 @@ async def settings_page(request: web.Request) -> web.Response:
             f"{portal.SESSION_SECONDS // 3600} hours. Go back to your account and open "
             "Settings > Webhooks again to get a new link."
         )
-        return _page(request, portal.message_page("You are not signed in", message), 401)
-    return _page(request, portal.settings_page(current, request.app[SETTINGS]))
+        return _page(request, message_page("You are not signed in", message), 401)
+    return _page(request, settings_page(current, request.app[SETTINGS]))
 
 
 async def sign_out(request: web.Request) -> web.Response:
@@ -169,14 +375,14 @@ async def sign_out(request: web.Request) -> web.Response:
                     sent.encode(errors="replace"), current.csrf_token.encode()
                 ):
                     message = "Reload the settings page and press Sign out again."
-                    still = portal.message_page("You are still signed in", message)
+                    still = message_page("You are still signed in", message)
                     return _page(request, still, 403)
-                async with auth.connection(request) as conn:
+                async with http.connection(request) as conn:
                     await portal.end_session(conn, cookie)
                 log.info("portal: signed out", account_id=current.account_id)
         except psycopg.OperationalError:
             return _unavailable_page(request)
-    response = _page(request, portal.signed_out_page())
+    response = _page(request, signed_out_page())
     _set_session_cookie(request, response, "", 0)
     return response
 
@@ -194,12 +400,12 @@ async def _form_field(request: web.Request, name: str) -> str:
 async def static_file(request: web.Request) -> web.FileResponse:
     """The settings page's stylesheet and script."""
     name = request.match_info["name"]
-    path = portal.static_path(name)
+    path = static_path(name)
     if path is None:
         raise errors.NotFound(f"file {name} not found")
     headers = {
         **_headers(request),
-        "Content-Type": portal.STATIC_FILES[name],
+        "Content-Type": STATIC_FILES[name],
         "Cache-Control": "no-cache",
     }
     return web.FileResponse(path, headers=headers)
@@ -215,12 +421,12 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     """The page's routes, on the admin server's ``app``."""
     app[LINK_KEYS] = portal.LinkKeys()
     app[SETTINGS] = settings
-    app[THEME] = portal.theme_css(settings.portal_accent_color)
-    app[HEADERS] = portal.page_headers(settings.portal_frame_ancestors)
+    app[THEME] = theme_css(settings.portal_accent_color)
+    app[HEADERS] = page_headers(settings.portal_frame_ancestors)
     add = app.router.add_route
     add("GET", "/static/theme.css", theme)
     add("GET", "/portal/{token}", show_portal_link)
     add("POST", "/portal/{token}", open_portal_link)
-    add("GET", "/settings/webhooks", settings_page)
+    add("GET", "/settings/webhooks", show_settings)
     add("POST", "/settings/signout", sign_out)
     add("GET", "/static/{name}", static_file)

@@ -1,10 +1,10 @@
-"""The settings page (Settings > Webhooks) and the one-time links that open it.
+"""The one-time links that open the settings page, and the page's sessions.
 
 A host application hands its customer a link (``outbox portal-link``, or
 ``POST /api/v1/portal-links`` with its token). Fetching the link (GET) only shows a
 page with a Continue button, so that mail scanners and chat previews that fetch links
 use nothing up; the button POSTs the same link, which signs that browser in to the one
-account and moves on to outbox/web/static/webhooks.html: plain JavaScript that calls the
+account and moves on to the page (outbox.web.page): plain JavaScript that calls the
 same JSON API as everyone else, with the session cookie instead of a token.
 
 - A link is ``<payload>.<signature>``: the account, an expiry and a random nonce,
@@ -43,7 +43,6 @@ import binascii
 import dataclasses
 import hashlib
 import hmac
-import html
 import json
 import math
 import re
@@ -53,30 +52,23 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 
 from outbox import db
-from outbox.config import Settings, parse_duration
+from outbox.config import parse_duration
 from outbox.errors import Invalid
-from outbox.events import EVENTS
-from outbox.retry import duration_words
 
 __all__ = [
-    "CONTENT_SECURITY_POLICY",
     "DISPLAY_NAME_MAX",
     "KEY_REREAD_SECONDS",
     "LINK_SECONDS",
     "LINK_SECONDS_MAX",
-    "PAGE_HEADERS",
     "SECURE_SESSION_COOKIE",
     "SESSION_COOKIE",
     "SESSION_SECONDS",
-    "STATIC_FILES",
     "TOKEN_MAX",
     "Claims",
     "Link",
@@ -86,23 +78,15 @@ __all__ = [
     "Session",
     "check",
     "check_display_name",
-    "continue_page",
     "cookie_name",
     "end_session",
     "end_sessions",
-    "message_page",
     "mint",
     "open_link",
-    "page_headers",
     "parse_ttl",
-    "retry_note",
     "same_origin",
     "session",
-    "settings_page",
     "sign",
-    "signed_out_page",
-    "static_path",
-    "theme_css",
     "verify",
     "well_formed",
 ]
@@ -116,41 +100,6 @@ SECURE_SESSION_COOKIE = "__Host-outbox_session"
 SESSION_SECONDS = 8 * 3600
 LINK_SECONDS = 15 * 60
 LINK_SECONDS_MAX = 24 * 3600
-
-STATIC_DIR = Path(__file__).with_name("static")
-# What /static/{name} serves; the HTML templates are only ever filled in and served
-# by their own routes.
-STATIC_FILES = {
-    "webhooks.css": "text/css; charset=utf-8",
-    "webhooks.js": "text/javascript; charset=utf-8",
-}
-
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
-)
-# Sent with every page, error page and static file, unless frames are allowed (see
-# page_headers).
-PAGE_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-}
-
-
-def page_headers(frame_ancestors: tuple[str, ...]) -> dict[str, str]:
-    """PAGE_HEADERS, or with origins that may frame the page, a policy naming them and
-    no X-Frame-Options (whose DENY would win over the policy in some browsers)."""
-    if not frame_ancestors:
-        return dict(PAGE_HEADERS)
-    policy = CONTENT_SECURITY_POLICY.replace(
-        "frame-ancestors 'none'", "frame-ancestors " + " ".join(frame_ancestors)
-    )
-    headers = {**PAGE_HEADERS, "Content-Security-Policy": policy}
-    del headers["X-Frame-Options"]
-    return headers
-
 
 # Domain separation: this key signs nothing else, but a signature says what it is for.
 _CONTEXT = b"outbox portal link v1\x00"
@@ -516,149 +465,3 @@ def same_origin(headers: Mapping[str, str], hosts: set[str]) -> bool:
         return True
     netloc = urlsplit(origin).netloc.lower()
     return bool(netloc) and netloc in {host.lower() for host in hosts if host}
-
-
-@cache
-def _template(name: str) -> str:
-    return (STATIC_DIR / name).read_text()
-
-
-def _fill(name: str, **values: str) -> str:
-    """The template with each ``{{key}}`` replaced by its value, escaped for HTML."""
-    return re.sub(r"\{\{(\w+)\}\}", lambda m: html.escape(values[m[1]]), _template(name))
-
-
-def _who(account_id: str, display_name: str | None) -> dict[str, str]:
-    """How the page names whose settings these are: the display name, or the id."""
-    if display_name:
-        return {"account_prefix": "", "account": display_name}
-    return {"account_prefix": "Account ", "account": account_id}
-
-
-def settings_page(current: Session, settings: Settings, session_token: str = "") -> str:
-    """The Settings > Webhooks page for a signed-in browser; what it says about retries
-    comes from the settings in force. ``session_token`` is given only inside a frame,
-    where the page must send its session itself (see the module's docstring)."""
-    product = settings.portal_product_name
-    return _fill(
-        "webhooks.html",
-        **_who(current.account_id, current.display_name),
-        csrf_token=current.csrf_token,
-        session_token=session_token,
-        max_attempts=str(len(settings.retry_delays) + 1),
-        retry_note=retry_note(settings),
-        product=product,
-        title=f"Webhooks · Settings · {product}" if product else "Webhooks · Settings",
-        intro=intro(product),
-        events=_series(list(EVENTS.values())),
-    )
-
-
-def intro(product: str) -> str:
-    """The page's first words: what a webhook is, for the events of the catalogue."""
-    where = f" in {product}" if product else ""
-    return (
-        f"Receive real-time notifications when important events happen{where}. An HTTP "
-        "request is sent to a URL you specify whenever the event you choose happens."
-    )
-
-
-def theme_css(accent: str) -> str:
-    """The stylesheet that brands the page: the accent colour (#rrggbb) for buttons and
-    links, with a darker shade for hovering and the text colour that reads on it."""
-    if not accent:
-        return "/* the page's own colours */\n"
-    red, green, blue = (int(accent[i : i + 2], 16) for i in (1, 3, 5))
-    dark = "#" + "".join(f"{round(c * 0.8):02x}" for c in (red, green, blue))
-
-    def linear(c: int) -> float:
-        v = c / 255
-        return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
-
-    luminance = 0.2126 * linear(red) + 0.7152 * linear(green) + 0.0722 * linear(blue)
-    # White on the accent, unless black reads better on it (WCAG contrast).
-    on_accent = (
-        "#ffffff" if (1.05 / (luminance + 0.05)) >= ((luminance + 0.05) / 0.05) else "#111111"
-    )
-    return (
-        f":root {{\n  --primary: {accent};\n  --primary-dark: {dark};\n"
-        f"  --focus: {accent};\n  --on-primary: {on_accent};\n}}\n"
-    )
-
-
-def _series(words: list[str]) -> str:
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
-
-
-def _rounded(seconds: float) -> str:
-    """A duration in its largest whole unit, rounded: ``13 hours`` for 13 h 5 min."""
-    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
-        if seconds >= size:
-            count = round(seconds / size)
-            return f"{count} {unit}{'' if count == 1 else 's'}"
-    return duration_words(seconds)
-
-
-def retry_note(settings: Settings) -> str:
-    """What happens to a delivery that fails, and to an endpoint that keeps failing."""
-    delays = settings.retry_delays
-    if delays:
-        times = "once" if len(delays) == 1 else f"up to {len(delays)} times"
-        # The whole window too: whether an endpoint down overnight still gets its events.
-        window = f", about {_rounded(sum(delays))} in all" if len(delays) > 1 else ""
-        retries = (
-            f"A delivery that fails is retried {times}: after about "
-            f"{_series([duration_words(d) for d in delays])}{window}."
-        )
-    else:
-        retries = "A delivery that fails is not retried."
-    shown = (
-        "While a delivery is being retried its webhook shows Retrying with the reason; if "
-        "every attempt fails, it shows Failed, and its delivery log shows every attempt "
-        "with your endpoint's answer."
-        if delays
-        else "The webhook then shows Failed with the reason, and its delivery log shows "
-        "the attempt with your endpoint's answer."
-    )
-    note = (
-        f"{retries} Each attempt waits up to {duration_words(settings.http_timeout)} for "
-        f"an answer. {shown}"
-    )
-    if settings.auto_disable_after is not None:
-        note += (
-            " A webhook whose deliveries keep failing, with none succeeding for "
-            f"{duration_words(settings.auto_disable_after)}, is disabled; fix the endpoint, "
-            "then enable the webhook again."
-        )
-    return note
-
-
-def continue_page(claims: Claims) -> str:
-    """What fetching a link answers: a button that signs in with it.
-
-    Pressing it also makes the sign-in a navigation begun on this site, whose redirect
-    to the settings page sends the new SameSite=Strict cookie; a navigation begun on
-    the host application's site would not.
-    """
-    who = _who(claims.account_id, claims.display_name)
-    return _fill(
-        "continue.html", account=who["account"], account_prefix_lower=who["account_prefix"].lower()
-    )
-
-
-def signed_out_page() -> str:
-    return message_page(
-        "You are signed out",
-        "This browser no longer has access to your webhook settings. To open them "
-        "again, go back to your account and open Settings > Webhooks.",
-    )
-
-
-def message_page(title: str, message: str) -> str:
-    """A page that says why the settings page cannot be shown."""
-    return _fill("message.html", title=title, message=message)
-
-
-def static_path(name: str) -> Path | None:
-    """The file /static/{name} serves, or None."""
-    return STATIC_DIR / name if name in STATIC_FILES else None

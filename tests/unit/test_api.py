@@ -15,7 +15,7 @@ from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.errors import Invalid
 from outbox.supervisor import Supervisor
-from outbox.web import api, auth, openapi
+from outbox.web import api, http, openapi
 
 
 class TestWebhookFields:
@@ -97,7 +97,7 @@ class TestPageParams:
         ],
     )
     def test_malformed_values_are_400(self, query: dict[str, str]) -> None:
-        with pytest.raises(auth.ApiError) as raised:
+        with pytest.raises(http.ApiError) as raised:
             api.page_params(query)
         assert raised.value.status == 400
 

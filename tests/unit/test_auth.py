@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from outbox.web import auth
-from outbox.web.auth import ApiError, Credentials
+from outbox.web.auth import Credentials
+from outbox.web.http import ApiError
 
 
 class TestLanes:

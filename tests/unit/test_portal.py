@@ -18,6 +18,7 @@ import pytest
 from outbox import db
 from outbox.config import ConfigError, Settings
 from outbox.errors import Invalid
+from outbox.web import page as webpage
 from outbox.web import portal
 
 KEY = b"k" * 32
@@ -292,21 +293,21 @@ def _parse(html: str) -> _Collector:
 class TestPages:
     def test_the_settings_page_carries_the_session_escaped(self) -> None:
         session = portal.Session('acct_<script>"x"</script>', "csrf-token_1", datetime.now(UTC))
-        page = _parse(portal.settings_page(session, Settings()))
+        page = _parse(webpage.settings_page(session, Settings()))
         meta = [a for t, a in page.tags if t == "meta" and a.get("name") == "outbox-csrf-token"]
         assert meta == [{"name": "outbox-csrf-token", "content": "csrf-token_1"}]
         assert not any(t == "script" and "src" not in a for t, a in page.tags)
         assert 'acct_<script>"x"</script>' in "".join(page.text)
 
     def test_message_pages_escape_their_words(self) -> None:
-        page = portal.message_page("<b>title</b>", "a & <i>b</i>")
+        page = webpage.message_page("<b>title</b>", "a & <i>b</i>")
         assert "<b>" not in page and "&lt;b&gt;title" in page and "a &amp; &lt;i&gt;" in page
 
     @pytest.mark.parametrize("name", ["webhooks.html", "message.html", "continue.html"])
     def test_no_template_has_inline_script_or_style(self, name: str) -> None:
         """The CSP forbids them, so none may be there: scripts come from files, styles
         from the stylesheet, and no element has an on* handler or a style attribute."""
-        page = _parse((portal.STATIC_DIR / name).read_text())
+        page = _parse((webpage.STATIC_DIR / name).read_text())
         for tag, attributes in page.tags:
             assert not (tag == "script" and "src" not in attributes), name
             assert tag != "style", name
@@ -315,7 +316,7 @@ class TestPages:
     def test_the_script_never_parses_strings_as_html(self) -> None:
         """Every string reaches the page through textContent or a DOM attribute: the
         script uses none of the ways to turn a string into markup or code."""
-        script = (portal.STATIC_DIR / "webhooks.js").read_text()
+        script = (webpage.STATIC_DIR / "webhooks.js").read_text()
         for sink in (
             "innerHTML",
             "outerHTML",
@@ -332,7 +333,7 @@ class TestPages:
         """Its one form posts to the page's own address (the link), with no field, and
         it names the account, escaped; its referrer policy lets the browser send its
         Origin with the post."""
-        page = _parse(portal.continue_page(portal.Claims("acct_<i>1</i>", 2**31, "n")))
+        page = _parse(webpage.continue_page(portal.Claims("acct_<i>1</i>", 2**31, "n")))
         forms = [a for t, a in page.tags if t == "form"]
         assert forms == [{"method": "post", "class": "continue"}]
         assert not any(t in ("input", "textarea", "select") for t, _ in page.tags)
@@ -343,7 +344,7 @@ class TestPages:
     def test_the_settings_page_signs_out_with_its_csrf_token(self) -> None:
         """Sign out is a form that posts the session's CSRF token to ../settings/signout."""
         session = portal.Session("acct_1", "csrf-token_1", datetime.now(UTC))
-        page = _parse(portal.settings_page(session, Settings()))
+        page = _parse(webpage.settings_page(session, Settings()))
         forms = [a for t, a in page.tags if t == "form" and a.get("method") == "post"]
         assert forms == [{"method": "post", "action": "signout", "id": "signout"}]
         hidden = [a for t, a in page.tags if t == "input" and a.get("type") == "hidden"]
@@ -354,23 +355,23 @@ class TestPages:
         ]
 
     def test_the_signed_out_page_says_so(self) -> None:
-        page = _parse(portal.signed_out_page())
+        page = _parse(webpage.signed_out_page())
         assert "You are signed out" in "".join(page.text)
 
 
 class TestStaticFiles:
     def test_only_the_stylesheet_and_script(self) -> None:
-        assert portal.static_path("webhooks.js") == portal.STATIC_DIR / "webhooks.js"
-        assert portal.static_path("webhooks.css") == portal.STATIC_DIR / "webhooks.css"
+        assert webpage.static_path("webhooks.js") == webpage.STATIC_DIR / "webhooks.js"
+        assert webpage.static_path("webhooks.css") == webpage.STATIC_DIR / "webhooks.css"
         for name in ("webhooks.html", "../portal.py", "", "WEBHOOKS.JS", "webhooks.js/"):
-            assert portal.static_path(name) is None
+            assert webpage.static_path(name) is None
 
     def test_every_served_file_exists(self) -> None:
-        for name in portal.STATIC_FILES:
-            assert (portal.STATIC_DIR / name).is_file()
+        for name in webpage.STATIC_FILES:
+            assert (webpage.STATIC_DIR / name).is_file()
 
     def test_the_policy_is_the_strict_one(self) -> None:
-        assert portal.CONTENT_SECURITY_POLICY == (
+        assert webpage.CONTENT_SECURITY_POLICY == (
             "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
             "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
         )
@@ -419,7 +420,7 @@ class TestRetryNote:
 
     def test_the_defaults(self) -> None:
         """The default settings: three retries, a 10 s wait, disabled after 5 days."""
-        note = portal.retry_note(Settings())
+        note = webpage.retry_note(Settings())
         assert note.startswith(
             "A delivery that fails is retried up to 3 times: after about 5 minutes, "
             "1 hour and 12 hours, about 13 hours in all. Each attempt waits up to 10 seconds"
@@ -430,7 +431,7 @@ class TestRetryNote:
     def test_other_settings(self) -> None:
         """One retry, a fractional timeout, and auto-disable off are said as they are."""
         settings = Settings(retry_delays=(0.5,), http_timeout=2.5, auto_disable_after=None)
-        note = portal.retry_note(settings)
+        note = webpage.retry_note(settings)
         assert note.startswith(
             "A delivery that fails is retried once: after about 0.5 seconds. "
             "Each attempt waits up to 2.5 seconds"
@@ -438,12 +439,12 @@ class TestRetryNote:
         assert "disabled" not in note
 
     def test_no_retries(self) -> None:
-        note = portal.retry_note(Settings(retry_delays=()))
+        note = webpage.retry_note(Settings(retry_delays=()))
         assert note.startswith("A delivery that fails is not retried.")
 
     def test_the_page_shows_it_and_the_number_of_attempts(self) -> None:
         session = portal.Session("acct_1", "csrf", datetime.now(UTC))
-        page = _parse(portal.settings_page(session, Settings(retry_delays=(1.0, 2.0))))
+        page = _parse(webpage.settings_page(session, Settings(retry_delays=(1.0, 2.0))))
         meta = [a for t, a in page.tags if t == "meta" and a.get("name") == "outbox-max-attempts"]
         assert meta == [{"name": "outbox-max-attempts", "content": "3"}]
         assert "retried up to 2 times: after about 1 second and 2 seconds" in "".join(page.text)
@@ -474,14 +475,14 @@ class TestInsideTheSaas:
 
     def test_the_page_names_the_customer_and_the_product(self) -> None:
         session = portal.Session("acct_1", "c", datetime.now(UTC), display_name="Ada's Bakery")
-        page = portal.settings_page(session, Settings(portal_product_name="AutoReach"))
+        page = webpage.settings_page(session, Settings(portal_product_name="AutoReach"))
         assert "Ada&#x27;s Bakery" in page and "acct_1" not in page
         assert "<title>Webhooks · Settings · AutoReach</title>" in page
         assert "Lead Created" in page and "Enrichment Completed" in page
 
     def test_framing_is_refused_unless_origins_are_given(self) -> None:
-        assert portal.page_headers(()) == portal.PAGE_HEADERS
-        headers = portal.page_headers(("https://app.example.com", "http://localhost:3000"))
+        assert webpage.page_headers(()) == webpage.PAGE_HEADERS
+        headers = webpage.page_headers(("https://app.example.com", "http://localhost:3000"))
         assert "X-Frame-Options" not in headers
         policy = headers["Content-Security-Policy"]
         assert "frame-ancestors https://app.example.com http://localhost:3000;" in policy
@@ -489,8 +490,8 @@ class TestInsideTheSaas:
 
     def test_the_theme(self) -> None:
         """The accent colour, a darker shade, and text that reads on it."""
-        assert "--primary" not in portal.theme_css("")
-        dark = portal.theme_css("#1f5fd6")
+        assert "--primary" not in webpage.theme_css("")
+        dark = webpage.theme_css("#1f5fd6")
         assert "--primary: #1f5fd6;" in dark and "--on-primary: #ffffff;" in dark
         assert "--primary-dark: #194cab;" in dark
-        assert "--on-primary: #111111;" in portal.theme_css("#ffd84a")
+        assert "--on-primary: #111111;" in webpage.theme_css("#ffd84a")
