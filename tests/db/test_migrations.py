@@ -26,7 +26,8 @@ from tools import localpg
 SCHEMA = ROOT / "sql" / "schema.sql"
 
 # One line per object of schema `outbox` (schema_migrations excepted, since only
-# `migrate` creates it): enough to show any difference between two databases.
+# `migrate` creates it), with its rights, down to a column's: enough to show any
+# difference between two databases.
 DESCRIBE = """
 SELECT format('schema acl=%s', nspacl) FROM pg_namespace WHERE nspname = 'outbox'
 UNION ALL
@@ -36,12 +37,13 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = 'outbox' AND c.relkind IN ('r', 'v', 'm', 'p', 'S')
   AND c.relname <> 'schema_migrations'
 UNION ALL
-SELECT format('column %s.%s #%s %s %s default=%s identity=%s generated=%s compression=%s',
+SELECT format('column %s.%s #%s %s %s default=%s identity=%s generated=%s compression=%s'
+              ' acl=%s',
               c.relname, a.attname, row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum),
               format_type(a.atttypid, a.atttypmod),
               CASE WHEN a.attnotnull THEN 'NOT NULL' ELSE 'NULL' END,
               pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated,
-              nullif(a.attcompression, ''))
+              nullif(a.attcompression, ''), a.attacl)
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
