@@ -157,23 +157,30 @@ async def migrate(url: str) -> list[int]:
         async with conn.transaction():
             await conn.execute(query("migrate_lock"))
             await conn.execute(query("migrations_table"))
-        applied = await _install(conn)
-        for version, name, path in migrations():
-            async with conn.transaction():
-                await conn.execute(query("migrate_lock"))
-                cur = await conn.execute(query("migration_applied"), {"version": version})
-                if await cur.fetchone() is not None:
-                    continue
-                await conn.execute(path.read_text())
-                await conn.execute(query("migration_record"), {"version": version, "name": name})
-            log.info("migrated", version=version, name=name)
-            applied.append(version)
+        applied = await _install(conn) or await _upgrade(conn)
         # migrate creates this table itself, so its grant is made here: the sidecar's
         # role reads the schema version to know whether it may run. (Under the lock:
         # two GRANTs on one table at once fail with "tuple concurrently updated".)
         async with conn.transaction():
             await conn.execute(query("migrate_lock"))
             await conn.execute(query("schema_version_grant"))
+    return applied
+
+
+async def _upgrade(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+    """Apply the migrations the database lacks, each in a transaction of its own with
+    its row; return their versions."""
+    applied = []
+    for version, name, path in migrations():
+        async with conn.transaction():
+            await conn.execute(query("migrate_lock"))
+            cur = await conn.execute(query("migration_applied"), {"version": version})
+            if await cur.fetchone() is not None:
+                continue
+            await conn.execute(path.read_text())
+            await conn.execute(query("migration_record"), {"version": version, "name": name})
+        log.info("migrated", version=version, name=name)
+        applied.append(version)
     return applied
 
 
