@@ -129,6 +129,19 @@ CREATE TABLE IF NOT EXISTS outbox.schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- schema_state --
+-- Whether migrate has recorded any version, and whether schema outbox holds anything
+-- but the table of versions (relations, types, functions): on an empty database
+-- migrate applies sql/schema.sql, and it refuses a schema it did not make.
+SELECT EXISTS (SELECT FROM outbox.schema_migrations),
+       EXISTS (SELECT FROM pg_class
+               WHERE relnamespace = 'outbox'::regnamespace
+                 AND relname NOT IN ('schema_migrations', 'schema_migrations_pkey'))
+       OR EXISTS (SELECT FROM pg_type
+                  WHERE typnamespace = 'outbox'::regnamespace
+                    AND typname NOT IN ('schema_migrations', '_schema_migrations'))
+       OR EXISTS (SELECT FROM pg_proc WHERE pronamespace = 'outbox'::regnamespace);
+
 -- migration_applied --
 SELECT FROM outbox.schema_migrations WHERE version = %(version)s;
 

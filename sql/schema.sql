@@ -1,8 +1,27 @@
--- The whole current schema, for reading and review (`outbox sql` prints it).
--- sql/migrations/ moves a database from one version to the next; a test proves that
--- applying them in order gives exactly this schema. Change both together.
+-- The outbox schema, whole: what `outbox migrate` applies, in one transaction, to a
+-- database that has none, recording every version it ships as applied. `outbox sql`
+-- prints it for review, or for psql.
+--
+-- sql/migrations/ only upgrade databases that an older outbox migrated, one version at
+-- a time. A change goes into both: a new migration, and this file where the object is.
+-- tests/db/test_migrations.py holds the two equal (a fresh install against the
+-- migrations applied in order, catalogue line by catalogue line).
+--
+-- Data flow: a producer INSERTs into outbox.events in its own transaction; a statement
+-- trigger fans the event out into outbox.deliveries (one row per enabled, subscribed
+-- webhook) in that same transaction; dispatchers claim due deliveries, POST them, and
+-- record each try in outbox.delivery_attempts. Every rule of the contract is enforced
+-- here, so SQL users, the CLI and the API cannot disagree about what is valid.
+--
+-- The file goes by object: the rules and the tables (each with its checks, triggers
+-- and indexes); the fan-out and the doorbell; a delivery's life and the functions that
+-- move it; the notifications' sender; the status view; roles and rights.
 
 CREATE SCHEMA IF NOT EXISTS outbox;
+
+-- ======================================================================================
+-- Rules: a broken one says what is wrong
+-- ======================================================================================
 
 CREATE FUNCTION outbox.event_names() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -93,16 +112,7 @@ BEGIN
 END
 $$;
 
-CREATE TABLE outbox.events (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    account_id  text NOT NULL,
-    event       text NOT NULL,
-    data        jsonb NOT NULL DEFAULT '{}',
-    occurred_at timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT events_valid CHECK (outbox.valid_event(account_id, event, data))
-);
-
--- (Version 13.) Headers an endpoint wants on every attempt (a credential of its own, say): at most
+-- Headers an endpoint wants on every attempt (a credential of its own, say): at most
 -- 10, names that are HTTP tokens and not ones outbox sets itself, values of printable
 -- ASCII. The message names the header; it never shows a value, which may be a secret.
 CREATE FUNCTION outbox.valid_headers(headers jsonb) RETURNS boolean
@@ -158,6 +168,23 @@ BEGIN
 END
 $$;
 
+-- ======================================================================================
+-- Events: what producers write
+-- ======================================================================================
+
+CREATE TABLE outbox.events (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account_id  text NOT NULL,
+    event       text NOT NULL,
+    data        jsonb NOT NULL DEFAULT '{}',
+    occurred_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT events_valid CHECK (outbox.valid_event(account_id, event, data))
+);
+
+-- ======================================================================================
+-- Webhooks: the subscriptions
+-- ======================================================================================
+
 CREATE TABLE outbox.webhooks (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id text NOT NULL
@@ -184,7 +211,7 @@ CREATE TABLE outbox.webhooks (
     -- A changed secret keeps signing beside the new one until previous_secret_expires_at.
     previous_secret text,
     previous_secret_expires_at timestamptz,
-    -- (Version 13.) Headers sent with every attempt (CONTRACT section 18).
+    -- Headers sent with every attempt (CONTRACT section 18).
     headers    jsonb NOT NULL DEFAULT '{}' CHECK (outbox.valid_headers(headers)),
     -- The most attempts that may start per second, across every dispatcher; NULL: no limit.
     rate_limit integer
@@ -195,120 +222,6 @@ CREATE TABLE outbox.webhooks (
 
 -- The fan-out looks webhooks up by (account, event) on every producer INSERT.
 CREATE INDEX webhooks_subscribed ON outbox.webhooks (account_id, event) WHERE enabled;
-
-CREATE TABLE outbox.deliveries (
-    id                   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    -- No foreign keys here: they would put a check, and on webhooks a row lock that
-    -- every concurrent producer shares (a MultiXact each time), into the producer's
-    -- INSERT. Deleting a webhook deletes its deliveries (outbox.webhooks_guard()); a
-    -- delivery a concurrent producer adds for it anyway is dropped by the claim.
-    event_id             bigint NOT NULL,
-    webhook_id           bigint NOT NULL,
-    status               text NOT NULL DEFAULT 'pending'
-                         CHECK (status IN ('pending', 'succeeded', 'failed', 'cancelled')),
-    attempts             integer NOT NULL DEFAULT 0,
-    -- When the next attempt is due. While a dispatcher holds the delivery, leased_until
-    -- (below) says when its lease runs out: a crashed dispatcher's rows simply fall due
-    -- again, with no sweeper.
-    next_attempt_at      timestamptz NOT NULL DEFAULT now(),
-    last_error           text,
-    last_response_status integer,
-    created_at           timestamptz NOT NULL DEFAULT now(),
-    finished_at          timestamptz,
-    -- Identifies the claim that holds the row; a result is recorded only by its holder.
-    lease                uuid
-) WITH (
-    -- Every delivery is updated two or three times: vacuum early and often so the hot
-    -- pending rows stay on few pages.
-    autovacuum_vacuum_scale_factor = 0.02,
-    autovacuum_analyze_scale_factor = 0.02
-);
-
--- The claim scans only pending rows, so finished history does not slow it down.
-CREATE INDEX deliveries_due ON outbox.deliveries (next_attempt_at) WHERE status = 'pending';
-CREATE INDEX deliveries_pending_by_webhook ON outbox.deliveries (webhook_id)
-    WHERE status = 'pending';
-CREATE INDEX deliveries_by_webhook ON outbox.deliveries (webhook_id, id);
--- The status view's "last finished delivery" per webhook.
-CREATE INDEX deliveries_finished_by_webhook ON outbox.deliveries (webhook_id, finished_at)
-    WHERE status IN ('succeeded', 'failed');
-
-CREATE TABLE outbox.delivery_attempts (
-    delivery_id     bigint NOT NULL,
-    attempt         integer NOT NULL,
-    started_at      timestamptz NOT NULL,
-    duration_ms     integer NOT NULL,
-    response_status integer,
-    error           text,
-    PRIMARY KEY (delivery_id, attempt),
-    -- The first 1024 bytes of what the receiver answered, as text.
-    response_body   text
-);
-
--- The doorbell: how an idle dispatcher is woken at once without producers paying for
--- NOTIFY. A NOTIFY in a producer's transaction serializes every notifying commit in the
--- cluster, so a producer notifies only when a dispatcher is asleep and has asked for it:
---
--- 1. A dispatcher about to sleep takes the doorbell lock (outbox.lock_key(), 1)
---    exclusively with outbox.arm_doorbell_v1(), which only tries and never waits (a
---    waiting request would make every producer's try below fail, so all would NOTIFY),
---    then polls once more, then sleeps on LISTEN outbox_wake.
--- 2. A producer whose INSERT fanned out to a delivery tries the same lock shared, held
---    until it commits (outbox.fan_out()). If it cannot have it, a dispatcher sleeps:
---    the producer NOTIFYs. If it can, no dispatcher sleeps yet, and the one that goes to
---    sleep next takes the lock only after this producer has committed, so its poll in
---    step 1 sees this producer's rows.
--- 3. A dispatcher that wakes with work to do lets go (outbox.disarm_doorbell_v1()).
---
--- The same key names every advisory lock of outbox: with 0, `outbox migrate` runs take
--- turns (outbox/db/core.py); with 2, pruners do (outbox/retention.py).
-CREATE FUNCTION outbox.lock_key() RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1869968482 $$;
-
-CREATE FUNCTION outbox.arm_doorbell_v1() RETURNS boolean
-LANGUAGE sql AS $$ SELECT pg_catalog.pg_try_advisory_lock(outbox.lock_key(), 1) $$;
-
-CREATE FUNCTION outbox.disarm_doorbell_v1() RETURNS boolean
-LANGUAGE sql AS $$ SELECT pg_catalog.pg_advisory_unlock(outbox.lock_key(), 1) $$;
-
--- Step 2 of the doorbell, in the producer's transaction: the fan-out to subscribed
--- webhooks, which makes enqueueing exactly once because it commits or rolls back with
--- the business change. SECURITY DEFINER so producers need no rights on deliveries or
--- webhooks; its search_path is fixed and every name in it schema-qualified, so a
--- producer's own search_path can never make it run the producer's functions with the
--- owner's rights.
-CREATE FUNCTION outbox.fan_out() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    INSERT INTO outbox.deliveries (event_id, webhook_id)
-    SELECT e.id, w.id
-    FROM new_events e
-    JOIN outbox.webhooks w
-      ON w.account_id OPERATOR(pg_catalog.=) e.account_id
-     AND w.event OPERATOR(pg_catalog.=) e.event
-     AND w.enabled;
-    IF FOUND AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(outbox.lock_key(), 1) THEN
-        PERFORM pg_catalog.pg_notify('outbox_wake', '');
-    END IF;
-    RETURN NULL;
-END
-$$;
-
--- Only its trigger may call it (version 10): on a table of a producer's own, it would
--- enqueue any event to any account's webhooks.
-REVOKE ALL ON FUNCTION outbox.fan_out() FROM PUBLIC;
-
-CREATE TRIGGER events_fan_out AFTER INSERT ON outbox.events
-    REFERENCING NEW TABLE AS new_events
-    FOR EACH STATEMENT EXECUTE FUNCTION outbox.fan_out();
-
-CREATE FUNCTION outbox.emit(account_id text, event text, data jsonb DEFAULT '{}',
-                                       occurred_at timestamptz DEFAULT NULL) RETURNS bigint
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    INSERT INTO outbox.events (account_id, event, data, occurred_at)
-    VALUES ($1, $2, coalesce($3, '{}'), coalesce($4, pg_catalog.now()))
-    RETURNING id
-$$;
 
 -- How many webhooks each account has. Creators update the account's row, so concurrent
 -- creates take turns on its lock (or, under REPEATABLE READ, fail to serialize) rather
@@ -398,6 +311,26 @@ $$;
 CREATE TRIGGER webhooks_guard BEFORE INSERT OR UPDATE OR DELETE ON outbox.webhooks
     FOR EACH ROW EXECUTE FUNCTION outbox.webhooks_guard();
 
+-- A new secret and the end of the overlap in one statement (contract 12):
+-- `UPDATE ... SET secret = 'new', previous_secret_expires_at = NULL` (or a past time).
+-- A NULL cannot be told from the column left alone, so a trigger that fires only when
+-- the statement names the column marks a NULL written on purpose as '-infinity', which
+-- outbox.webhooks_guard() reads as "ends now" and stores as NULL.
+CREATE FUNCTION outbox.webhooks_overlap_given() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.previous_secret_expires_at IS NULL THEN
+        NEW.previous_secret_expires_at := '-infinity';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+-- Named to fire before webhooks_guard (triggers of a kind fire in name order).
+CREATE TRIGGER webhooks_end_overlap BEFORE UPDATE OF previous_secret_expires_at
+    ON outbox.webhooks
+    FOR EACH ROW EXECUTE FUNCTION outbox.webhooks_overlap_given();
+
 -- A disabled webhook gets nothing: what was still pending is cancelled, not kept for
 -- later. (A delivery a concurrent producer adds is cancelled by the claim instead.)
 CREATE FUNCTION outbox.webhooks_disabled() RETURNS trigger
@@ -414,6 +347,112 @@ CREATE TRIGGER webhooks_disabled AFTER UPDATE OF enabled ON outbox.webhooks
     FOR EACH ROW WHEN (OLD.enabled AND NOT NEW.enabled)
     EXECUTE FUNCTION outbox.webhooks_disabled();
 
+-- A deleted webhook's pace (outbox.webhook_pace, below) goes with it. (A claim that was
+-- under way may write it back; such a row is never read.)
+CREATE FUNCTION outbox.webhooks_forget_pace() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM outbox.webhook_pace WHERE webhook_id = OLD.id;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER webhooks_forget_pace AFTER DELETE ON outbox.webhooks
+    FOR EACH ROW EXECUTE FUNCTION outbox.webhooks_forget_pace();
+
+-- ======================================================================================
+-- Deliveries and their attempts
+-- ======================================================================================
+
+CREATE TABLE outbox.deliveries (
+    id                   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- No foreign keys here: they would put a check, and on webhooks a row lock that
+    -- every concurrent producer shares (a MultiXact each time), into the producer's
+    -- INSERT. Deleting a webhook deletes its deliveries (outbox.webhooks_guard()); a
+    -- delivery a concurrent producer adds for it anyway is dropped by the claim.
+    event_id             bigint NOT NULL,
+    webhook_id           bigint NOT NULL,
+    status               text NOT NULL DEFAULT 'pending'
+                         CHECK (status IN ('pending', 'succeeded', 'failed', 'cancelled')),
+    attempts             integer NOT NULL DEFAULT 0,
+    -- When the next attempt is due. While a dispatcher holds the delivery, leased_until
+    -- (below) says when its lease runs out: a crashed dispatcher's rows simply fall due
+    -- again, with no sweeper.
+    next_attempt_at      timestamptz NOT NULL DEFAULT now(),
+    last_error           text,
+    last_response_status integer,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    finished_at          timestamptz,
+    -- Identifies the claim that holds the row; a result is recorded only by its holder.
+    lease                uuid,
+    -- A replayed delivery goes back to 'pending' as the same row (so the receiver sees
+    -- the same X-Webhook-Id) with a fresh series of retries: retry_base is how many
+    -- attempts came before the replay. Attempt numbers go on counting, so
+    -- delivery_attempts keeps the whole history; the retry schedule counts
+    -- attempts - retry_base.
+    retry_base           integer NOT NULL DEFAULT 0,
+    -- While a dispatcher holds the delivery, when its lease runs out; NULL otherwise.
+    -- No index holds it, so that setting it is a HOT update.
+    leased_until         timestamptz,
+    -- Answers of 429 that did not use up a retry (the first 10 of a delivery,
+    -- including those before a replay).
+    slowdowns            integer NOT NULL DEFAULT 0
+) WITH (
+    -- Every delivery is updated two or three times: vacuum early and often so the hot
+    -- pending rows stay on few pages.
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02,
+    -- Room on each page for the claim's new row versions, so that they stay HOT: a page
+    -- filled by producers' INSERTs has no room left, and a claim of its rows then
+    -- writes entries in every index of the table (measured in bench/README.md).
+    fillfactor = 70
+);
+
+-- The claim scans only pending rows, so finished history does not slow it down.
+CREATE INDEX deliveries_due ON outbox.deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX deliveries_pending_by_webhook ON outbox.deliveries (webhook_id)
+    WHERE status = 'pending';
+CREATE INDEX deliveries_by_webhook ON outbox.deliveries (webhook_id, id);
+-- The status view's "last finished delivery" per webhook.
+CREATE INDEX deliveries_finished_by_webhook ON outbox.deliveries (webhook_id, finished_at)
+    WHERE status IN ('succeeded', 'failed');
+
+-- Retention deletes old finished deliveries and events a bounded batch at a time, each
+-- batch found through an index. Finished deliveries, oldest first: partial on finished
+-- rows, so the producer's fan-out INSERT (a pending row) writes nothing here; the
+-- dispatcher writes one entry when a delivery finishes (that UPDATE changes status, so
+-- it writes a new entry in every index anyway: this is one more).
+CREATE INDEX deliveries_finished ON outbox.deliveries (finished_at)
+    WHERE status <> 'pending';
+
+-- An event is deleted only once no delivery of it is left: without this, finding that
+-- out reads all of deliveries. It costs the producer one index entry per delivery its
+-- INSERT fans out to, an increasing key, so always the same rightmost page: too little
+-- to tell from noise (bench/README.md). Events themselves get no index: retention walks
+-- them in id order, which follows their age closely enough (see the prune_events
+-- query).
+CREATE INDEX deliveries_by_event ON outbox.deliveries (event_id);
+
+-- One row per attempt. No foreign key to its delivery: the check cost a lookup and a
+-- row lock of the delivery per attempt, and without it an attempt is one index entry.
+-- Attempts are only written by the record functions for a delivery their UPDATE just
+-- found, and deleted with their delivery by retention and by outbox.webhooks_guard().
+CREATE TABLE outbox.delivery_attempts (
+    delivery_id     bigint NOT NULL,
+    attempt         integer NOT NULL,
+    started_at      timestamptz NOT NULL,
+    duration_ms     integer NOT NULL,
+    response_status integer,
+    error           text,
+    PRIMARY KEY (delivery_id, attempt),
+    -- The first 1024 bytes of what the receiver answered, as text.
+    response_body   text
+);
+
+-- ======================================================================================
+-- Per webhook: health and pace
+-- ======================================================================================
+
 -- The newest attempt of each webhook, and its newest success, kept up to date by the
 -- dispatcher with one row per webhook. The status view reads the newest attempt here
 -- rather than search attempts of every delivery, and the auto-disable rule reads the
@@ -427,117 +466,82 @@ CREATE TABLE outbox.webhook_health (
                         CHECK (last_attempt_status IN ('succeeded', 'failed')),
     last_attempt_error  text,
     last_success_at     timestamptz,
-    -- (Version 14.) When the current failing streak began, NULL while the newest attempt
-    -- succeeded; and what the latest record did to the state ('failing', 'recovered'
-    -- or NULL), so that its RETURNING says whether it changed it (record_v3).
+    -- When the current failing streak began, NULL while the newest attempt succeeded
+    -- (for the page); and what the latest record did to the state ('failing',
+    -- 'recovered' or NULL), written by every record so that its RETURNING says whether
+    -- this very statement changed it (Postgres returns only the new row; record_v3).
     failing_since       timestamptz,
     last_change         text
 );
 
--- Producers get exactly what they need and nothing more. The role is cluster-wide,
--- so another database (or a concurrent migrate) may have created it already.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_producer') THEN
-        BEGIN
-            CREATE ROLE outbox_producer NOLOGIN;
-        EXCEPTION
-            WHEN duplicate_object OR unique_violation THEN NULL;
-            WHEN insufficient_privilege THEN
-                RAISE WARNING 'outbox: cannot create role outbox_producer (%); create it '
-                              'as a superuser and rerun migrate to grant it', SQLERRM;
-        END;
-    END IF;
-END
-$$;
+-- When each rate-limited webhook may start its next attempt, for every dispatcher: a
+-- claim that hands out n attempts moves next_start_at on by n/rate_limit seconds (from
+-- now, if it was past), and last_span is that step. Written by the claims only, one
+-- row per webhook, the first time it is claimed with a limit; a webhook whose limit is
+-- removed keeps its row unread. No index but the key, so that each claim's update is a
+-- HOT update.
+CREATE TABLE outbox.webhook_pace (
+    webhook_id    bigint PRIMARY KEY,
+    next_start_at timestamptz NOT NULL,
+    last_span     interval NOT NULL
+) WITH (fillfactor = 50);
 
-REVOKE ALL ON FUNCTION outbox.emit(text, text, jsonb, timestamptz) FROM PUBLIC;
+-- ======================================================================================
+-- Operational events
+-- ======================================================================================
 
-DO $$
-BEGIN
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_producer') THEN
-        GRANT USAGE ON SCHEMA outbox TO outbox_producer;
-        -- Producers set the columns of an event and nothing else: an id of their own
-        -- (OVERRIDING SYSTEM VALUE) could make other producers' transactions fail.
-        GRANT INSERT (account_id, event, data, occurred_at) ON outbox.events
-            TO outbox_producer;
-        GRANT EXECUTE ON FUNCTION outbox.emit(text, text, jsonb, timestamptz)
-            TO outbox_producer;
-    END IF;
-END
-$$;
+-- Operational events (contract 17): one row when a webhook's state changes
+-- (webhook.failing, webhook.recovered, webhook.disabled) and one per delivery that fails
+-- for good (delivery.failed). They are written in the transaction that records the
+-- change, from the row of webhook_health that the record locks anyway, so a failing
+-- streak has one webhook.failing however many sidecars record its failures. A sidecar
+-- with OUTBOX_NOTIFY_URL POSTs them (outbox/notify.py): attempts, next_attempt_at and
+-- sent_at say how far that got; the claim moves next_attempt_at on by a lease, and the
+-- attempt number tells a late result from the current one.
+CREATE TABLE outbox.notifications (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind            text NOT NULL
+                    CHECK (kind IN ('webhook.failing', 'webhook.recovered',
+                                    'delivery.failed', 'webhook.disabled')),
+    account_id      text NOT NULL,
+    webhook_id      bigint NOT NULL,
+    data            jsonb NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    sent_at         timestamptz,
+    last_error      text
+);
 
--- outbox schema, version 2: admin API tokens, and replays of finished deliveries.
+-- The sender looks only at unsent rows; retention deletes the oldest first.
+CREATE INDEX notifications_unsent ON outbox.notifications (next_attempt_at)
+    WHERE sent_at IS NULL;
+CREATE INDEX notifications_created ON outbox.notifications (created_at);
 
--- A token belongs to one account and sees only that account's webhooks. Only its
--- SHA-256 digest is kept: the token is 256 random bits, shown once when created, so a
--- fast hash is as good as a slow one and no one can read a token back from here.
+-- ======================================================================================
+-- API tokens and the settings page
+-- ======================================================================================
+
+-- A token belongs to one account and sees only that account's webhooks; an operator
+-- token acts for any account (the SaaS's backend names it in the Outbox-Account
+-- header), so it has no account of its own: account_id is NULL exactly when operator
+-- is true. Only a token's SHA-256 digest is kept: the token is 256 random bits, shown
+-- once when created, so a fast hash is as good as a slow one and no one can read a
+-- token back from here.
 CREATE TABLE outbox.api_tokens (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    account_id   text NOT NULL
-                 CHECK (account_id <> '' OR outbox.reject('account_id must not be empty')),
+    account_id   text CHECK (account_id IS NULL OR account_id <> ''
+                             OR outbox.reject('account_id must not be empty')),
     token_sha256 bytea NOT NULL UNIQUE,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    last_used_at timestamptz
+    last_used_at timestamptz,
+    operator     boolean NOT NULL DEFAULT false,
+    CONSTRAINT api_tokens_operator_check
+        CHECK ((account_id IS NULL) = operator
+               OR outbox.reject('a token has an account_id, or is an operator token without one'))
 );
 
 CREATE INDEX api_tokens_by_account ON outbox.api_tokens (account_id, id);
-
--- A replayed delivery goes back to 'pending' as the same row (so the receiver sees the
--- same X-Webhook-Id) with a fresh series of retries: retry_base is how many attempts
--- came before the replay. Attempt numbers go on counting, so delivery_attempts keeps
--- the whole history; the retry schedule counts attempts - retry_base.
-ALTER TABLE outbox.deliveries ADD COLUMN retry_base integer NOT NULL DEFAULT 0;
-
--- (Version 9.) While a dispatcher holds a delivery, this is when its lease runs out
--- (claim_v2); NULL otherwise. No index holds it, so that setting it is a HOT update.
-ALTER TABLE outbox.deliveries ADD COLUMN leased_until timestamptz;
-
--- (Version 13.) Answers of 429 that did not use up a retry (the first 10 of a delivery,
--- including those before a replay).
-ALTER TABLE outbox.deliveries ADD COLUMN slowdowns integer NOT NULL DEFAULT 0;
-
--- Room on each page for the claim's new row versions, so that they stay HOT: a page
--- filled by producers' INSERTs has no room left, and a claim of its rows then writes
--- entries in every index of the table. New pages only; measured in bench/README.md.
-ALTER TABLE outbox.deliveries SET (fillfactor = 70);
-
--- The dashboard (placed after the columns it reads). While a retry is under way, its next
--- attempt is when the lease runs out.
-CREATE VIEW outbox.webhook_status AS
-SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled,
-       last.status AS last_delivery_status,
-       last.finished_at AS last_delivery_at,
-       CASE WHEN last.status = 'failed' THEN last.last_error END AS last_error,
-       pending.pending,
-       pending.retrying,
-       h.last_attempt_at,
-       h.last_attempt_status,
-       CASE WHEN h.last_attempt_status = 'failed' THEN h.last_attempt_error
-       END AS last_attempt_error,
-       pending.next_retry_at,
-       w.format,
-       w.disabled_reason
-FROM outbox.webhooks w
-LEFT JOIN LATERAL (
-    SELECT d.status, d.finished_at, d.last_error
-    FROM outbox.deliveries d
-    WHERE d.webhook_id = w.id AND d.status IN ('succeeded', 'failed')
-    ORDER BY d.finished_at DESC, d.id DESC
-    LIMIT 1
-) last ON true
-CROSS JOIN LATERAL (
-    -- A pending delivery with an attempt behind it has failed at least once.
-    SELECT count(*) AS pending,
-           count(*) FILTER (WHERE p.attempts > 0) AS retrying,
-           min(greatest(p.next_attempt_at, p.leased_until)) FILTER (WHERE p.attempts > 0)
-               AS next_retry_at
-    FROM outbox.deliveries p
-    WHERE p.webhook_id = w.id AND p.status = 'pending'
-) pending
-LEFT JOIN outbox.webhook_health h ON h.webhook_id = w.id;
-
--- outbox schema, version 3: the settings page's one-time links and sign-in sessions.
 
 -- The key that signs portal links (HMAC-SHA256): one row, 32 bytes from
 -- gen_random_uuid() (pg_strong_random, 244 random bits). It lives here so that every
@@ -576,109 +580,137 @@ CREATE TABLE outbox.portal_sessions (
     session_sha256 bytea NOT NULL UNIQUE,
     csrf_token     text NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),
-    expires_at     timestamptz NOT NULL
+    expires_at     timestamptz NOT NULL,
+    -- The name the page shows instead of the account id (POST /api/v1/portal-links'
+    -- display_name), carried by the signed link into the session it opens; NULL: the id.
+    display_name   text
+                   CHECK (display_name IS NULL OR length(display_name) BETWEEN 1 AND 100
+                          OR outbox.reject('display_name must be from 1 to 100 characters'))
 );
 
 CREATE INDEX portal_sessions_expiry ON outbox.portal_sessions (expires_at);
 
--- outbox schema, version 5: the sidecar's role.
+-- ======================================================================================
+-- Locks
+-- ======================================================================================
 
--- `outbox run` needs no ownership: outbox_sidecar has the rights it uses and no more.
--- Cluster-wide, like outbox_producer.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
-        BEGIN
-            CREATE ROLE outbox_sidecar NOLOGIN;
-        EXCEPTION
-            WHEN duplicate_object OR unique_violation THEN NULL;
-            WHEN insufficient_privilege THEN
-                RAISE WARNING 'outbox: cannot create role outbox_sidecar (%); create it '
-                              'as a superuser and rerun migrate to grant it', SQLERRM;
-        END;
-    END IF;
-END
-$$;
+-- The pruners take turns on a row of outbox.locks, not an advisory lock: any role may
+-- take any advisory lock, and a producer holding the pruners' one would stop retention
+-- for as long as it liked. A row lock needs UPDATE on the table, which only the sidecar
+-- has.
+CREATE TABLE outbox.locks (
+    name text PRIMARY KEY
+);
+INSERT INTO outbox.locks (name) VALUES ('prune');
 
-DO $$
-BEGIN
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
-        GRANT USAGE ON SCHEMA outbox TO outbox_sidecar;
-        -- The delivery log and retention read and delete events; producers write them.
-        GRANT SELECT, DELETE ON outbox.events TO outbox_sidecar;
-        -- The admin API and the settings page manage webhooks; the dispatcher disables
-        -- one that keeps failing. The quota is kept by a trigger that runs as the caller.
-        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.webhooks TO outbox_sidecar;
-        GRANT SELECT, INSERT, UPDATE ON outbox.webhook_quota TO outbox_sidecar;
-        GRANT SELECT, UPDATE, DELETE ON outbox.deliveries TO outbox_sidecar;
-        GRANT SELECT, INSERT, DELETE ON outbox.delivery_attempts TO outbox_sidecar;
-        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.webhook_health TO outbox_sidecar;
-        GRANT SELECT ON outbox.webhook_status TO outbox_sidecar;
-        -- Tokens are created and revoked by `outbox tokens`; the API only checks them.
-        GRANT SELECT, UPDATE (last_used_at) ON outbox.api_tokens TO outbox_sidecar;
-        GRANT SELECT ON outbox.portal_secret TO outbox_sidecar;
-        GRANT SELECT, INSERT, DELETE ON outbox.portal_links_used TO outbox_sidecar;
-        GRANT SELECT, INSERT, DELETE ON outbox.portal_sessions TO outbox_sidecar;
-    END IF;
-END
-$$;
+-- ======================================================================================
+-- The fan-out and the doorbell
+-- ======================================================================================
 
--- outbox schema, version 6: retention deletes old finished deliveries and events a
--- bounded batch at a time, each batch found through an index.
+-- The doorbell: how an idle dispatcher is woken at once without producers paying for
+-- NOTIFY. A NOTIFY in a producer's transaction serializes every notifying commit in the
+-- cluster, so a producer notifies only when a dispatcher is asleep and has asked for it:
 --
--- Finished deliveries, oldest first. Partial on finished rows, so the producer's
--- fan-out INSERT (a pending row) writes nothing here; the dispatcher writes one entry
--- when a delivery finishes (that UPDATE changes status, so it writes a new entry in
--- every index anyway: this is one more).
-CREATE INDEX deliveries_finished ON outbox.deliveries (finished_at)
-    WHERE status <> 'pending';
+-- 1. A dispatcher about to sleep takes the doorbell lock (outbox.lock_key(), 1)
+--    exclusively with outbox.arm_doorbell_v1(), which only tries and never waits (a
+--    waiting request would make every producer's try below fail, so all would NOTIFY),
+--    then polls once more, then sleeps on LISTEN outbox_wake.
+-- 2. A producer whose INSERT fanned out to a delivery tries the same lock shared, held
+--    until it commits (outbox.fan_out()). If it cannot have it, a dispatcher sleeps:
+--    the producer NOTIFYs. If it can, no dispatcher sleeps yet, and the one that goes to
+--    sleep next takes the lock only after this producer has committed, so its poll in
+--    step 1 sees this producer's rows.
+-- 3. A dispatcher that wakes with work to do lets go (outbox.disarm_doorbell_v1()).
+--
+-- The same key names every advisory lock of outbox: with 0, `outbox migrate` runs take
+-- turns (outbox/db/core.py); with 2, pruners do (outbox/retention.py).
+CREATE FUNCTION outbox.lock_key() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1869968482 $$;
 
--- An event is deleted only once no delivery of it is left: without this, finding that
--- out reads all of deliveries. It costs the producer one index entry per delivery its
--- INSERT fans out to (deliveries has four already), an increasing key, so always the
--- same rightmost page: too little to tell from noise (bench/README.md). Events
--- themselves get no index: retention walks them in id order, which follows their age
--- closely enough (see the prune_events query).
-CREATE INDEX deliveries_by_event ON outbox.deliveries (event_id);
+CREATE FUNCTION outbox.arm_doorbell_v1() RETURNS boolean
+LANGUAGE sql AS $$ SELECT pg_catalog.pg_try_advisory_lock(outbox.lock_key(), 1) $$;
 
--- outbox schema, version 7: state changes as versioned functions (see
--- sql/migrations/0007_state_functions.sql for a delivery's whole life).
+CREATE FUNCTION outbox.disarm_doorbell_v1() RETURNS boolean
+LANGUAGE sql AS $$ SELECT pg_catalog.pg_advisory_unlock(outbox.lock_key(), 1) $$;
 
--- The claim of version 7, kept for the previous release's sidecars: claim_v2() below
--- does the work, and this moves next_attempt_at to the lease's end, as they expect.
-CREATE FUNCTION outbox.claim_v1(
-    p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
-    p_per_webhook integer, p_full_webhooks bigint[], p_busy_webhooks bigint[],
-    p_busy_counts bigint[],
-    p_per_account integer, p_full_accounts text[], p_busy_accounts text[],
-    p_busy_account_counts bigint[])
-RETURNS TABLE (id bigint, webhook_id bigint, account_id text, attempt integer,
-               enabled boolean, event text, "timestamp" text, data text, url text,
-               secret text, retry_base integer, previous_secret text, format text)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    claimed bigint[] := '{}';
+-- Step 2 of the doorbell, in the producer's transaction: the fan-out to subscribed
+-- webhooks, which makes enqueueing exactly once because it commits or rolls back with
+-- the business change. SECURITY DEFINER so producers need no rights on deliveries or
+-- webhooks; its search_path is fixed and every name in it schema-qualified, so a
+-- producer's own search_path can never make it run the producer's functions with the
+-- owner's rights.
+CREATE FUNCTION outbox.fan_out() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    -- The previous release's sidecars read the end of a lease from next_attempt_at (their
-    -- next_due): claim as claim_v2() does, then move next_attempt_at there too.
-    FOR id, webhook_id, account_id, attempt, enabled, event, "timestamp", data, url, secret,
-        retry_base, previous_secret, format IN
-        SELECT * FROM outbox.claim_v2(
-            p_limit, p_window, p_lease, p_lease_seconds, p_per_webhook, p_full_webhooks,
-            p_busy_webhooks, p_busy_counts, p_per_account, p_full_accounts,
-            p_busy_accounts, p_busy_account_counts)
-    LOOP
-        claimed := claimed || id;
-        RETURN NEXT;
-    END LOOP;
-    UPDATE outbox.deliveries d
-    SET next_attempt_at = d.leased_until
-    WHERE d.id = ANY (claimed) AND d.status = 'pending';
+    INSERT INTO outbox.deliveries (event_id, webhook_id)
+    SELECT e.id, w.id
+    FROM new_events e
+    JOIN outbox.webhooks w
+      ON w.account_id OPERATOR(pg_catalog.=) e.account_id
+     AND w.event OPERATOR(pg_catalog.=) e.event
+     AND w.enabled;
+    IF FOUND AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(outbox.lock_key(), 1) THEN
+        PERFORM pg_catalog.pg_notify('outbox_wake', '');
+    END IF;
+    RETURN NULL;
 END
 $$;
 
--- Take up to p_limit due deliveries under a lease (version 9). Rows another dispatcher holds are
+-- Only its trigger may call it: on a table of a producer's own, it would enqueue any
+-- event to any account's webhooks.
+REVOKE ALL ON FUNCTION outbox.fan_out() FROM PUBLIC;
+
+CREATE TRIGGER events_fan_out AFTER INSERT ON outbox.events
+    REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox.fan_out();
+
+CREATE FUNCTION outbox.emit(account_id text, event text, data jsonb DEFAULT '{}',
+                                       occurred_at timestamptz DEFAULT NULL) RETURNS bigint
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO outbox.events (account_id, event, data, occurred_at)
+    VALUES ($1, $2, coalesce($3, '{}'), coalesce($4, pg_catalog.now()))
+    RETURNING id
+$$;
+
+-- ======================================================================================
+-- A delivery's life, and the functions that move it
+-- ======================================================================================
+
+-- Every change of a delivery's state is a function of the schema:
+--
+--   (producer INSERT) --outbox.fan_out()--> pending
+--   pending --claim_v3()--> pending under a lease: lease = the claim's id, leased_until =
+--       the lease's end; next_attempt_at stays as it was, so the claim changes no
+--       indexed column (a HOT update). Also:
+--       --> cancelled, when its webhook was disabled meanwhile
+--       --> deleted, when its webhook is gone
+--   leased --record_v3()--> succeeded | failed (retries used up) | pending (retry due)
+--       An answer of 429 that the dispatcher let off (one of the first 10 of the
+--       delivery) is an attempt that does not count: retry_base and slowdowns move up
+--       with attempts, so the retries still to come are the same.
+--   leased, lease run out (its dispatcher died) --> due again, with no sweeper
+--   pending --webhook disabled (outbox.webhooks_disabled())--> cancelled
+--       ('webhook disabled'; by auto_disable_v2(): 'webhook disabled automatically')
+--   succeeded | failed | cancelled --replay_v1(), recover_v2()--> pending (a new
+--       series of retries: retry_base = attempts)
+--   webhook deleted --> gone (outbox.webhooks_guard()); finished and old --> pruned
+--
+-- A webhook's rate_limit holds its deliveries back: over the limit they stay pending
+-- and unclaimed (claim_v3(), with outbox.webhook_pace), and next_due_v3() says when they
+-- may go.
+--
+-- A webhook's state goes with its deliveries: record_v3() keeps its newest attempt and
+-- success in webhook_health and writes webhook.failing, webhook.recovered and
+-- delivery.failed notifications; auto_disable_v2() disables one with no success for
+-- days and writes webhook.disabled.
+--
+-- A change to a step adds the next version (claim_v4) beside the old one, so sidecars
+-- of the previous release go on working while a deploy rolls: each calls the version it
+-- was built with, and stops when the schema check finds a newer schema. A version is
+-- dropped once no supported release calls it; until then it stays here, beside its
+-- successors.
+
+-- Take up to p_limit due deliveries under a lease. Rows another dispatcher holds are
 -- skipped, not waited for. Each webhook and each account has a share of this
 -- dispatcher's attempts in flight: webhooks and accounts already at theirs are left
 -- out, and none gets more than what is left of its share, so neither one slow endpoint
@@ -686,472 +718,18 @@ $$;
 -- are released when the claim commits. plpgsql, so that each session plans the
 -- statement once rather than at every call.
 --
--- The claim of version 7 with one change: the lease is leased_until, a column no index
--- holds, and next_attempt_at stays as it was. The claim then changes no indexed column,
--- so Postgres writes the new row version beside the old one on the same page (a HOT
--- update) with no new entry in any of the table's indexes, where moving next_attempt_at
--- wrote one in each. claim_v1() is now this claim plus that move, for the previous
--- release's sidecars: both skip a row under either's lease, so the two releases can run
--- side by side until the older sidecars see the new schema and stop (within
--- OUTBOX_SCHEMA_CHECK_INTERVAL of `outbox migrate`). Meanwhile their next_due reads
--- the new sidecars' leased rows as overdue, so they look again every 20 ms, in vain.
-CREATE FUNCTION outbox.claim_v2(
-    p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
-    p_per_webhook integer, p_full_webhooks bigint[], p_busy_webhooks bigint[],
-    p_busy_counts bigint[],
-    p_per_account integer, p_full_accounts text[], p_busy_accounts text[],
-    p_busy_account_counts bigint[])
-RETURNS TABLE (id bigint, webhook_id bigint, account_id text, attempt integer,
-               enabled boolean, event text, "timestamp" text, data text, url text,
-               secret text, retry_base integer, previous_secret text, format text)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-BEGIN
-    RETURN QUERY
-    WITH due AS MATERIALIZED (
-        SELECT d.id, d.webhook_id, w.account_id, d.next_attempt_at
-        FROM outbox.deliveries d
-        -- Outer: a delivery whose webhook is gone (account_id NULL) is deleted below.
-        LEFT JOIN outbox.webhooks w ON w.id = d.webhook_id
-        WHERE d.status = 'pending'
-          AND d.next_attempt_at <= now()
-          AND (d.leased_until IS NULL OR d.leased_until <= now())
-          AND d.webhook_id <> ALL (p_full_webhooks)
-          AND (w.account_id IS NULL OR w.account_id <> ALL (p_full_accounts))
-        ORDER BY d.next_attempt_at
-        LIMIT p_window
-        FOR UPDATE OF d SKIP LOCKED
-    ),
-    orphaned AS (
-        -- A producer that fanned out to a webhook while it was being deleted left a
-        -- delivery with no webhook (deliveries have no foreign key; see the schema).
-        DELETE FROM outbox.deliveries d
-        USING due
-        WHERE d.id = due.id
-          AND due.account_id IS NULL
-        RETURNING d.id
-    ),
-    orphaned_attempts AS (
-        -- Attempts too, if one was made while the webhook's delete was under way.
-        DELETE FROM outbox.delivery_attempts a
-        USING orphaned o
-        WHERE a.delivery_id = o.id
-    ),
-    within_webhook AS (
-        SELECT r.id, r.account_id, r.next_attempt_at,
-               row_number() OVER (PARTITION BY r.account_id ORDER BY r.next_attempt_at, r.id)
-                   AS account_rank
-        FROM (SELECT due.id, due.next_attempt_at, due.webhook_id, due.account_id,
-                     row_number() OVER (PARTITION BY due.webhook_id
-                                        ORDER BY due.next_attempt_at, due.id) AS rank
-              FROM due
-              WHERE due.account_id IS NOT NULL) r
-        LEFT JOIN unnest(p_busy_webhooks, p_busy_counts)
-            AS busy (webhook_id, in_flight) ON busy.webhook_id = r.webhook_id
-        WHERE r.rank <= p_per_webhook - coalesce(busy.in_flight, 0)
-    ),
-    picked AS (
-        SELECT r.id
-        FROM within_webhook r
-        LEFT JOIN unnest(p_busy_accounts, p_busy_account_counts)
-            AS busy (account_id, in_flight) ON busy.account_id = r.account_id
-        WHERE r.account_rank <= p_per_account - coalesce(busy.in_flight, 0)
-        ORDER BY r.next_attempt_at
-        LIMIT p_limit
-    )
-    UPDATE outbox.deliveries d
-    SET leased_until = now() + make_interval(secs => p_lease_seconds),
-        lease = p_lease,
-        -- A concurrent producer can add a delivery for a webhook being disabled; it is
-        -- cancelled here rather than sent.
-        status = CASE WHEN w.enabled THEN 'pending' ELSE 'cancelled' END,
-        finished_at = CASE WHEN w.enabled THEN NULL ELSE now() END,
-        last_error = CASE WHEN w.enabled THEN d.last_error ELSE 'webhook disabled' END
-    FROM picked p, outbox.events e, outbox.webhooks w
-    WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.webhook_id
-    RETURNING d.id, d.webhook_id, w.account_id, d.attempts + 1, w.enabled, e.event,
-              to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-              e.data::text, w.url, w.secret, d.retry_base,
-              -- A secret being rotated out signs beside the new one until it expires.
-              CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
-              w.format;
-END
-$$;
-
--- A finished delivery (succeeded, failed or cancelled) goes back to pending as a new
--- series of attempts: the same row, so the receiver sees the same X-Webhook-Id, due
--- now, with retry_base moved up to the attempts made so far (the retry schedule counts
--- attempts - retry_base; attempt numbers go on counting). last_error stays until the
--- next attempt replaces it. A pending delivery, or one of a disabled webhook (the claim
--- would cancel it at once), is left alone: the answer's status and enabled say why.
--- With p_account_id, only that account's delivery.
-CREATE FUNCTION outbox.replay_v1(p_delivery_id bigint, p_account_id text)
-RETURNS TABLE (status text, enabled boolean, requeued boolean)
-LANGUAGE sql AS $$
-    WITH target AS (
-        SELECT d.id, d.status, w.enabled
-        FROM outbox.deliveries d
-        JOIN outbox.webhooks w ON w.id = d.webhook_id
-        WHERE d.id = p_delivery_id
-          AND (p_account_id IS NULL OR w.account_id = p_account_id)
-        FOR UPDATE OF d
-    ),
-    requeued AS (
-        UPDATE outbox.deliveries d
-        SET status = 'pending', next_attempt_at = now(), retry_base = d.attempts,
-            finished_at = NULL, lease = NULL, leased_until = NULL
-        FROM target t
-        WHERE d.id = t.id AND t.enabled AND t.status <> 'pending'
-        RETURNING d.id
-    )
-    SELECT t.status, t.enabled, r.id IS NOT NULL
-    FROM target t
-    LEFT JOIN requeued r USING (id)
-$$;
-
--- Every delivery of one enabled webhook that failed at or after p_since, replayed as
--- by outbox.replay_v1(). Returns their ids.
-CREATE FUNCTION outbox.recover_v1(p_webhook_id bigint, p_since timestamptz)
-RETURNS SETOF bigint
-LANGUAGE sql AS $$
-    UPDATE outbox.deliveries d
-    SET status = 'pending', next_attempt_at = now(), retry_base = d.attempts,
-        finished_at = NULL, lease = NULL, leased_until = NULL
-    FROM outbox.webhooks w
-    WHERE w.id = p_webhook_id AND w.enabled
-      AND d.webhook_id = w.id AND d.status = 'failed' AND d.finished_at >= p_since
-    RETURNING d.id
-$$;
-
--- outbox schema, version 8: recording attempts and disabling failing webhooks as
--- versioned functions too.
-
--- Store a batch of attempt results: one JSON array, one object per result (one
--- parameter is far cheaper to send than ten arrays). A result counts only while its
--- claim still holds the row: after a lost lease, the new holder's result wins. Each
--- webhook's newest attempt and newest success go to webhook_health. Answers the
--- webhooks of deliveries that failed for good in this batch, for auto_disable_v1().
--- plpgsql, so that each session plans the statement once.
-CREATE FUNCTION outbox.record_v1(p_results json) RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    ids bigint[]; leases uuid[]; attempt_nos int[]; started timestamptz[];
-    durations int[]; statuses int[]; errors text[]; outcomes text[];
-    retry_ins float8[]; bodies text[];
-BEGIN
-    -- The results as arrays: the planner takes unnest() of a parameter for a few rows
-    -- and looks each delivery up by its key, where json_to_recordset() counts as a
-    -- hundred and has it read all of a small table to hash it, once per batch.
-    SELECT array_agg(r.id), array_agg(r.lease), array_agg(r.attempt),
-           array_agg(r.started_at), array_agg(r.duration_ms), array_agg(r.response_status),
-           array_agg(r.error), array_agg(r.outcome), array_agg(r.retry_in),
-           array_agg(r.response_body)
-    INTO ids, leases, attempt_nos, started, durations, statuses, errors, outcomes,
-         retry_ins, bodies
-    FROM json_to_recordset(p_results)
-        AS r (id bigint, lease uuid, attempt int, started_at timestamptz,
-              duration_ms int, response_status int, error text, outcome text,
-              retry_in float8, response_body text);
-    RETURN QUERY
-    WITH result AS (
-        SELECT *
-        FROM unnest(ids, leases, attempt_nos, started, durations, statuses, errors,
-                    outcomes, retry_ins, bodies)
-            AS r (id, lease, attempt, started_at, duration_ms, response_status, error,
-                  outcome, retry_in, response_body)
-    ),
-    recorded AS (
-        UPDATE outbox.deliveries d
-        SET attempts = r.attempt,
-            status = CASE WHEN d.status = 'pending' THEN r.outcome ELSE d.status END,
-            next_attempt_at = CASE WHEN r.outcome = 'pending'
-                                   THEN now() + make_interval(secs => r.retry_in)
-                                   ELSE d.next_attempt_at END,
-            finished_at = CASE WHEN d.status = 'pending' AND r.outcome <> 'pending'
-                               THEN now() ELSE d.finished_at END,
-            last_error = CASE WHEN d.status = 'pending' THEN r.error ELSE d.last_error END,
-            last_response_status = r.response_status,
-            lease = NULL,
-            leased_until = NULL
-        FROM result r
-        WHERE d.id = r.id AND d.lease = r.lease
-        RETURNING d.id, d.webhook_id, d.status
-    ),
-    attempts AS (
-        INSERT INTO outbox.delivery_attempts
-            (delivery_id, attempt, started_at, duration_ms, response_status, error,
-             response_body)
-        SELECT r.id, r.attempt, r.started_at, r.duration_ms, r.response_status, r.error,
-               r.response_body
-        FROM result r JOIN recorded USING (id)
-        ON CONFLICT DO NOTHING
-    ),
-    newest AS (
-        -- Per webhook, the batch's newest attempt and its newest success. Sorted by
-        -- webhook so that concurrent batches lock health rows in the same order.
-        SELECT DISTINCT ON (rec.webhook_id)
-               rec.webhook_id, r.started_at, r.outcome, r.error,
-               max(r.started_at) FILTER (WHERE r.outcome = 'succeeded')
-                   OVER (PARTITION BY rec.webhook_id) AS success_at
-        FROM result r JOIN recorded rec USING (id)
-        ORDER BY rec.webhook_id, r.started_at DESC, r.id DESC
-    ),
-    health AS (
-        -- A result that arrives late (an older attempt than the one stored) never
-        -- moves the newest attempt back.
-        INSERT INTO outbox.webhook_health AS h
-            (webhook_id, last_attempt_at, last_attempt_status, last_attempt_error,
-             last_success_at)
-        SELECT n.webhook_id, n.started_at,
-               CASE WHEN n.outcome = 'succeeded' THEN 'succeeded' ELSE 'failed' END,
-               CASE WHEN n.outcome = 'succeeded' THEN NULL ELSE n.error END,
-               n.success_at
-        FROM newest n
-        ORDER BY n.webhook_id
-        ON CONFLICT (webhook_id) DO UPDATE
-        SET last_attempt_at = greatest(h.last_attempt_at, excluded.last_attempt_at),
-            last_attempt_status = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
-                                       THEN excluded.last_attempt_status
-                                       ELSE h.last_attempt_status END,
-            last_attempt_error = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
-                                      THEN excluded.last_attempt_error
-                                      ELSE h.last_attempt_error END,
-            last_success_at = greatest(h.last_success_at, excluded.last_success_at)
-    )
-    SELECT DISTINCT rec.webhook_id
-    FROM recorded rec
-    WHERE rec.status = 'failed';
-END
-$$;
-
--- Disable those of p_webhook_ids that have not had a successful attempt for
--- p_after_seconds (counted from their creation when they never had one), saying why
--- (p_after_text is that time in words). Run right after a record that answered them,
--- as a statement of its own, so that the record never holds delivery rows while it
--- waits for a webhook's row lock (an edit of the webhook holds that lock and may be
--- cancelling those very deliveries). The trigger outbox.webhooks_disabled() cancels
--- their pending deliveries.
-CREATE FUNCTION outbox.auto_disable_v1(p_webhook_ids bigint[], p_after_seconds float8,
-                                       p_after_text text)
-RETURNS TABLE (id bigint, account_id text, disabled_reason text)
-LANGUAGE sql AS $$
-    WITH target AS (
-        -- Locked in id order, so that dispatchers disabling the same webhooks take turns.
-        SELECT w.id
-        FROM outbox.webhooks w
-        WHERE w.id = ANY (p_webhook_ids) AND w.enabled
-        ORDER BY w.id
-        FOR UPDATE
-    )
-    UPDATE outbox.webhooks w
-    SET enabled = false,
-        disabled_reason = format(
-            'disabled automatically at %s: deliveries kept failing and none succeeded '
-            'for %s (last success: %s)',
-            to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
-            p_after_text,
-            coalesce(to_char(h.last_success_at AT TIME ZONE 'UTC',
-                             'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
-                     'never'))
-    FROM target t
-    LEFT JOIN outbox.webhook_health h ON h.webhook_id = t.id
-    WHERE w.id = t.id
-      AND w.enabled
-      AND coalesce(h.last_success_at, w.created_at)
-          <= now() - make_interval(secs => p_after_seconds)
-    RETURNING w.id, w.account_id, w.disabled_reason
-$$;
-
--- outbox schema, version 9: less database work per delivery (see
--- sql/migrations/0009_lighter_delivery.sql).
--- A claim is a HOT update (claim_v2 and leased_until); the table leaves room on each
--- page for it (fillfactor); a recorded batch looks its rows up by key (record_v1); an
--- attempt no longer checks a foreign key to its delivery. The state machine of version 7
--- is unchanged, except that a claimed delivery keeps its next_attempt_at and is held by
--- leased_until instead:
---
---   pending --claim_v2()--> pending under a lease (leased_until = lease end)
-
-
--- Without the foreign key, an attempt is one index entry and no check: the check cost
--- a lookup and a row lock of the delivery per attempt. Attempts are only written by
--- record_v1() for a delivery its UPDATE just found, and deleted with their delivery by
--- retention and by outbox.webhooks_guard().
--- (delivery_attempts is created above without it.)
-
--- Seconds until the dispatcher should look again: the earliest pending delivery not under
--- a lease, or, when none is due yet, the earliest lease to run out (a dispatcher that
--- died holding it). NULL when nothing is pending. Leased rows keep their next_attempt_at
--- and so sit at the front of deliveries_due; they are few (what is in flight), and only
--- they are read for the second answer.
-CREATE FUNCTION outbox.next_due_v2() RETURNS float8
-LANGUAGE plpgsql AS $$
-DECLARE
-    due timestamptz;
-BEGIN
-    SELECT d.next_attempt_at INTO due
-    FROM outbox.deliveries d
-    WHERE d.status = 'pending'
-      -- (A lease of claim_v1 moved next_attempt_at to its end: that row counts.)
-      AND (d.leased_until IS NULL OR d.leased_until <= greatest(now(), d.next_attempt_at))
-    ORDER BY d.next_attempt_at
-    LIMIT 1;
-    IF due IS NULL OR due > now() THEN
-        SELECT least(due, min(d.leased_until)) INTO due
-        FROM outbox.deliveries d
-        WHERE d.status = 'pending' AND d.next_attempt_at <= now()
-          AND d.leased_until > now();
-    END IF;
-    RETURN extract(epoch FROM due - now());
-END
-$$;
-
--- outbox schema, version 10: the fan-out runs as the schema's owner, and only its
--- trigger may call it (see sql/migrations/0010_private_fan_out.sql).
-
--- outbox schema, version 11: the overlap of a secret ended in the statement that
--- changes it; nothing of outbox executable by PUBLIC but what producers need.
---
--- 1. A new secret and the end of the overlap in one statement (contract 12):
---    `UPDATE ... SET secret = 'new', previous_secret_expires_at = NULL` (or a past time)
---    ended nothing: the guard gave the old secret its 24 hours whatever the statement
---    said. A NULL is indistinguishable from the column left alone, so a trigger that
---    fires only when the statement names the column marks a NULL written on purpose as
---    '-infinity', which the guard reads as "ends now" and stores as NULL. An old secret
---    whose overlap has ended is no longer kept either.
-CREATE FUNCTION outbox.webhooks_overlap_given() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.previous_secret_expires_at IS NULL THEN
-        NEW.previous_secret_expires_at := '-infinity';
-    END IF;
-    RETURN NEW;
-END
-$$;
-
--- Named to fire before webhooks_guard (triggers of a kind fire in name order).
-CREATE TRIGGER webhooks_end_overlap BEFORE UPDATE OF previous_secret_expires_at
-    ON outbox.webhooks
-    FOR EACH ROW EXECUTE FUNCTION outbox.webhooks_overlap_given();
-
--- 3. The pruners take turns on a row of outbox.locks, not an advisory lock: any role may
---    take any advisory lock, and a producer holding the pruners' one stopped retention
---    for as long as it liked. A row lock needs UPDATE on the table, which only the
---    sidecar has.
-CREATE TABLE outbox.locks (
-    name text PRIMARY KEY
-);
-INSERT INTO outbox.locks (name) VALUES ('prune');
-
--- 2. Nothing of outbox is executable by PUBLIC but what producers need: the checks of
---    outbox.events (valid_event and what it calls) and outbox.emit, granted to
---    outbox_producer. The doorbell, the state functions and the webhooks' rules are the
---    sidecar's; trigger functions need no EXECUTE at all.
-REVOKE ALL ON FUNCTION
-    outbox.valid_url(text),
-    outbox.format_for_url(text),
-    outbox.webhooks_disabled(),
-    outbox.webhooks_guard(),
-    outbox.webhooks_overlap_given(),
-    outbox.lock_key(),
-    outbox.arm_doorbell_v1(),
-    outbox.disarm_doorbell_v1(),
-    outbox.auto_disable_v1(bigint[], double precision, text),
-    outbox.claim_v1(integer, integer, uuid, double precision, integer, bigint[], bigint[],
-                    bigint[], integer, text[], text[], bigint[]),
-    outbox.claim_v2(integer, integer, uuid, double precision, integer, bigint[], bigint[],
-                    bigint[], integer, text[], text[], bigint[]),
-    outbox.record_v1(json),
-    outbox.replay_v1(bigint, text),
-    outbox.recover_v1(bigint, timestamptz),
-    outbox.next_due_v2()
-FROM PUBLIC;
-
-DO $$
-BEGIN
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
-        GRANT EXECUTE ON FUNCTION
-            outbox.valid_url(text),
-            outbox.format_for_url(text),
-            outbox.lock_key(),
-            outbox.arm_doorbell_v1(),
-            outbox.disarm_doorbell_v1(),
-            outbox.auto_disable_v1(bigint[], double precision, text),
-            outbox.claim_v1(integer, integer, uuid, double precision, integer, bigint[],
-                            bigint[], bigint[], integer, text[], text[], bigint[]),
-            outbox.claim_v2(integer, integer, uuid, double precision, integer, bigint[],
-                            bigint[], bigint[], integer, text[], text[], bigint[]),
-            outbox.record_v1(json),
-            outbox.replay_v1(bigint, text),
-            outbox.recover_v1(bigint, timestamptz),
-            outbox.next_due_v2()
-        TO outbox_sidecar;
-        GRANT SELECT, UPDATE ON outbox.locks TO outbox_sidecar;
-    END IF;
-END
-$$;
--- outbox schema, version 12: operator tokens, and what a portal link tells the page it opens.
---
--- An operator token acts for any account (the SaaS's backend names it in the
--- Outbox-Account header), so it has no account of its own: account_id is NULL exactly
--- when operator is true. Account tokens are as before.
-ALTER TABLE outbox.api_tokens ALTER COLUMN account_id DROP NOT NULL;
-ALTER TABLE outbox.api_tokens DROP CONSTRAINT api_tokens_account_id_check;
-ALTER TABLE outbox.api_tokens ADD COLUMN operator boolean NOT NULL DEFAULT false;
-ALTER TABLE outbox.api_tokens ADD CONSTRAINT api_tokens_account_id_check
-    CHECK (account_id IS NULL OR account_id <> ''
-           OR outbox.reject('account_id must not be empty'));
-ALTER TABLE outbox.api_tokens ADD CONSTRAINT api_tokens_operator_check
-    CHECK ((account_id IS NULL) = operator
-           OR outbox.reject('a token has an account_id, or is an operator token without one'));
-
--- The name the page shows instead of the account id (POST /api/v1/portal-links'
--- display_name), carried by the signed link into the session it opens; NULL: the id.
-ALTER TABLE outbox.portal_sessions ADD COLUMN display_name text
-    CHECK (display_name IS NULL OR length(display_name) BETWEEN 1 AND 100
-           OR outbox.reject('display_name must be from 1 to 100 characters'));
-
--- outbox schema, version 13: an endpoint's own headers, rate limits, and answers of 429
--- that do not use up retries (see sql/migrations/0013_endpoint_limits.sql).
-
--- When each rate-limited webhook may start its next attempt, for every dispatcher: a
--- claim that hands out n attempts moves next_start_at on by n/rate_limit seconds (from
--- now, if it was past), and last_span is that step. Written by the claims only, one
--- row per webhook, the first time it is claimed with a limit; a webhook whose limit is
--- removed keeps its row unread. No index but the key, so that each claim's update is a
--- HOT update.
-CREATE TABLE outbox.webhook_pace (
-    webhook_id    bigint PRIMARY KEY,
-    next_start_at timestamptz NOT NULL,
-    last_span     interval NOT NULL
-) WITH (fillfactor = 50);
-
--- A deleted webhook's pace goes with it. (A claim that was under way may write it back;
--- such a row is never read.)
-CREATE FUNCTION outbox.webhooks_forget_pace() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM outbox.webhook_pace WHERE webhook_id = OLD.id;
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER webhooks_forget_pace AFTER DELETE ON outbox.webhooks
-    FOR EACH ROW EXECUTE FUNCTION outbox.webhooks_forget_pace();
-
--- Take up to p_limit due deliveries under a lease (version 13): claim_v2() and rate
--- limits. A webhook with a rate_limit may start an attempt every 1/rate_limit seconds,
--- whichever dispatcher makes it. A claim hands such a webhook the attempts that may
--- start by p_pace_ahead seconds from now, each with its delay (seconds from the end of
--- the claim until it may start), and moves its outbox.webhook_pace on past them.
--- Concurrent claims of one webhook take turns on its pace row: the second waits for
--- the first to commit and builds on what it wrote, so its attempts start after the
+-- And rate limits: a webhook with a rate_limit may start an attempt every 1/rate_limit
+-- seconds, whichever dispatcher makes it. A claim hands such a webhook the attempts
+-- that may start by p_pace_ahead seconds from now, each with its delay (seconds from
+-- the end of the claim until it may start), and moves its outbox.webhook_pace on past
+-- them. Concurrent claims of one webhook take turns on its pace row: the second waits
+-- for the first to commit and builds on what it wrote, so its attempts start after the
 -- first's, spaced the same. A webhook whose next start is further off is left out of
 -- the scan, so its backlog neither fills the claim's window nor holds a slot another
--- webhook could use; next_due_v3() says when it may go. Webhooks with no rate_limit
--- are claimed exactly as by claim_v2(), with a delay of 0. The lease of a delayed
--- attempt runs from its start. Also returned: the webhook's headers, and how many
--- answers of 429 the delivery has been let off (record_v2()).
+-- webhook could use; next_due_v3() says when it may go. Webhooks with no rate_limit are
+-- claimed exactly as by claim_v2(), with a delay of 0. The lease of a delayed attempt
+-- runs from its start. Also returned: the webhook's headers, and how many answers of
+-- 429 the delivery has been let off (record_v3()).
 CREATE FUNCTION outbox.claim_v3(
     p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
     p_per_webhook integer, p_full_webhooks bigint[], p_busy_webhooks bigint[],
@@ -1284,11 +862,138 @@ BEGIN
 END
 $$;
 
--- Seconds until the dispatcher should look again (version 13): next_due_v2() with rate
--- limits. The pending deliveries of a webhook that may not start an attempt within
--- p_pace_ahead seconds do not count as due; instead, the moment it may (when it has
--- pending deliveries) does. So a dispatcher with only such a backlog sleeps until its
--- next attempt may be claimed rather than look again and again.
+-- claim_v3() without rate limits, headers or slowdowns, for sidecars that call it. Both
+-- skip a row under either's lease, so releases can run side by side until the older
+-- sidecars see the new schema and stop (within OUTBOX_SCHEMA_CHECK_INTERVAL of `outbox
+-- migrate`).
+CREATE FUNCTION outbox.claim_v2(
+    p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
+    p_per_webhook integer, p_full_webhooks bigint[], p_busy_webhooks bigint[],
+    p_busy_counts bigint[],
+    p_per_account integer, p_full_accounts text[], p_busy_accounts text[],
+    p_busy_account_counts bigint[])
+RETURNS TABLE (id bigint, webhook_id bigint, account_id text, attempt integer,
+               enabled boolean, event text, "timestamp" text, data text, url text,
+               secret text, retry_base integer, previous_secret text, format text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH due AS MATERIALIZED (
+        SELECT d.id, d.webhook_id, w.account_id, d.next_attempt_at
+        FROM outbox.deliveries d
+        -- Outer: a delivery whose webhook is gone (account_id NULL) is deleted below.
+        LEFT JOIN outbox.webhooks w ON w.id = d.webhook_id
+        WHERE d.status = 'pending'
+          AND d.next_attempt_at <= now()
+          AND (d.leased_until IS NULL OR d.leased_until <= now())
+          AND d.webhook_id <> ALL (p_full_webhooks)
+          AND (w.account_id IS NULL OR w.account_id <> ALL (p_full_accounts))
+        ORDER BY d.next_attempt_at
+        LIMIT p_window
+        FOR UPDATE OF d SKIP LOCKED
+    ),
+    orphaned AS (
+        -- A producer that fanned out to a webhook while it was being deleted left a
+        -- delivery with no webhook (deliveries have no foreign key; see the schema).
+        DELETE FROM outbox.deliveries d
+        USING due
+        WHERE d.id = due.id
+          AND due.account_id IS NULL
+        RETURNING d.id
+    ),
+    orphaned_attempts AS (
+        -- Attempts too, if one was made while the webhook's delete was under way.
+        DELETE FROM outbox.delivery_attempts a
+        USING orphaned o
+        WHERE a.delivery_id = o.id
+    ),
+    within_webhook AS (
+        SELECT r.id, r.account_id, r.next_attempt_at,
+               row_number() OVER (PARTITION BY r.account_id ORDER BY r.next_attempt_at, r.id)
+                   AS account_rank
+        FROM (SELECT due.id, due.next_attempt_at, due.webhook_id, due.account_id,
+                     row_number() OVER (PARTITION BY due.webhook_id
+                                        ORDER BY due.next_attempt_at, due.id) AS rank
+              FROM due
+              WHERE due.account_id IS NOT NULL) r
+        LEFT JOIN unnest(p_busy_webhooks, p_busy_counts)
+            AS busy (webhook_id, in_flight) ON busy.webhook_id = r.webhook_id
+        WHERE r.rank <= p_per_webhook - coalesce(busy.in_flight, 0)
+    ),
+    picked AS (
+        SELECT r.id
+        FROM within_webhook r
+        LEFT JOIN unnest(p_busy_accounts, p_busy_account_counts)
+            AS busy (account_id, in_flight) ON busy.account_id = r.account_id
+        WHERE r.account_rank <= p_per_account - coalesce(busy.in_flight, 0)
+        ORDER BY r.next_attempt_at
+        LIMIT p_limit
+    )
+    UPDATE outbox.deliveries d
+    SET leased_until = now() + make_interval(secs => p_lease_seconds),
+        lease = p_lease,
+        -- A concurrent producer can add a delivery for a webhook being disabled; it is
+        -- cancelled here rather than sent.
+        status = CASE WHEN w.enabled THEN 'pending' ELSE 'cancelled' END,
+        finished_at = CASE WHEN w.enabled THEN NULL ELSE now() END,
+        last_error = CASE WHEN w.enabled THEN d.last_error ELSE 'webhook disabled' END
+    FROM picked p, outbox.events e, outbox.webhooks w
+    WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.webhook_id
+    RETURNING d.id, d.webhook_id, w.account_id, d.attempts + 1, w.enabled, e.event,
+              to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+              e.data::text, w.url, w.secret, d.retry_base,
+              -- A secret being rotated out signs beside the new one until it expires.
+              CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
+              w.format;
+END
+$$;
+
+-- claim_v2() plus a move of next_attempt_at to the lease's end, for sidecars whose
+-- next_due reads the end of a lease from there. They read the newer claims' leased rows
+-- as overdue, so they look again every 20 ms, in vain, until they stop.
+CREATE FUNCTION outbox.claim_v1(
+    p_limit integer, p_window integer, p_lease uuid, p_lease_seconds float8,
+    p_per_webhook integer, p_full_webhooks bigint[], p_busy_webhooks bigint[],
+    p_busy_counts bigint[],
+    p_per_account integer, p_full_accounts text[], p_busy_accounts text[],
+    p_busy_account_counts bigint[])
+RETURNS TABLE (id bigint, webhook_id bigint, account_id text, attempt integer,
+               enabled boolean, event text, "timestamp" text, data text, url text,
+               secret text, retry_base integer, previous_secret text, format text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    claimed bigint[] := '{}';
+BEGIN
+    -- The previous release's sidecars read the end of a lease from next_attempt_at (their
+    -- next_due): claim as claim_v2() does, then move next_attempt_at there too.
+    FOR id, webhook_id, account_id, attempt, enabled, event, "timestamp", data, url, secret,
+        retry_base, previous_secret, format IN
+        SELECT * FROM outbox.claim_v2(
+            p_limit, p_window, p_lease, p_lease_seconds, p_per_webhook, p_full_webhooks,
+            p_busy_webhooks, p_busy_counts, p_per_account, p_full_accounts,
+            p_busy_accounts, p_busy_account_counts)
+    LOOP
+        claimed := claimed || id;
+        RETURN NEXT;
+    END LOOP;
+    UPDATE outbox.deliveries d
+    SET next_attempt_at = d.leased_until
+    WHERE d.id = ANY (claimed) AND d.status = 'pending';
+END
+$$;
+
+-- Seconds until the dispatcher should look again: the earliest pending delivery not
+-- under a lease, or, when none is due yet, the earliest lease to run out (a dispatcher
+-- that died holding it). NULL when nothing is pending. Leased rows keep their
+-- next_attempt_at and so sit at the front of deliveries_due; they are few (what is in
+-- flight), and only they are read for the second answer.
+--
+-- And rate limits: the pending deliveries of a webhook that may not start an attempt
+-- within p_pace_ahead seconds do not count as due; instead, the moment it may (when it
+-- has pending deliveries) does. So a dispatcher with only such a backlog sleeps until
+-- its next attempt may be claimed rather than look again and again.
 CREATE FUNCTION outbox.next_due_v3(p_pace_ahead float8) RETURNS float8
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1323,159 +1028,41 @@ BEGIN
 END
 $$;
 
--- Store a batch of attempt results (version 13): record_v1(), and a result with
--- "slowdown": true (an answer of 429 that the dispatcher let off) does not count
--- towards the delivery's retries: retry_base and slowdowns move up by one with
--- attempts, so the next attempt is the same one of the retry schedule again.
-CREATE FUNCTION outbox.record_v2(p_results json) RETURNS SETOF bigint
+-- next_due_v3() without rate limits.
+CREATE FUNCTION outbox.next_due_v2() RETURNS float8
 LANGUAGE plpgsql AS $$
 DECLARE
-    ids bigint[]; leases uuid[]; attempt_nos int[]; started timestamptz[];
-    durations int[]; statuses int[]; errors text[]; outcomes text[];
-    retry_ins float8[]; bodies text[]; slowed boolean[];
+    due timestamptz;
 BEGIN
-    -- The results as arrays: see record_v1().
-    SELECT array_agg(r.id), array_agg(r.lease), array_agg(r.attempt),
-           array_agg(r.started_at), array_agg(r.duration_ms), array_agg(r.response_status),
-           array_agg(r.error), array_agg(r.outcome), array_agg(r.retry_in),
-           array_agg(r.response_body), array_agg(coalesce(r.slowdown, false))
-    INTO ids, leases, attempt_nos, started, durations, statuses, errors, outcomes,
-         retry_ins, bodies, slowed
-    FROM json_to_recordset(p_results)
-        AS r (id bigint, lease uuid, attempt int, started_at timestamptz,
-              duration_ms int, response_status int, error text, outcome text,
-              retry_in float8, response_body text, slowdown boolean);
-    RETURN QUERY
-    WITH result AS (
-        SELECT *
-        FROM unnest(ids, leases, attempt_nos, started, durations, statuses, errors,
-                    outcomes, retry_ins, bodies, slowed)
-            AS r (id, lease, attempt, started_at, duration_ms, response_status, error,
-                  outcome, retry_in, response_body, slowdown)
-    ),
-    recorded AS (
-        UPDATE outbox.deliveries d
-        SET attempts = r.attempt,
-            status = CASE WHEN d.status = 'pending' THEN r.outcome ELSE d.status END,
-            next_attempt_at = CASE WHEN r.outcome = 'pending'
-                                   THEN now() + make_interval(secs => r.retry_in)
-                                   ELSE d.next_attempt_at END,
-            finished_at = CASE WHEN d.status = 'pending' AND r.outcome <> 'pending'
-                               THEN now() ELSE d.finished_at END,
-            last_error = CASE WHEN d.status = 'pending' THEN r.error ELSE d.last_error END,
-            last_response_status = r.response_status,
-            retry_base = d.retry_base + CASE WHEN r.slowdown THEN 1 ELSE 0 END,
-            slowdowns = d.slowdowns + CASE WHEN r.slowdown THEN 1 ELSE 0 END,
-            lease = NULL,
-            leased_until = NULL
-        FROM result r
-        WHERE d.id = r.id AND d.lease = r.lease
-        RETURNING d.id, d.webhook_id, d.status
-    ),
-    attempts AS (
-        INSERT INTO outbox.delivery_attempts
-            (delivery_id, attempt, started_at, duration_ms, response_status, error,
-             response_body)
-        SELECT r.id, r.attempt, r.started_at, r.duration_ms, r.response_status, r.error,
-               r.response_body
-        FROM result r JOIN recorded USING (id)
-        ON CONFLICT DO NOTHING
-    ),
-    newest AS (
-        -- Per webhook, the batch's newest attempt and its newest success. Sorted by
-        -- webhook so that concurrent batches lock health rows in the same order.
-        SELECT DISTINCT ON (rec.webhook_id)
-               rec.webhook_id, r.started_at, r.outcome, r.error,
-               max(r.started_at) FILTER (WHERE r.outcome = 'succeeded')
-                   OVER (PARTITION BY rec.webhook_id) AS success_at
-        FROM result r JOIN recorded rec USING (id)
-        ORDER BY rec.webhook_id, r.started_at DESC, r.id DESC
-    ),
-    health AS (
-        -- A result that arrives late (an older attempt than the one stored) never
-        -- moves the newest attempt back.
-        INSERT INTO outbox.webhook_health AS h
-            (webhook_id, last_attempt_at, last_attempt_status, last_attempt_error,
-             last_success_at)
-        SELECT n.webhook_id, n.started_at,
-               CASE WHEN n.outcome = 'succeeded' THEN 'succeeded' ELSE 'failed' END,
-               CASE WHEN n.outcome = 'succeeded' THEN NULL ELSE n.error END,
-               n.success_at
-        FROM newest n
-        ORDER BY n.webhook_id
-        ON CONFLICT (webhook_id) DO UPDATE
-        SET last_attempt_at = greatest(h.last_attempt_at, excluded.last_attempt_at),
-            last_attempt_status = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
-                                       THEN excluded.last_attempt_status
-                                       ELSE h.last_attempt_status END,
-            last_attempt_error = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
-                                      THEN excluded.last_attempt_error
-                                      ELSE h.last_attempt_error END,
-            last_success_at = greatest(h.last_success_at, excluded.last_success_at)
-    )
-    SELECT DISTINCT rec.webhook_id
-    FROM recorded rec
-    WHERE rec.status = 'failed';
-END
-$$;
-
--- Only the sidecar (and the schema's owner) runs these.
-REVOKE ALL ON FUNCTION outbox.valid_headers(jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION outbox.webhooks_forget_pace() FROM PUBLIC;
-REVOKE ALL ON FUNCTION outbox.claim_v3(integer, integer, uuid, double precision, integer,
-    bigint[], bigint[], bigint[], integer, text[], text[], bigint[], double precision)
-    FROM PUBLIC;
-REVOKE ALL ON FUNCTION outbox.next_due_v3(double precision) FROM PUBLIC;
-REVOKE ALL ON FUNCTION outbox.record_v2(json) FROM PUBLIC;
-
-DO $$
-BEGIN
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
-        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.webhook_pace TO outbox_sidecar;
-        -- The check of every webhook's headers, run by whoever writes a webhook.
-        GRANT EXECUTE ON FUNCTION outbox.valid_headers(jsonb) TO outbox_sidecar;
-        GRANT EXECUTE ON FUNCTION outbox.claim_v3(integer, integer, uuid, double precision,
-            integer, bigint[], bigint[], bigint[], integer, text[], text[], bigint[],
-            double precision) TO outbox_sidecar;
-        GRANT EXECUTE ON FUNCTION outbox.next_due_v3(double precision) TO outbox_sidecar;
-        GRANT EXECUTE ON FUNCTION outbox.record_v2(json) TO outbox_sidecar;
+    SELECT d.next_attempt_at INTO due
+    FROM outbox.deliveries d
+    WHERE d.status = 'pending'
+      -- (A lease of claim_v1 moved next_attempt_at to its end: that row counts.)
+      AND (d.leased_until IS NULL OR d.leased_until <= greatest(now(), d.next_attempt_at))
+    ORDER BY d.next_attempt_at
+    LIMIT 1;
+    IF due IS NULL OR due > now() THEN
+        SELECT least(due, min(d.leased_until)) INTO due
+        FROM outbox.deliveries d
+        WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+          AND d.leased_until > now();
     END IF;
+    RETURN extract(epoch FROM due - now());
 END
 $$;
 
--- outbox schema, version 14: failures reach people (contract 17), and recovery from an
--- automatic disable (contract 9); see sql/migrations/0012_notifications.sql.
+-- Store a batch of attempt results: one JSON array, one object per result (one
+-- parameter is far cheaper to send than ten arrays). A result counts only while its
+-- claim still holds the row: after a lost lease, the new holder's result wins. Each
+-- webhook's newest attempt and newest success go to webhook_health. Answers the
+-- webhooks of deliveries that failed for good in this batch, for auto_disable_v2().
+-- plpgsql, so that each session plans the statement once.
 --
--- 1. Operational events: outbox.notifications, one row when a webhook's state changes
---    (webhook.failing, webhook.recovered, webhook.disabled) and one per delivery that
---    fails for good (delivery.failed). They are written in the transaction that records
---    the change, from the row of webhook_health that the record locks anyway, so a
---    failing streak has one webhook.failing however many sidecars record its failures.
---    A sidecar with OUTBOX_NOTIFY_URL POSTs them (outbox/notify.py): attempts,
---    next_attempt_at and sent_at say how far that got; the claim moves next_attempt_at
---    on by a lease, and the attempt number tells a late result from the current one.
-CREATE TABLE outbox.notifications (
-    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    kind            text NOT NULL
-                    CHECK (kind IN ('webhook.failing', 'webhook.recovered',
-                                    'delivery.failed', 'webhook.disabled')),
-    account_id      text NOT NULL,
-    webhook_id      bigint NOT NULL,
-    data            jsonb NOT NULL,
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    attempts        integer NOT NULL DEFAULT 0,
-    next_attempt_at timestamptz NOT NULL DEFAULT now(),
-    sent_at         timestamptz,
-    last_error      text
-);
-
--- The sender looks only at unsent rows; retention deletes the oldest first.
-CREATE INDEX notifications_unsent ON outbox.notifications (next_attempt_at)
-    WHERE sent_at IS NULL;
-CREATE INDEX notifications_created ON outbox.notifications (created_at);
-
--- record_v2 (429s that use up no retry), and a notification where the state changes
--- (see 1. above).
+-- A result with "slowdown": true (an answer of 429 that the dispatcher let off) does
+-- not count towards the delivery's retries: retry_base and slowdowns move up by one with
+-- attempts, so the next attempt is the same one of the retry schedule again. And a
+-- notification where a webhook's state changes (webhook.failing, webhook.recovered), and
+-- one per delivery that failed for good (delivery.failed).
 CREATE FUNCTION outbox.record_v3(p_results json) RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1617,12 +1204,206 @@ BEGIN
 END
 $$;
 
--- auto_disable_v1, and also: the deliveries its disable cancels say that the product
--- disabled the webhook ('webhook disabled automatically', where a disable by a person
--- says 'webhook disabled'), so that recover_v2 can send them again; and each webhook
--- it disables gets a webhook.disabled notification. plpgsql: the trigger that cancels
--- runs at the end of the UPDATE, and the marking comes after it. Rare (once per webhook
--- that has failed for days), so it may write its cancelled rows twice.
+-- record_v3() without notifications.
+CREATE FUNCTION outbox.record_v2(p_results json) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    ids bigint[]; leases uuid[]; attempt_nos int[]; started timestamptz[];
+    durations int[]; statuses int[]; errors text[]; outcomes text[];
+    retry_ins float8[]; bodies text[]; slowed boolean[];
+BEGIN
+    -- The results as arrays: see record_v1().
+    SELECT array_agg(r.id), array_agg(r.lease), array_agg(r.attempt),
+           array_agg(r.started_at), array_agg(r.duration_ms), array_agg(r.response_status),
+           array_agg(r.error), array_agg(r.outcome), array_agg(r.retry_in),
+           array_agg(r.response_body), array_agg(coalesce(r.slowdown, false))
+    INTO ids, leases, attempt_nos, started, durations, statuses, errors, outcomes,
+         retry_ins, bodies, slowed
+    FROM json_to_recordset(p_results)
+        AS r (id bigint, lease uuid, attempt int, started_at timestamptz,
+              duration_ms int, response_status int, error text, outcome text,
+              retry_in float8, response_body text, slowdown boolean);
+    RETURN QUERY
+    WITH result AS (
+        SELECT *
+        FROM unnest(ids, leases, attempt_nos, started, durations, statuses, errors,
+                    outcomes, retry_ins, bodies, slowed)
+            AS r (id, lease, attempt, started_at, duration_ms, response_status, error,
+                  outcome, retry_in, response_body, slowdown)
+    ),
+    recorded AS (
+        UPDATE outbox.deliveries d
+        SET attempts = r.attempt,
+            status = CASE WHEN d.status = 'pending' THEN r.outcome ELSE d.status END,
+            next_attempt_at = CASE WHEN r.outcome = 'pending'
+                                   THEN now() + make_interval(secs => r.retry_in)
+                                   ELSE d.next_attempt_at END,
+            finished_at = CASE WHEN d.status = 'pending' AND r.outcome <> 'pending'
+                               THEN now() ELSE d.finished_at END,
+            last_error = CASE WHEN d.status = 'pending' THEN r.error ELSE d.last_error END,
+            last_response_status = r.response_status,
+            retry_base = d.retry_base + CASE WHEN r.slowdown THEN 1 ELSE 0 END,
+            slowdowns = d.slowdowns + CASE WHEN r.slowdown THEN 1 ELSE 0 END,
+            lease = NULL,
+            leased_until = NULL
+        FROM result r
+        WHERE d.id = r.id AND d.lease = r.lease
+        RETURNING d.id, d.webhook_id, d.status
+    ),
+    attempts AS (
+        INSERT INTO outbox.delivery_attempts
+            (delivery_id, attempt, started_at, duration_ms, response_status, error,
+             response_body)
+        SELECT r.id, r.attempt, r.started_at, r.duration_ms, r.response_status, r.error,
+               r.response_body
+        FROM result r JOIN recorded USING (id)
+        ON CONFLICT DO NOTHING
+    ),
+    newest AS (
+        -- Per webhook, the batch's newest attempt and its newest success. Sorted by
+        -- webhook so that concurrent batches lock health rows in the same order.
+        SELECT DISTINCT ON (rec.webhook_id)
+               rec.webhook_id, r.started_at, r.outcome, r.error,
+               max(r.started_at) FILTER (WHERE r.outcome = 'succeeded')
+                   OVER (PARTITION BY rec.webhook_id) AS success_at
+        FROM result r JOIN recorded rec USING (id)
+        ORDER BY rec.webhook_id, r.started_at DESC, r.id DESC
+    ),
+    health AS (
+        -- A result that arrives late (an older attempt than the one stored) never
+        -- moves the newest attempt back.
+        INSERT INTO outbox.webhook_health AS h
+            (webhook_id, last_attempt_at, last_attempt_status, last_attempt_error,
+             last_success_at)
+        SELECT n.webhook_id, n.started_at,
+               CASE WHEN n.outcome = 'succeeded' THEN 'succeeded' ELSE 'failed' END,
+               CASE WHEN n.outcome = 'succeeded' THEN NULL ELSE n.error END,
+               n.success_at
+        FROM newest n
+        ORDER BY n.webhook_id
+        ON CONFLICT (webhook_id) DO UPDATE
+        SET last_attempt_at = greatest(h.last_attempt_at, excluded.last_attempt_at),
+            last_attempt_status = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
+                                       THEN excluded.last_attempt_status
+                                       ELSE h.last_attempt_status END,
+            last_attempt_error = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
+                                      THEN excluded.last_attempt_error
+                                      ELSE h.last_attempt_error END,
+            last_success_at = greatest(h.last_success_at, excluded.last_success_at)
+    )
+    SELECT DISTINCT rec.webhook_id
+    FROM recorded rec
+    WHERE rec.status = 'failed';
+END
+$$;
+
+-- record_v2() without slowdowns.
+CREATE FUNCTION outbox.record_v1(p_results json) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    ids bigint[]; leases uuid[]; attempt_nos int[]; started timestamptz[];
+    durations int[]; statuses int[]; errors text[]; outcomes text[];
+    retry_ins float8[]; bodies text[];
+BEGIN
+    -- The results as arrays: the planner takes unnest() of a parameter for a few rows
+    -- and looks each delivery up by its key, where json_to_recordset() counts as a
+    -- hundred and has it read all of a small table to hash it, once per batch.
+    SELECT array_agg(r.id), array_agg(r.lease), array_agg(r.attempt),
+           array_agg(r.started_at), array_agg(r.duration_ms), array_agg(r.response_status),
+           array_agg(r.error), array_agg(r.outcome), array_agg(r.retry_in),
+           array_agg(r.response_body)
+    INTO ids, leases, attempt_nos, started, durations, statuses, errors, outcomes,
+         retry_ins, bodies
+    FROM json_to_recordset(p_results)
+        AS r (id bigint, lease uuid, attempt int, started_at timestamptz,
+              duration_ms int, response_status int, error text, outcome text,
+              retry_in float8, response_body text);
+    RETURN QUERY
+    WITH result AS (
+        SELECT *
+        FROM unnest(ids, leases, attempt_nos, started, durations, statuses, errors,
+                    outcomes, retry_ins, bodies)
+            AS r (id, lease, attempt, started_at, duration_ms, response_status, error,
+                  outcome, retry_in, response_body)
+    ),
+    recorded AS (
+        UPDATE outbox.deliveries d
+        SET attempts = r.attempt,
+            status = CASE WHEN d.status = 'pending' THEN r.outcome ELSE d.status END,
+            next_attempt_at = CASE WHEN r.outcome = 'pending'
+                                   THEN now() + make_interval(secs => r.retry_in)
+                                   ELSE d.next_attempt_at END,
+            finished_at = CASE WHEN d.status = 'pending' AND r.outcome <> 'pending'
+                               THEN now() ELSE d.finished_at END,
+            last_error = CASE WHEN d.status = 'pending' THEN r.error ELSE d.last_error END,
+            last_response_status = r.response_status,
+            lease = NULL,
+            leased_until = NULL
+        FROM result r
+        WHERE d.id = r.id AND d.lease = r.lease
+        RETURNING d.id, d.webhook_id, d.status
+    ),
+    attempts AS (
+        INSERT INTO outbox.delivery_attempts
+            (delivery_id, attempt, started_at, duration_ms, response_status, error,
+             response_body)
+        SELECT r.id, r.attempt, r.started_at, r.duration_ms, r.response_status, r.error,
+               r.response_body
+        FROM result r JOIN recorded USING (id)
+        ON CONFLICT DO NOTHING
+    ),
+    newest AS (
+        -- Per webhook, the batch's newest attempt and its newest success. Sorted by
+        -- webhook so that concurrent batches lock health rows in the same order.
+        SELECT DISTINCT ON (rec.webhook_id)
+               rec.webhook_id, r.started_at, r.outcome, r.error,
+               max(r.started_at) FILTER (WHERE r.outcome = 'succeeded')
+                   OVER (PARTITION BY rec.webhook_id) AS success_at
+        FROM result r JOIN recorded rec USING (id)
+        ORDER BY rec.webhook_id, r.started_at DESC, r.id DESC
+    ),
+    health AS (
+        -- A result that arrives late (an older attempt than the one stored) never
+        -- moves the newest attempt back.
+        INSERT INTO outbox.webhook_health AS h
+            (webhook_id, last_attempt_at, last_attempt_status, last_attempt_error,
+             last_success_at)
+        SELECT n.webhook_id, n.started_at,
+               CASE WHEN n.outcome = 'succeeded' THEN 'succeeded' ELSE 'failed' END,
+               CASE WHEN n.outcome = 'succeeded' THEN NULL ELSE n.error END,
+               n.success_at
+        FROM newest n
+        ORDER BY n.webhook_id
+        ON CONFLICT (webhook_id) DO UPDATE
+        SET last_attempt_at = greatest(h.last_attempt_at, excluded.last_attempt_at),
+            last_attempt_status = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
+                                       THEN excluded.last_attempt_status
+                                       ELSE h.last_attempt_status END,
+            last_attempt_error = CASE WHEN excluded.last_attempt_at >= h.last_attempt_at
+                                      THEN excluded.last_attempt_error
+                                      ELSE h.last_attempt_error END,
+            last_success_at = greatest(h.last_success_at, excluded.last_success_at)
+    )
+    SELECT DISTINCT rec.webhook_id
+    FROM recorded rec
+    WHERE rec.status = 'failed';
+END
+$$;
+
+-- Disable those of p_webhook_ids that have not had a successful attempt for
+-- p_after_seconds (counted from their creation when they never had one), saying why
+-- (p_after_text is that time in words). Run right after a record that answered them,
+-- as a statement of its own, so that the record never holds delivery rows while it
+-- waits for a webhook's row lock (an edit of the webhook holds that lock and may be
+-- cancelling those very deliveries). The trigger outbox.webhooks_disabled() cancels
+-- their pending deliveries.
+--
+-- The deliveries its disable cancels then say that the product disabled the webhook
+-- ('webhook disabled automatically', where a disable by a person says 'webhook
+-- disabled'), so that recover_v2() can send them again; and each webhook it disables
+-- gets a webhook.disabled notification. plpgsql: the trigger that cancels runs at the
+-- end of the UPDATE, and the marking comes after it. Rare (once per webhook that has
+-- failed for days), so it may write its cancelled rows twice.
 CREATE FUNCTION outbox.auto_disable_v2(p_webhook_ids bigint[], p_after_seconds float8,
                                        p_after_text text)
 RETURNS TABLE (id bigint, account_id text, disabled_reason text)
@@ -1685,8 +1466,72 @@ BEGIN
 END
 $$;
 
--- recover_v1, and the deliveries that an automatic disable cancelled at or after
--- p_since too (their webhook enabled again since): they never had their chance.
+-- auto_disable_v2() without the marking and the notification.
+CREATE FUNCTION outbox.auto_disable_v1(p_webhook_ids bigint[], p_after_seconds float8,
+                                       p_after_text text)
+RETURNS TABLE (id bigint, account_id text, disabled_reason text)
+LANGUAGE sql AS $$
+    WITH target AS (
+        -- Locked in id order, so that dispatchers disabling the same webhooks take turns.
+        SELECT w.id
+        FROM outbox.webhooks w
+        WHERE w.id = ANY (p_webhook_ids) AND w.enabled
+        ORDER BY w.id
+        FOR UPDATE
+    )
+    UPDATE outbox.webhooks w
+    SET enabled = false,
+        disabled_reason = format(
+            'disabled automatically at %s: deliveries kept failing and none succeeded '
+            'for %s (last success: %s)',
+            to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+            p_after_text,
+            coalesce(to_char(h.last_success_at AT TIME ZONE 'UTC',
+                             'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                     'never'))
+    FROM target t
+    LEFT JOIN outbox.webhook_health h ON h.webhook_id = t.id
+    WHERE w.id = t.id
+      AND w.enabled
+      AND coalesce(h.last_success_at, w.created_at)
+          <= now() - make_interval(secs => p_after_seconds)
+    RETURNING w.id, w.account_id, w.disabled_reason
+$$;
+
+-- A finished delivery (succeeded, failed or cancelled) goes back to pending as a new
+-- series of attempts: the same row, so the receiver sees the same X-Webhook-Id, due
+-- now, with retry_base moved up to the attempts made so far (the retry schedule counts
+-- attempts - retry_base; attempt numbers go on counting). last_error stays until the
+-- next attempt replaces it. A pending delivery, or one of a disabled webhook (the claim
+-- would cancel it at once), is left alone: the answer's status and enabled say why.
+-- With p_account_id, only that account's delivery.
+CREATE FUNCTION outbox.replay_v1(p_delivery_id bigint, p_account_id text)
+RETURNS TABLE (status text, enabled boolean, requeued boolean)
+LANGUAGE sql AS $$
+    WITH target AS (
+        SELECT d.id, d.status, w.enabled
+        FROM outbox.deliveries d
+        JOIN outbox.webhooks w ON w.id = d.webhook_id
+        WHERE d.id = p_delivery_id
+          AND (p_account_id IS NULL OR w.account_id = p_account_id)
+        FOR UPDATE OF d
+    ),
+    requeued AS (
+        UPDATE outbox.deliveries d
+        SET status = 'pending', next_attempt_at = now(), retry_base = d.attempts,
+            finished_at = NULL, lease = NULL, leased_until = NULL
+        FROM target t
+        WHERE d.id = t.id AND t.enabled AND t.status <> 'pending'
+        RETURNING d.id
+    )
+    SELECT t.status, t.enabled, r.id IS NOT NULL
+    FROM target t
+    LEFT JOIN requeued r USING (id)
+$$;
+
+-- Every delivery of one enabled webhook that failed at or after p_since, replayed as by
+-- outbox.replay_v1(), and those that an automatic disable cancelled at or after p_since
+-- (their webhook enabled again since): they never had their chance. Returns their ids.
 CREATE FUNCTION outbox.recover_v2(p_webhook_id bigint, p_since timestamptz)
 RETURNS SETOF bigint
 LANGUAGE sql AS $$
@@ -1700,6 +1545,23 @@ LANGUAGE sql AS $$
            OR (d.status = 'cancelled' AND d.last_error = 'webhook disabled automatically'))
     RETURNING d.id
 $$;
+
+-- recover_v2() without the deliveries an automatic disable cancelled.
+CREATE FUNCTION outbox.recover_v1(p_webhook_id bigint, p_since timestamptz)
+RETURNS SETOF bigint
+LANGUAGE sql AS $$
+    UPDATE outbox.deliveries d
+    SET status = 'pending', next_attempt_at = now(), retry_base = d.attempts,
+        finished_at = NULL, lease = NULL, leased_until = NULL
+    FROM outbox.webhooks w
+    WHERE w.id = p_webhook_id AND w.enabled
+      AND d.webhook_id = w.id AND d.status = 'failed' AND d.finished_at >= p_since
+    RETURNING d.id
+$$;
+
+-- ======================================================================================
+-- The notifications' sender
+-- ======================================================================================
 
 -- The notification sender's claim: up to p_limit unsent notifications that are due,
 -- oldest first, each held for p_lease_seconds by moving next_attempt_at on (a sender
@@ -1741,10 +1603,115 @@ LANGUAGE sql AS $$
     RETURNING true
 $$;
 
--- As every outbox function since version 11: the sidecar's, not PUBLIC's.
+-- ======================================================================================
+-- The status view
+-- ======================================================================================
+
+-- The dashboard: per webhook, its last finished delivery, what is pending, and its
+-- newest attempt (from webhook_health). While a retry is under way, its next attempt is
+-- when the lease runs out.
+CREATE VIEW outbox.webhook_status AS
+SELECT w.id, w.account_id, w.name, w.url, w.event, w.enabled,
+       last.status AS last_delivery_status,
+       last.finished_at AS last_delivery_at,
+       CASE WHEN last.status = 'failed' THEN last.last_error END AS last_error,
+       pending.pending,
+       pending.retrying,
+       h.last_attempt_at,
+       h.last_attempt_status,
+       CASE WHEN h.last_attempt_status = 'failed' THEN h.last_attempt_error
+       END AS last_attempt_error,
+       pending.next_retry_at,
+       w.format,
+       w.disabled_reason
+FROM outbox.webhooks w
+LEFT JOIN LATERAL (
+    SELECT d.status, d.finished_at, d.last_error
+    FROM outbox.deliveries d
+    WHERE d.webhook_id = w.id AND d.status IN ('succeeded', 'failed')
+    ORDER BY d.finished_at DESC, d.id DESC
+    LIMIT 1
+) last ON true
+CROSS JOIN LATERAL (
+    -- A pending delivery with an attempt behind it has failed at least once.
+    SELECT count(*) AS pending,
+           count(*) FILTER (WHERE p.attempts > 0) AS retrying,
+           min(greatest(p.next_attempt_at, p.leased_until)) FILTER (WHERE p.attempts > 0)
+               AS next_retry_at
+    FROM outbox.deliveries p
+    WHERE p.webhook_id = w.id AND p.status = 'pending'
+) pending
+LEFT JOIN outbox.webhook_health h ON h.webhook_id = w.id;
+
+-- ======================================================================================
+-- Roles and rights
+-- ======================================================================================
+
+-- Producers get exactly what they need and nothing more. The role is cluster-wide,
+-- so another database (or a concurrent migrate) may have created it already.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_producer') THEN
+        BEGIN
+            CREATE ROLE outbox_producer NOLOGIN;
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN NULL;
+            WHEN insufficient_privilege THEN
+                RAISE WARNING 'outbox: cannot create role outbox_producer (%); create it '
+                              'as a superuser and rerun migrate to grant it', SQLERRM;
+        END;
+    END IF;
+END
+$$;
+
+-- `outbox run` needs no ownership: outbox_sidecar has the rights it uses and no more.
+-- Cluster-wide, like outbox_producer.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
+        BEGIN
+            CREATE ROLE outbox_sidecar NOLOGIN;
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN NULL;
+            WHEN insufficient_privilege THEN
+                RAISE WARNING 'outbox: cannot create role outbox_sidecar (%); create it '
+                              'as a superuser and rerun migrate to grant it', SQLERRM;
+        END;
+    END IF;
+END
+$$;
+
+-- Nothing of outbox is executable by PUBLIC but what producers need: the checks of
+-- outbox.events (valid_event and what it calls) and outbox.emit, granted to
+-- outbox_producer. The doorbell, the state functions and the webhooks' rules are the
+-- sidecar's; trigger functions need no EXECUTE at all.
 REVOKE ALL ON FUNCTION
+    outbox.emit(text, text, jsonb, timestamptz),
+    outbox.valid_url(text),
+    outbox.format_for_url(text),
+    outbox.valid_headers(jsonb),
+    outbox.webhooks_disabled(),
+    outbox.webhooks_guard(),
+    outbox.webhooks_overlap_given(),
+    outbox.webhooks_forget_pace(),
+    outbox.lock_key(),
+    outbox.arm_doorbell_v1(),
+    outbox.disarm_doorbell_v1(),
+    outbox.claim_v1(integer, integer, uuid, double precision, integer, bigint[], bigint[],
+                    bigint[], integer, text[], text[], bigint[]),
+    outbox.claim_v2(integer, integer, uuid, double precision, integer, bigint[], bigint[],
+                    bigint[], integer, text[], text[], bigint[]),
+    outbox.claim_v3(integer, integer, uuid, double precision, integer, bigint[], bigint[],
+                    bigint[], integer, text[], text[], bigint[], double precision),
+    outbox.next_due_v2(),
+    outbox.next_due_v3(double precision),
+    outbox.record_v1(json),
+    outbox.record_v2(json),
     outbox.record_v3(json),
+    outbox.auto_disable_v1(bigint[], double precision, text),
     outbox.auto_disable_v2(bigint[], double precision, text),
+    outbox.replay_v1(bigint, text),
+    outbox.recover_v1(bigint, timestamptz),
     outbox.recover_v2(bigint, timestamptz),
     outbox.claim_notifications_v1(integer, double precision),
     outbox.notification_sent_v1(bigint, integer, text, double precision)
@@ -1752,17 +1719,71 @@ FROM PUBLIC;
 
 DO $$
 BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_producer') THEN
+        GRANT USAGE ON SCHEMA outbox TO outbox_producer;
+        -- Producers set the columns of an event and nothing else: an id of their own
+        -- (OVERRIDING SYSTEM VALUE) could make other producers' transactions fail.
+        GRANT INSERT (account_id, event, data, occurred_at) ON outbox.events
+            TO outbox_producer;
+        GRANT EXECUTE ON FUNCTION outbox.emit(text, text, jsonb, timestamptz)
+            TO outbox_producer;
+    END IF;
+END
+$$;
+
+DO $$
+BEGIN
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_sidecar') THEN
+        GRANT USAGE ON SCHEMA outbox TO outbox_sidecar;
+        -- The delivery log and retention read and delete events; producers write them.
+        GRANT SELECT, DELETE ON outbox.events TO outbox_sidecar;
+        -- The admin API and the settings page manage webhooks; the dispatcher disables
+        -- one that keeps failing. The quota is kept by a trigger that runs as the caller.
+        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.webhooks TO outbox_sidecar;
+        GRANT SELECT, INSERT, UPDATE ON outbox.webhook_quota TO outbox_sidecar;
+        GRANT SELECT, UPDATE, DELETE ON outbox.deliveries TO outbox_sidecar;
+        GRANT SELECT, INSERT, DELETE ON outbox.delivery_attempts TO outbox_sidecar;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.webhook_health TO outbox_sidecar;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.webhook_pace TO outbox_sidecar;
+        -- Written by the record and auto-disable functions (which run as the caller),
+        -- sent by the notifier, deleted by retention.
+        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.notifications TO outbox_sidecar;
+        GRANT SELECT ON outbox.webhook_status TO outbox_sidecar;
+        -- Tokens are created and revoked by `outbox tokens`; the API only checks them.
+        GRANT SELECT, UPDATE (last_used_at) ON outbox.api_tokens TO outbox_sidecar;
+        GRANT SELECT ON outbox.portal_secret TO outbox_sidecar;
+        GRANT SELECT, INSERT, DELETE ON outbox.portal_links_used TO outbox_sidecar;
+        GRANT SELECT, INSERT, DELETE ON outbox.portal_sessions TO outbox_sidecar;
+        GRANT SELECT, UPDATE ON outbox.locks TO outbox_sidecar;
+        -- A webhook's checks, run by whoever writes one; the doorbell; the state
+        -- functions and the notifications' sender.
         GRANT EXECUTE ON FUNCTION
+            outbox.valid_url(text),
+            outbox.format_for_url(text),
+            outbox.valid_headers(jsonb),
+            outbox.lock_key(),
+            outbox.arm_doorbell_v1(),
+            outbox.disarm_doorbell_v1(),
+            outbox.claim_v1(integer, integer, uuid, double precision, integer, bigint[],
+                            bigint[], bigint[], integer, text[], text[], bigint[]),
+            outbox.claim_v2(integer, integer, uuid, double precision, integer, bigint[],
+                            bigint[], bigint[], integer, text[], text[], bigint[]),
+            outbox.claim_v3(integer, integer, uuid, double precision, integer, bigint[],
+                            bigint[], bigint[], integer, text[], text[], bigint[],
+                            double precision),
+            outbox.next_due_v2(),
+            outbox.next_due_v3(double precision),
+            outbox.record_v1(json),
+            outbox.record_v2(json),
             outbox.record_v3(json),
+            outbox.auto_disable_v1(bigint[], double precision, text),
             outbox.auto_disable_v2(bigint[], double precision, text),
+            outbox.replay_v1(bigint, text),
+            outbox.recover_v1(bigint, timestamptz),
             outbox.recover_v2(bigint, timestamptz),
             outbox.claim_notifications_v1(integer, double precision),
             outbox.notification_sent_v1(bigint, integer, text, double precision)
         TO outbox_sidecar;
-        -- Written by the record and auto-disable functions (which run as the caller),
-        -- sent by the notifier, deleted by retention.
-        GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.notifications TO outbox_sidecar;
     END IF;
 END
 $$;

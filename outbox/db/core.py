@@ -138,13 +138,17 @@ def schema_problem(found: int | None, expected: int) -> str | None:
 
 
 async def migrate(url: str) -> list[int]:
-    """Apply the migrations the database lacks; return the versions applied.
+    """Bring the database's outbox schema to the newest version; return the versions
+    applied.
 
-    Safe to run twice and concurrently: runs take turns under an advisory lock, and each
-    migration commits together with its row in outbox.schema_migrations, checked for
-    under the same lock.
+    sql/schema.sql is the schema: a database with no outbox schema gets it whole, in one
+    transaction, recorded as every version this outbox ships. Migrations only upgrade a
+    database an older outbox migrated; a test holds the two paths to one catalogue.
+
+    Safe to run twice and concurrently: runs take turns under an advisory lock, and the
+    schema or each migration commits together with its rows in outbox.schema_migrations,
+    checked for under the same lock.
     """
-    applied: list[int] = []
     # Nothing prepared: through a transaction pooler the next run of a statement may be
     # on another server connection, or on one where another client prepared it.
     async with await connect(url, prepare_threshold=None) as conn:
@@ -153,16 +157,7 @@ async def migrate(url: str) -> list[int]:
         async with conn.transaction():
             await conn.execute(query("migrate_lock"))
             await conn.execute(query("migrations_table"))
-        for version, name, path in migrations():
-            async with conn.transaction():
-                await conn.execute(query("migrate_lock"))
-                cur = await conn.execute(query("migration_applied"), {"version": version})
-                if await cur.fetchone() is not None:
-                    continue
-                await conn.execute(path.read_text())
-                await conn.execute(query("migration_record"), {"version": version, "name": name})
-            log.info("migrated", version=version, name=name)
-            applied.append(version)
+        applied = await _install(conn) or await _upgrade(conn)
         # migrate creates this table itself, so its grant is made here: the sidecar's
         # role reads the schema version to know whether it may run. (Under the lock:
         # two GRANTs on one table at once fail with "tuple concurrently updated".)
@@ -170,3 +165,50 @@ async def migrate(url: str) -> list[int]:
             await conn.execute(query("migrate_lock"))
             await conn.execute(query("schema_version_grant"))
     return applied
+
+
+async def _upgrade(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+    """Apply the migrations the database lacks, each in a transaction of its own with
+    its row; return their versions."""
+    applied = []
+    for version, name, path in migrations():
+        async with conn.transaction():
+            await conn.execute(query("migrate_lock"))
+            cur = await conn.execute(query("migration_applied"), {"version": version})
+            if await cur.fetchone() is not None:
+                continue
+            await conn.execute(path.read_text())
+            await conn.execute(query("migration_record"), {"version": version, "name": name})
+        log.info("migrated", version=version, name=name)
+        applied.append(version)
+    return applied
+
+
+async def _install(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+    """On a database with no outbox schema, apply sql/schema.sql and record every
+    version as applied; return those versions (none when the schema was there).
+
+    Decided under the lock, so of concurrent runs on an empty database one installs and
+    the others find it done.
+    """
+    shipped = migrations()
+    async with conn.transaction():
+        await conn.execute(query("migrate_lock"))
+        cur = await conn.execute(query("schema_state"))
+        row = await cur.fetchone()
+        assert row is not None
+        recorded, objects = row
+        if recorded:
+            return []
+        if objects:
+            raise SchemaMismatch(
+                "schema outbox holds objects but outbox.schema_migrations records no"
+                " version, so `outbox migrate` did not make it: rename or drop that"
+                " schema, then migrate again"
+            )
+        await conn.execute((SQL_DIR / "schema.sql").read_text())
+        for version, name, _ in shipped:
+            await conn.execute(query("migration_record"), {"version": version, "name": name})
+    for version, name, _ in shipped:
+        log.info("migrated", version=version, name=name, source="schema.sql")
+    return [version for version, _, _ in shipped]

@@ -1,15 +1,18 @@
-"""`outbox migrate`: idempotent, safe concurrently, and equal to sql/schema.sql."""
+"""`outbox migrate`: sql/schema.sql on an empty database, migrations for older ones;
+idempotent, safe concurrently, and both paths give one catalogue."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,7 +26,8 @@ from tools import localpg
 SCHEMA = ROOT / "sql" / "schema.sql"
 
 # One line per object of schema `outbox` (schema_migrations excepted, since only
-# `migrate` creates it): enough to show any difference between two databases.
+# `migrate` creates it), with its rights, down to a column's: enough to show any
+# difference between two databases.
 DESCRIBE = """
 SELECT format('schema acl=%s', nspacl) FROM pg_namespace WHERE nspname = 'outbox'
 UNION ALL
@@ -33,12 +37,13 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = 'outbox' AND c.relkind IN ('r', 'v', 'm', 'p', 'S')
   AND c.relname <> 'schema_migrations'
 UNION ALL
-SELECT format('column %s.%s #%s %s %s default=%s identity=%s generated=%s compression=%s',
+SELECT format('column %s.%s #%s %s %s default=%s identity=%s generated=%s compression=%s'
+              ' acl=%s',
               c.relname, a.attname, row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum),
               format_type(a.atttypid, a.atttypmod),
               CASE WHEN a.attnotnull THEN 'NOT NULL' ELSE 'NULL' END,
               pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated,
-              nullif(a.attcompression, ''))
+              nullif(a.attcompression, ''), a.attacl)
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -95,6 +100,17 @@ def migrate(url: str) -> list[int]:
 VERSIONS = [version for version, _, _ in db.migrations()]
 
 
+def at_version(url: str, last: int) -> None:
+    """Bring an empty database to version ``last`` as the older outboxes did: migration
+    files 1..last applied one by one, each recorded as migrate records it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(db.query("migrations_table"))
+        for version, name, path in db.migrations()[:last]:
+            with conn.transaction():
+                conn.execute(path.read_text())
+                conn.execute(db.query("migration_record"), {"version": version, "name": name})
+
+
 @pytest.fixture
 def new_database(pg_server: localpg.Server) -> Iterator[Callable[[], str]]:
     """Create empty databases on demand; all are dropped after the test."""
@@ -124,10 +140,41 @@ class TestMigrationFiles:
 
 class TestMigrate:
     def test_first_run_applies_every_migration(self, empty_database_url: str) -> None:
-        """On an empty database migrate applies all migrations and records each one."""
+        """On an empty database migrate answers and records every version, applied at
+        one moment (one transaction)."""
         assert migrate(empty_database_url) == VERSIONS
         rows = migrations_table(empty_database_url)
         assert [(v, n) for v, n, _ in rows] == [(v, n) for v, n, _ in db.migrations()]
+        assert len({applied_at for _, _, applied_at in rows}) == 1
+
+    def test_first_run_applies_schema_sql_not_the_migrations(
+        self,
+        empty_database_url: str,
+        template_db: str,
+        pg_server: localpg.Server,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """An empty database gets sql/schema.sql whole: with every migration file made to
+        fail, migrate still succeeds, with the same schema and versions."""
+        sql = tmp_path / "sql"
+        shutil.copytree(db.SQL_DIR, sql)
+        for path in (sql / "migrations").glob("*.sql"):
+            path.write_text("DO $$ BEGIN RAISE 'migration file run'; END $$;")
+        monkeypatch.setattr(db.core, "SQL_DIR", sql)
+        assert migrate(empty_database_url) == VERSIONS
+        assert describe(empty_database_url) == describe(pg_server.url(template_db))
+
+    def test_refuses_a_schema_it_did_not_make(self, empty_database_url: str) -> None:
+        """A schema outbox with objects but no recorded version is left alone, with a
+        message saying what to do."""
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            conn.execute("CREATE SCHEMA outbox")
+            conn.execute("CREATE TABLE outbox.events (id bigint)")
+        with pytest.raises(db.SchemaMismatch, match="rename or drop that schema"):
+            migrate(empty_database_url)
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM outbox.schema_migrations").fetchone() == (0,)
 
     def test_second_run_is_a_no_op(self, empty_database_url: str) -> None:
         """Migrating again applies nothing, keeps the data and leaves the schema as it was."""
@@ -148,32 +195,30 @@ class TestMigrate:
             ).fetchone()
         assert counts == (1, 1, 1)
 
-    def test_upgrade_from_version_one(
-        self, new_database: Callable[[], str], template_db: str, pg_server: localpg.Server
+    @pytest.mark.parametrize("start", [1, 10], ids=["from-1", "from-10"])
+    def test_upgrade_by_migrations(
+        self,
+        start: int,
+        new_database: Callable[[], str],
+        template_db: str,
+        pg_server: localpg.Server,
     ) -> None:
-        """A database at version 1 is brought to the latest version, same as a fresh one."""
-        if len(VERSIONS) < 2:
-            pytest.skip("only one migration so far")
+        """A database an older outbox migrated is upgraded by the migrations it lacks, to
+        the catalogue a fresh database gets from sql/schema.sql."""
+        if start >= len(VERSIONS):
+            pytest.skip(f"no migration after version {start}")
         url = new_database()
-        (version, name, path) = db.migrations()[0]
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE SCHEMA outbox")
-            conn.execute(
-                "CREATE TABLE outbox.schema_migrations (version integer PRIMARY KEY,"
-                " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            conn.execute(path.read_text())
-            conn.execute(
-                "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, %s)",
-                (version, name),
-            )
-        assert migrate(url) == VERSIONS[1:]
+        at_version(url, start)
+        assert migrate(url) == VERSIONS[start:]
         assert describe(url) == describe(pg_server.url(template_db))
+        rows = migrations_table(url)
+        assert [(v, n) for v, n, _ in rows] == [(v, n) for v, n, _ in db.migrations()]
 
     def test_concurrent_threads(
         self, empty_database_url: str, template_db: str, pg_server: localpg.Server
     ) -> None:
-        """Three migrates started together all succeed; the migrations are applied once."""
+        """Three migrates started together on an empty database all succeed; the schema is
+        installed once."""
         barrier = threading.Barrier(3, timeout=30)
 
         def run(_: int) -> list[int]:
@@ -182,10 +227,28 @@ class TestMigrate:
 
         with ThreadPoolExecutor(3) as pool:
             applied = list(pool.map(run, range(3)))
-        # Runs take turns migration by migration: between them, each one is applied once.
-        assert sorted(v for versions in applied for v in versions) == VERSIONS
+        # The first run to take the lock installs schema.sql; the others find it done.
+        assert sorted(applied, key=len) == [[], [], VERSIONS]
         assert [v for v, _, _ in migrations_table(empty_database_url)] == VERSIONS
         assert describe(empty_database_url) == describe(pg_server.url(template_db))
+
+    def test_concurrent_upgrades(
+        self, new_database: Callable[[], str], template_db: str, pg_server: localpg.Server
+    ) -> None:
+        """Three migrates started together on a database at version 1 take turns migration
+        by migration: between them, each missing one is applied once."""
+        url = new_database()
+        at_version(url, 1)
+        barrier = threading.Barrier(3, timeout=30)
+
+        def run(_: int) -> list[int]:
+            barrier.wait()
+            return migrate(url)
+
+        with ThreadPoolExecutor(3) as pool:
+            applied = list(pool.map(run, range(3)))
+        assert sorted(v for versions in applied for v in versions) == VERSIONS[1:]
+        assert describe(url) == describe(pg_server.url(template_db))
 
     def test_concurrent_processes(
         self, empty_database_url: str, template_db: str, pg_server: localpg.Server
@@ -214,14 +277,15 @@ class TestSchemaFile:
     def test_schema_sql_equals_the_migrations_applied_in_order(
         self, new_database: Callable[[], str]
     ) -> None:
-        """sql/schema.sql builds exactly the schema that the migrations build."""
-        migrated, from_file = new_database(), new_database()
-        migrate(migrated)
-        with psycopg.connect(from_file, autocommit=True) as conn:
-            conn.execute(SCHEMA.read_text())
-        expected = describe(migrated)
+        """The catalogue of a fresh install (sql/schema.sql, by migrate) is exactly that of
+        migrations 1..N applied in order: a change goes into both, and this holds them
+        equal."""
+        installed, upgraded = new_database(), new_database()
+        migrate(installed)
+        at_version(upgraded, len(VERSIONS))
+        expected = describe(upgraded)
         assert any(line.startswith("relation events ") for line in expected)
-        assert describe(from_file) == expected
+        assert describe(installed) == expected
 
     def test_schema_sql_runs_under_psql(self, new_database: Callable[[], str]) -> None:
         """`psql -v ON_ERROR_STOP=1 -f sql/schema.sql` applies cleanly to an empty database."""
