@@ -130,7 +130,9 @@ class TestHeadersAndTokens:
 
         from tests.e2e.test_api import make_token
 
-        for _ in range(20):
+        # Each stranger waits for the roster's next refresh (up to a second): a few show
+        # the answer as well as many.
+        for _ in range(3):
             fake = "obx_" + secrets.token_urlsafe(32)
             assert api("GET", "/api/v1/webhooks", token=fake).status == 401
         fresh = make_token(db, api.other)
