@@ -36,18 +36,19 @@ run: setup
 	echo; \
 	exec $(BIN)/outbox run
 
-# The suite runs in PYTEST_WORKERS processes (pytest-xdist), one per core by default: on
-# 2 cores, 4 processes measured no faster than 2 (the tests wait on Postgres, which the
-# same cores run). It creates databases outbox_tpl_*, outbox_t_*, ... on the server it
-# uses (README.md says which); OUTBOX_TEST_PRIVATE_CLUSTER=1 runs it on a cluster of its
-# own.
-PYTEST_WORKERS ?= auto
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist), two per core by default:
+# most of a test's time is spent waiting (on a receiver, a lease, a sidecar starting),
+# not computing, so on 2 cores 4 processes took half the time of 2. Work is stolen from
+# a busy process's queue, so a long test does not leave the others idle at the end. It
+# creates databases outbox_tpl_*, outbox_t_*, ... on the server it uses (README.md says
+# which); OUTBOX_TEST_PRIVATE_CLUSTER=1 runs it on a cluster of its own.
+PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
 test: setup chromium pgbouncer promtool verifiers
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 # The inner loop: the pure tests and the database tests, without browser or slow ones.
 test-fast: setup
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m "not browser and not slow" tests/unit tests/db
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m "not browser and not slow" tests/unit tests/db
 
 # A second, independent Standard Webhooks verifier: the npm package, run by Node.js.
 verifiers: tests/node/node_modules/.installed
