@@ -152,6 +152,10 @@ async def migrate(url: str) -> list[int]:
     # Nothing prepared: through a transaction pooler the next run of a statement may be
     # on another server connection, or on one where another client prepared it.
     async with await connect(url, prepare_threshold=None) as conn:
+        # Each transaction must see what the run that held the lock before it committed:
+        # under REPEATABLE READ (a server or database default) the snapshot is taken
+        # before the lock is granted, and a waiting run would install the schema again.
+        await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
         # A migrating user who may not create roles is told so, and the rest goes on.
         conn.add_notice_handler(_warn)
         async with conn.transaction():
