@@ -42,7 +42,7 @@ run: setup
 # a busy process's queue, so a long test does not leave the others idle at the end. It
 # creates databases outbox_tpl_*, outbox_t_*, ... on the server it uses (README.md says
 # which); OUTBOX_TEST_PRIVATE_CLUSTER=1 runs it on a cluster of its own.
-PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
+PYTEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(2 * (os.cpu_count() or 1))')
 test: setup chromium pgbouncer promtool verifiers
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 

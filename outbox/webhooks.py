@@ -1,7 +1,8 @@
 """Managing webhooks and replaying deliveries, shared by the CLI and the admin API.
 
-The database enforces every rule; these functions turn its refusals into
-``Invalid`` (a rule broken) or ``LimitReached`` with the database's own words.
+The database enforces every rule; these functions turn its refusals into ``Invalid`` (a
+rule broken) or ``LimitReached`` with the database's own words, and raise ``NotFound``
+or ``Conflict`` for a webhook or delivery that is not there or not in a state to act on.
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ SELECT account_id, operator FROM token;
 -- last id of the previous page). %(status)s and %(since)s (created at or after), when
 -- not NULL, keep only those deliveries. next_attempt_at only means something while pending;
 -- while an attempt is under way, it is when that attempt's lease runs out.
--- The wire_ columns rebuild the requests that were sent (outbox.webhooks.sent_request).
+-- The wire_ columns rebuild the requests that were sent (outbox.deliverylog.sent_request).
 SELECT d.id, d.event_id, e.event, e.occurred_at, d.status, d.attempts,
        CASE WHEN d.status = 'pending' THEN greatest(d.next_attempt_at, d.leased_until)
        END AS next_attempt_at,

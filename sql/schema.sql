@@ -1,6 +1,7 @@
 -- The outbox schema, whole: what `outbox migrate` applies, in one transaction, to a
 -- database that has none, recording every version it ships as applied. `outbox sql`
--- prints it for review, or for psql.
+-- prints it for review; create a database with `outbox migrate`, not by running this
+-- file, or it has no versions recorded and no outbox will run on it.
 --
 -- sql/migrations/ only upgrade databases that an older outbox migrated, one version at
 -- a time. A change goes into both: a new migration, and this file where the object is.
@@ -623,7 +624,8 @@ INSERT INTO outbox.locks (name) VALUES ('prune');
 -- 3. A dispatcher that wakes with work to do lets go (outbox.disarm_doorbell_v1()).
 --
 -- The same key names every advisory lock of outbox: with 0, `outbox migrate` runs take
--- turns (outbox/db/core.py); with 2, pruners do (outbox/retention.py).
+-- turns (outbox/db/core.py); with 1, the doorbell. (Pruners take turns on a row of
+-- outbox.locks instead: any role may take an advisory lock.)
 CREATE FUNCTION outbox.lock_key() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1869968482 $$;
 
@@ -691,8 +693,9 @@ $$;
 --   leased, lease run out (its dispatcher died) --> due again, with no sweeper
 --   pending --webhook disabled (outbox.webhooks_disabled())--> cancelled
 --       ('webhook disabled'; by auto_disable_v2(): 'webhook disabled automatically')
---   succeeded | failed | cancelled --replay_v1(), recover_v2()--> pending (a new
---       series of retries: retry_base = attempts)
+--   succeeded | failed | cancelled --replay_v1()--> pending (a new series of retries:
+--       retry_base = attempts); failed, or cancelled by an automatic disable, since a
+--       time --recover_v2()--> pending, the same way
 --   webhook deleted --> gone (outbox.webhooks_guard()); finished and old --> pruned
 --
 -- A webhook's rate_limit holds its deliveries back: over the limit they stay pending

@@ -4,9 +4,8 @@ Every ``/api/`` call is made for one account: the one its bearer token belongs t
 id that another account owns answers 404, exactly like an id that does not exist, so
 the API tells no one what other accounts have. Handlers raise; one middleware
 (outbox.web.http) turns what they raise into the error shape ``{"error": {"code",
-"message"}}``. The rules for
-webhooks are the database's (see outbox.webhooks); this module only checks that values
-have the right JSON types before passing them on. ``GET /healthz``, ``GET /readyz``
+"message"}}``. The rules for webhooks are the database's (see outbox.webhooks); this
+module only checks that values have the right JSON types before passing them on. ``GET /healthz``, ``GET /readyz``
 and ``GET /metrics`` need no token: the first and the last answer from memory, and
 ``/readyz`` runs one tiny query.
 

@@ -72,7 +72,8 @@ def json_response(
     return web.json_response(data, status=status, headers=headers, dumps=jsontext.dumps)
 
 
-# Errors raised by outbox.webhooks and outbox.events, as (status, code).
+# The domain's errors (outbox.errors: raised by webhooks, events, deliverylog and
+# portal), as (status, code).
 _DOMAIN_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (domain.NotFound, 404, "not_found"),
     (domain.LimitReached, 409, "limit_reached"),
