@@ -5,9 +5,9 @@ id that another account owns answers 404, exactly like an id that does not exist
 the API tells no one what other accounts have. Handlers raise; one middleware
 (outbox.web.http) turns what they raise into the error shape ``{"error": {"code",
 "message"}}``. The rules for webhooks are the database's (see outbox.webhooks); this
-module only checks that values have the right JSON types before passing them on. ``GET /healthz``, ``GET /readyz``
-and ``GET /metrics`` need no token: the first and the last answer from memory, and
-``/readyz`` runs one tiny query.
+module only checks that values have the right JSON types before passing them on.
+``GET /healthz``, ``GET /readyz`` and ``GET /metrics`` need no token: the first and the
+last answer from memory, and ``/readyz`` runs one tiny query.
 
 The settings page (outbox.web.page) calls the same routes with its session cookie instead
 of a token; outbox.web.auth says how either is judged. make_app serves both.
