@@ -3,6 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
+# Python may write its bytecode caches (some environments turn them off): the suite
+# starts five pytest processes and some 160 `outbox run` processes, and without caches
+# each compiles every module it imports again, and pytest rewrites every test module
+# again in each process (a third of a worker's start).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup run test test-fast lint format bench clean db-url chromium pgbouncer promtool screenshot verifiers image-test
 
 setup: $(VENV)/.installed
