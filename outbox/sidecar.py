@@ -230,7 +230,7 @@ async def watch_loop(parts: Supervisor) -> None:
         due = loop.time() + LAG_TICK
         await asyncio.sleep(LAG_TICK)
         metrics.loop_lag(max(0.0, loop.time() - due))
-        parts.beat("loop")
+        parts.beat("lag")
 
 
 async def _run(settings: Settings, mode: Mode) -> int:
@@ -269,7 +269,7 @@ async def _run(settings: Settings, mode: Mode) -> int:
             notifier = await stack.enter_async_context(notify.sender(settings))
         # Its parts end first, before the pool and the sender they use are closed.
         await stack.enter_async_context(parts)
-        parts.start("loop", lambda: watch_loop(parts))
+        parts.start("lag", lambda: watch_loop(parts))
         parts.start("schema", lambda: watch_schema(settings, parts))
         if settings.retention is not None:
             parts.start("retention", lambda: retention.run(settings, parts))

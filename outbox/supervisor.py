@@ -1,10 +1,11 @@
 """The sidecar's background parts: each kept running, and how the process ends.
 
 Everything in `outbox run` that works by itself is a *part* started here: the
-dispatcher's loop, recorder, listener and doorbell, the schema watch and the backlog
-gauges. A part is an async function that runs until the sidecar stops (it may then
-return) and calls ``parts.beat(name)`` whenever it has done a round of its work. To add
-one, start it in ``outbox.sidecar.run`` beside the others::
+dispatcher's loop, recorder, listener and doorbell, the schema watch, the backlog
+gauges and the event loop's lag watch, each under a name of its own. A part is an async
+function that runs until the sidecar stops (it may then return) and calls
+``parts.beat(name)`` whenever it has done a round of its work. To add one, start it in
+``outbox.sidecar.run`` beside the others::
 
     parts.start("retention", lambda: retention.run(settings, parts))
 
@@ -106,6 +107,10 @@ class Supervisor:
         beat_within: float | None = None,
     ) -> asyncio.Task[None]:
         """Run ``run()`` as the part ``name`` until it returns or the sidecar gives up."""
+        if name in self._tasks:
+            # Beats and liveness go by name: a second part of the same name would keep
+            # the first one alive with its own beats, however stuck the first were.
+            raise ValueError(f"a part named {name!r} was already started")
         self._beats[name] = self._clock()
         if beat_within is not None:
             self._beat_within[name] = beat_within

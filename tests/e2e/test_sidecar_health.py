@@ -254,10 +254,11 @@ class TestParts:
     def test_every_part_that_fails_is_started_again(
         self, sql: SQL, receiver: Receiver, sidecars: Start
     ) -> None:
-        """Listener, doorbell, recorder, loop, schema watch and backlog reader each fail
-        at their first starts: each failure is logged with its traceback, and then the
-        listener listens, the doorbell is held, and deliveries and gauges work."""
-        parts = ("listen", "doorbell", "record", "loop", "schema", "backlog")
+        """Listener, doorbell, recorder, loop, schema watch, backlog reader and the
+        event loop's lag watch each fail at their first starts: each failure is logged
+        with its traceback, and then the listener listens, the doorbell is held, and
+        deliveries and gauges work."""
+        parts = ("listen", "doorbell", "record", "loop", "schema", "backlog", "lag")
         sidecar = sidecars(OUTBOX_TEST_FAULTS=",".join(f"{part}=2" for part in parts))
         for part in parts:
             wait_until(lambda p=part: len(failures(sidecar, p)) == 2, what=f"{part} failures")

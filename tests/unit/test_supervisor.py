@@ -41,6 +41,15 @@ class TestLiveness:
             clock.now += 31
             assert parts.alive()
 
+    async def test_two_parts_may_not_share_a_name(self) -> None:
+        """Beats go by name: a second part named like the first would keep the first
+        one alive by its own beats however stuck it is, and escape the stop."""
+        async with Supervisor(give_up_after=60) as parts:
+            parts.start("loop", lambda: parts.stopping.wait(), beat_within=30)
+            with pytest.raises(ValueError, match="a part named 'loop' was already started"):
+                parts.start("loop", lambda: parts.stopping.wait())
+            parts.stop()
+
     async def test_stopping_for_a_failure_is_not_alive_and_the_first_code_wins(self) -> None:
         parts = Supervisor(give_up_after=60)
         parts.stop(0)
