@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,28 +143,74 @@ async def run(settings: Settings, mode: Mode = BOTH) -> int:
     wait = settings.schema_mismatch == "wait"
     tracing.start()
     try:
-        while True:
-            if wait and not await wait_for_schema(settings):
-                return 0
-            try:
-                code = await _run(settings, mode)
-            except db.SchemaMismatch:
-                # Changed again since wait_for_schema looked.
-                if not wait:
-                    raise
-                continue
-            if code != EXIT_SCHEMA or not wait:
-                return code
+        if not wait:
+            # Exit 2 on a schema it does not know, before it listens.
+            await check_schema(settings)
+        async with _admin(settings, mode) as admin:
+            while True:
+                if wait and not await wait_for_schema(settings, admin):
+                    return 0
+                try:
+                    code = await _run(settings, mode, admin)
+                except db.SchemaMismatch:
+                    # Changed again since wait_for_schema looked.
+                    if not wait:
+                        raise
+                    continue
+                if code != EXIT_SCHEMA or not wait:
+                    return code
     finally:
         # The spans not sent yet, off the event loop (the exporter's requests block).
         await asyncio.to_thread(tracing.stop)
 
 
-async def wait_for_schema(settings: Settings) -> bool:
+@dataclass(frozen=True)
+class Admin:
+    """The admin server of the process: its connection pool, and what it answers for."""
+
+    pool: AsyncConnectionPool[Any]
+    stage: api.Stage
+
+
+@contextlib.asynccontextmanager
+async def _admin(settings: Settings, mode: Mode) -> AsyncIterator[Admin | None]:
+    """The admin server on OUTBOX_API_LISTEN (None if off): the probes and /metrics, and
+    with ``mode.serve`` the API and the page.
+
+    One for the life of the process, through its waits for a schema and the runs in
+    between, each of which says what it answers for: a server each would close the port
+    from one to the next, and the kubelet's probes would find it refused.
+    """
+    if settings.api_listen is None:
+        yield None
+        return
+    async with contextlib.AsyncExitStack() as stack:
+        # Only the admin server and the backlog gauges it serves use the pool; the
+        # dispatcher has connections of its own.
+        connections = await stack.enter_async_context(pool(settings))
+        test_sender = None
+        if mode.serve:
+            test_sender = await stack.enter_async_context(
+                Sender(settings, limit=TEST_SEND_CONNECTIONS)
+            )
+        stage = api.Stage()
+        app = api.make_app(connections, settings, stage=stage, test_sender=test_sender)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        host, port = await _listen(runner, settings)
+        log.info(
+            "admin API listening" if mode.serve else "probes and metrics listening",
+            url=f"http://{host}:{port}",
+        )
+        yield Admin(connections, stage)
+
+
+async def wait_for_schema(settings: Settings, admin: Admin | None) -> bool:
     """Wait until the database has the schema this version runs against: True then,
     False if stopped by a signal first.
 
-    Meanwhile the process delivers nothing and serves only ``/healthz`` (200: it is
+    Meanwhile the process delivers nothing and answers only ``/healthz`` (200: it is
     alive, and a restart would change nothing), ``/readyz`` (503) and ``/metrics``
     (``outbox_dispatcher_up`` 0, the backlog gauges 0), from the start, even while the
     database does not answer; it logs the problem each time it changes, and looks again
@@ -180,43 +227,36 @@ async def wait_for_schema(settings: Settings) -> bool:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, parts.stop)
-    async with contextlib.AsyncExitStack() as stack:
-        if settings.api_listen is not None:
-            connections = await stack.enter_async_context(pool(settings))
-            runner = web.AppRunner(
-                api.make_app(connections, settings, parts=parts), access_log=None
+    if admin is not None:
+        admin.stage.wait(parts)
+    said = None
+    while True:
+        # Reading waits for a database that does not answer: a signal ends that too.
+        reading = asyncio.create_task(read_schema_version(settings))
+        stopped = asyncio.create_task(parts.stopping.wait())
+        await asyncio.wait((reading, stopped), return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not reading.done():
+            reading.cancel()
+            return False
+        try:
+            problem = db.schema_problem(reading.result(), expected)
+        except db.SchemaMismatch as exc:
+            problem = str(exc)
+        if problem is None:
+            break
+        if problem != said:
+            log.error(
+                "waiting for the schema this version knows (OUTBOX_SCHEMA_MISMATCH=wait):"
+                " delivering nothing",
+                problem=problem,
             )
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            await _listen(runner, settings)
-        said = None
-        while True:
-            # Reading waits for a database that does not answer: a signal ends that too.
-            reading = asyncio.create_task(read_schema_version(settings))
-            stopped = asyncio.create_task(parts.stopping.wait())
-            await asyncio.wait((reading, stopped), return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if not reading.done():
-                reading.cancel()
-                return False
-            try:
-                problem = db.schema_problem(reading.result(), expected)
-            except db.SchemaMismatch as exc:
-                problem = str(exc)
-            if problem is None:
-                break
-            if problem != said:
-                log.error(
-                    "waiting for the schema this version knows (OUTBOX_SCHEMA_MISMATCH=wait):"
-                    " delivering nothing",
-                    problem=problem,
-                )
-                said = problem
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(settings.schema_check_interval):
-                    await parts.stopping.wait()
-            if parts.stopping.is_set():
-                return False
+            said = problem
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.schema_check_interval):
+                await parts.stopping.wait()
+        if parts.stopping.is_set():
+            return False
     if said is not None:
         log.info("the schema is the one this version knows: starting", schema_version=expected)
     return True
@@ -233,7 +273,7 @@ async def watch_loop(parts: Supervisor) -> None:
         parts.beat("lag")
 
 
-async def _run(settings: Settings, mode: Mode) -> int:
+async def _run(settings: Settings, mode: Mode, admin: Admin | None) -> int:
     await check_schema(settings)
     # Every attempt allocates a few short-lived objects and no cycles to speak of: move
     # the start-up objects out of the collector's way and collect young objects rarely.
@@ -244,25 +284,9 @@ async def _run(settings: Settings, mode: Mode) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, parts.stop)
+    if admin is not None:
+        admin.stage.run(parts)
     async with contextlib.AsyncExitStack() as stack:
-        runner = None
-        if settings.api_listen is not None:
-            # Only the admin server and the backlog gauges it serves use the pool; the
-            # dispatcher has connections of its own.
-            connections = await stack.enter_async_context(pool(settings))
-            test_sender = None
-            if mode.serve:
-                test_sender = await stack.enter_async_context(
-                    Sender(settings, limit=TEST_SEND_CONNECTIONS)
-                )
-            app = api.make_app(connections, settings, parts=parts, test_sender=test_sender)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            host, port = await _listen(runner, settings)
-            log.info(
-                "admin API listening" if mode.serve else "probes and metrics listening",
-                url=f"http://{host}:{port}",
-            )
         sender = await stack.enter_async_context(Sender(settings)) if mode.deliver else None
         notifier = None
         if mode.deliver and settings.notify_url:
@@ -275,8 +299,8 @@ async def _run(settings: Settings, mode: Mode) -> int:
             parts.start("retention", lambda: retention.run(settings, parts))
         if notifier is not None:
             parts.start("notify", lambda: notify.run(settings, notifier, parts))
-        if settings.api_listen is not None:
-            parts.start("backlog", lambda: api.refresh_backlog(connections, parts))
+        if admin is not None:
+            parts.start("backlog", lambda: api.refresh_backlog(admin.pool, parts))
         try:
             if sender is not None:
                 await Dispatcher(settings, sender, parts).run()
@@ -284,8 +308,6 @@ async def _run(settings: Settings, mode: Mode) -> int:
                 await parts.stopping.wait()
         finally:
             metrics.dispatcher_up(False)
-            if runner is not None:
-                await runner.cleanup()
     return parts.exit_code
 
 

@@ -130,8 +130,11 @@ class Supervisor:
         self.stopping.set()
 
     def alive(self) -> bool:
-        """Not going down for a failure, and every part that must beat has, in time."""
-        if self.exit_code:
+        """Not going down for a failure, and every part that must beat has, in time.
+
+        Stopping for a newer schema (EXIT_SCHEMA) is no failure: the process finishes
+        what is in flight and then exits, or waits for its schema, alive."""
+        if self.exit_code == EXIT_FAILED:
             return False
         now = self._clock()
         return all(

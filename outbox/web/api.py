@@ -38,7 +38,7 @@ from outbox.throttle import REPLAYS_PER_MINUTE, PerMinute, Refused, Throttle
 from outbox.web import auth, http, openapi, page, portal
 from outbox.web.http import ApiError, Handler
 
-__all__ = ["BODY_LIMIT", "make_app"]
+__all__ = ["BODY_LIMIT", "Stage", "make_app"]
 
 log = structlog.get_logger("outbox.api")
 
@@ -52,7 +52,28 @@ REPLAYS = web.AppKey("replays", PerMinute)
 # Delivery logs being read per account, at most LOG_SLOTS at once.
 LOGS = web.AppKey("logs", dict[str, int])
 LOG_SLOTS = 2
-PARTS = web.AppKey("parts", Supervisor)
+
+
+class Stage:
+    """What the admin server answers for: the sidecar's parts now, and whether it waits
+    for its schema (then only the probes and /metrics answer; the API and the page
+    would read a schema this version does not know). One server serves the process
+    from its start to its end, and each wait and each run in between sets this."""
+
+    def __init__(self) -> None:
+        self.parts = Supervisor(give_up_after=0.0)
+        self.waiting = True
+
+    def wait(self, parts: Supervisor) -> None:
+        self.parts, self.waiting = parts, True
+
+    def run(self, parts: Supervisor) -> None:
+        self.parts, self.waiting = parts, False
+
+
+STAGE = web.AppKey("stage", Stage)
+# What answers while the sidecar waits for its schema.
+_WHILE_WAITING = frozenset({"/healthz", "/readyz", "/metrics"})
 # How often the backlog gauges of /metrics are read from the database.
 BACKLOG_EVERY = 5.0
 
@@ -71,6 +92,18 @@ _WRITABLE = ("name", "url", "event", "format", "secret", "enabled", "headers", "
 _INT_MAX = 2**31 - 1
 # A change may also end a rotated-out secret's overlap early, by setting this to null.
 _END_OVERLAP = "previous_secret_expires_at"
+
+
+@web.middleware
+async def _schema_known(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.app[STAGE].waiting and request.path not in _WHILE_WAITING:
+        raise http.ApiError(
+            503,
+            "unavailable",
+            "outbox is waiting for the database schema this version knows; try again",
+            {"Retry-After": "30"},
+        )
+    return await handler(request)
 
 
 @web.middleware
@@ -281,7 +314,7 @@ def _probe(ok: bool) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: 200 while every part of the sidecar runs and its loop goes round."""
-    return _probe(request.app[PARTS].alive())
+    return _probe(request.app[STAGE].parts.alive())
 
 
 class Readiness:
@@ -318,7 +351,7 @@ READINESS = web.AppKey("readiness", Readiness)
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: alive, not stopping, and the database answers with the schema this
     version runs against."""
-    parts = request.app[PARTS]
+    parts = request.app[STAGE].parts
     if not parts.alive() or parts.stopping.is_set():
         return _probe(False)
     return _probe(await request.app[READINESS].ready())
@@ -647,20 +680,21 @@ def make_app(
     pool: AsyncConnectionPool[Any],
     settings: Settings,
     *,
-    parts: Supervisor,
+    stage: Stage,
     test_sender: Sender | None = None,
 ) -> web.Application:
     """The admin server: the probes and /metrics, and with ``test_sender`` the API and
     the settings page too. ``test_sender`` makes the test sends: a Sender made with the
     dispatcher's settings (the same SSRF guard, timeout and TLS settings as deliveries)
-    but not the dispatcher's own. ``parts`` says whether the sidecar is alive."""
+    but not the dispatcher's own. ``stage`` says whether the sidecar is alive, and
+    whether it waits for its schema."""
     serving = test_sender is not None
-    middlewares = [http.answer_errors, _auth] if serving else [http.answer_errors]
+    middlewares = [http.answer_errors, _schema_known, _auth] if serving else [http.answer_errors]
     app = web.Application(middlewares=middlewares, client_max_size=BODY_LIMIT)
     app.on_response_prepare.append(http.nosniff)
     app[http.POOL] = pool
     app[READINESS] = Readiness(pool)
-    app[PARTS] = parts
+    app[STAGE] = stage
     add = app.router.add_route
     add("GET", "/healthz", healthz)
     add("GET", "/readyz", readyz)

@@ -20,7 +20,6 @@ import yaml
 from outbox import cli, sidecar
 from outbox.config import Settings
 from outbox.delivery import Sender
-from outbox.supervisor import Supervisor
 from outbox.web import api
 from tests.conftest import ROOT
 
@@ -195,7 +194,7 @@ def admin_routes() -> set[str]:
     app = api.make_app(
         sidecar.pool(settings),
         settings,
-        parts=Supervisor(give_up_after=1.0),
+        stage=api.Stage(),
         test_sender=Sender(settings),
     )
     return {route.resource.canonical for route in app.router.routes() if route.resource}

@@ -12,6 +12,7 @@ import http.client
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,51 @@ def attempts(sql: SQL, event: int) -> Any:
     return sql.one("SELECT attempts FROM outbox.deliveries WHERE event_id = %s", (event,))
 
 
+class Prober:
+    """A kubelet that probes without pause, on a thread: every answer ``path`` got."""
+
+    def __init__(self, port: int, path: str) -> None:
+        self.answers: list[int | str | None] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._probe, args=(port, path), daemon=True)
+        self._thread.start()
+
+    def _probe(self, port: int, path: str) -> None:
+        while not self._stop.is_set():
+            try:
+                answer = get(port, path)
+            except (OSError, http.client.HTTPException) as exc:
+                self.answers.append(repr(exc))
+            else:
+                self.answers.append(None if answer is None else answer[0])
+
+    def stop(self) -> list[int | str | None]:
+        self._stop.set()
+        self._thread.join()
+        return self.answers
+
+
 class TestAppPodThroughAnUpgrade:
+    def test_its_probes_are_answered_throughout_the_waits_and_the_migrates(
+        self, sql: SQL, receiver: Receiver, pod_sidecars: Callable[[], PodSidecar]
+    ) -> None:
+        """Started before its migrate, delivering after it, waiting again after a newer
+        one: the port the kubelet probes never refuses a connection in between (the
+        waiting sidecar's listener hands over to the delivering one's and back)."""
+        sql.webhook(receiver.url())
+        schema_is(sql, "older")
+        sidecar = pod_sidecars()
+        prober = Prober(sidecar.api_port, "/healthz")
+        wait_until(lambda: sidecar.waiting() == 1, what="the sidecar to wait")
+        schema_is(sql, "current")
+        sql.emit()
+        receiver.wait_for(1)
+        schema_is(sql, "newer")
+        wait_until(lambda: sidecar.waiting() == 2, what="the sidecar to wait again")
+        answers = prober.stop()
+        assert [a for a in answers if a != 200] == []
+        assert sidecar.container_ready()
+
     def test_a_newer_schema_migrated_under_it_leaves_the_pod_ready(
         self, sql: SQL, receiver: Receiver, pod_sidecars: Callable[[], PodSidecar]
     ) -> None:
@@ -271,7 +316,8 @@ class TestAppPodThroughAnUpgrade:
         self, sql: SQL, receiver: Receiver, pod_sidecars: Callable[[], PodSidecar]
     ) -> None:
         """A new pod rolled out before its migrate: ready at once, delivering nothing
-        until the schema is the one it knows, then delivering what waited."""
+        (and its API answering 503, not reading a schema it does not know) until the
+        schema is the one it knows, then delivering what waited."""
         sql.webhook(receiver.url())
         schema_is(sql, "older")
         event = sql.emit()
@@ -279,9 +325,13 @@ class TestAppPodThroughAnUpgrade:
         wait_until(lambda: sidecar.waiting() == 1, what="the sidecar to wait")
         assert sidecar.container_ready()
         assert attempts(sql, event) == 0
+        status, body = get(sidecar.api_port, "/api/v1/webhooks") or (None, b"")
+        assert status == 503 and b"waiting for the database schema" in body
 
         schema_is(sql, "current")
         (delivery,) = receiver.wait_for(1)
         assert delivery.headers["X-Webhook-Event"] == "lead.scored"
         assert sidecar.container_ready()
+        status, body = get(sidecar.api_port, "/api/v1/webhooks") or (None, b"")
+        assert status == 401 and b"unauthorized" in body
         assert wait_until(lambda: get(sidecar.api_port, "/readyz") == (200, b'{"status": "ok"}'))

@@ -14,7 +14,6 @@ from outbox import jsontext, metrics, tokens, webhooks
 from outbox.config import Settings
 from outbox.delivery import Sender
 from outbox.errors import Invalid
-from outbox.supervisor import Supervisor
 from outbox.web import api, http, openapi
 
 
@@ -158,9 +157,7 @@ class TestDocument:
     def test_documents_exactly_the_routes_the_app_serves(self) -> None:
         """Adding a route without documenting it (or the reverse) fails here."""
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool("", open=False)
-        app = api.make_app(
-            pool, Settings(), parts=Supervisor(give_up_after=1), test_sender=Sender(Settings())
-        )
+        app = api.make_app(pool, Settings(), stage=api.Stage(), test_sender=Sender(Settings()))
         served = {
             (route.method, route.resource.canonical)
             for route in app.router.routes()

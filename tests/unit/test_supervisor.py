@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from outbox import db
-from outbox.supervisor import EXIT_FAILED, InjectedFault, Supervisor, parse_faults
+from outbox.supervisor import EXIT_FAILED, EXIT_SCHEMA, InjectedFault, Supervisor, parse_faults
 
 
 class Clock:
@@ -54,9 +54,16 @@ class TestLiveness:
         parts = Supervisor(give_up_after=60)
         parts.stop(0)
         assert parts.alive() and parts.stopping.is_set()
-        parts.stop(3)
-        parts.stop(1)
-        assert not parts.alive() and parts.exit_code == 3
+        parts.stop(EXIT_FAILED)
+        parts.stop(EXIT_SCHEMA)
+        assert not parts.alive() and parts.exit_code == EXIT_FAILED
+
+    async def test_stopping_for_a_newer_schema_is_alive(self) -> None:
+        """It finishes what is in flight, then exits or waits for its schema: a probe
+        failing meanwhile would only have it restarted on the same version."""
+        parts = Supervisor(give_up_after=60)
+        parts.stop(EXIT_SCHEMA)
+        assert parts.alive() and parts.stopping.is_set() and parts.exit_code == EXIT_SCHEMA
 
 
 class TestRestarts:
