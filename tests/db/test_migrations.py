@@ -102,6 +102,18 @@ def migrate(url: str) -> list[int]:
     return asyncio.run(db.migrate(url))
 
 
+def migrate_together(url: str, count: int) -> list[list[int]]:
+    """What each of ``count`` migrates started at the same moment applied."""
+    barrier = threading.Barrier(count, timeout=30)
+
+    def run(_: int) -> list[int]:
+        barrier.wait()
+        return migrate(url)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(run, range(count)))
+
+
 VERSIONS = [version for version, _, _ in db.migrations()]
 
 
@@ -229,14 +241,7 @@ class TestMigrate:
         with psycopg.connect(empty_database_url, autocommit=True) as conn:
             name = conn.info.dbname
             conn.execute(f"ALTER DATABASE {name} SET default_transaction_isolation = '{isolation}'")
-        barrier = threading.Barrier(3, timeout=30)
-
-        def run(_: int) -> list[int]:
-            barrier.wait()
-            return migrate(empty_database_url)
-
-        with ThreadPoolExecutor(3) as pool:
-            applied = list(pool.map(run, range(3)))
+        applied = migrate_together(empty_database_url, 3)
         # The first run to take the lock installs schema.sql; the others find it done.
         assert sorted(applied, key=len) == [[], [], VERSIONS]
         assert [v for v, _, _ in migrations_table(empty_database_url)] == VERSIONS
@@ -249,14 +254,7 @@ class TestMigrate:
         by migration: between them, each missing one is applied once."""
         url = new_database()
         at_version(url, 1)
-        barrier = threading.Barrier(3, timeout=30)
-
-        def run(_: int) -> list[int]:
-            barrier.wait()
-            return migrate(url)
-
-        with ThreadPoolExecutor(3) as pool:
-            applied = list(pool.map(run, range(3)))
+        applied = migrate_together(url, 3)
         assert sorted(v for versions in applied for v in versions) == VERSIONS[1:]
         assert describe(url) == describe(pg_server.url(template_db))
 
