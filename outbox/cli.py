@@ -20,6 +20,7 @@ from outbox import (
     jsontext,
     listen,
     retention,
+    retry,
     sidecar,
     signing,
     testsend,
@@ -30,7 +31,7 @@ from outbox.config import ConfigError, Settings, parse_duration
 from outbox.delivery import Sender
 from outbox.events import EVENTS, UnknownEvent
 from outbox.log import configure
-from outbox.web import page, portal
+from outbox.web import portal
 
 __all__ = ["main"]
 
@@ -248,7 +249,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
         rows = await webhooks.status(conn, args.account)
     print(_table(rows, ("account_id", *_COLUMNS)) if rows else "no webhooks")
     # On stderr: stdout stays the table alone, for scripts that read it.
-    print(page.retry_note(settings), file=sys.stderr)
+    print(retry.retry_note(settings), file=sys.stderr)
     return 0
 
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from outbox import errors
 from outbox.config import Settings
 from outbox.events import EVENTS
-from outbox.retry import duration_words
+from outbox.retry import retry_note
 from outbox.web import auth, http, portal
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "intro",
     "message_page",
     "page_headers",
-    "retry_note",
     "settings_page",
     "signed_out_page",
     "static_path",
@@ -165,49 +164,6 @@ def theme_css(accent: str) -> str:
 
 def _series(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
-
-
-def _rounded(seconds: float) -> str:
-    """A duration in its largest whole unit, rounded: ``13 hours`` for 13 h 5 min."""
-    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
-        if seconds >= size:
-            count = round(seconds / size)
-            return f"{count} {unit}{'' if count == 1 else 's'}"
-    return duration_words(seconds)
-
-
-def retry_note(settings: Settings) -> str:
-    """What happens to a delivery that fails, and to an endpoint that keeps failing."""
-    delays = settings.retry_delays
-    if delays:
-        times = "once" if len(delays) == 1 else f"up to {len(delays)} times"
-        # The whole window too: whether an endpoint down overnight still gets its events.
-        window = f", about {_rounded(sum(delays))} in all" if len(delays) > 1 else ""
-        retries = (
-            f"A delivery that fails is retried {times}: after about "
-            f"{_series([duration_words(d) for d in delays])}{window}."
-        )
-    else:
-        retries = "A delivery that fails is not retried."
-    shown = (
-        "While a delivery is being retried its webhook shows Retrying with the reason; if "
-        "every attempt fails, it shows Failed, and its delivery log shows every attempt "
-        "with your endpoint's answer."
-        if delays
-        else "The webhook then shows Failed with the reason, and its delivery log shows "
-        "the attempt with your endpoint's answer."
-    )
-    note = (
-        f"{retries} Each attempt waits up to {duration_words(settings.http_timeout)} for "
-        f"an answer. {shown}"
-    )
-    if settings.auto_disable_after is not None:
-        note += (
-            " A webhook whose deliveries keep failing, with none succeeding for "
-            f"{duration_words(settings.auto_disable_after)}, is disabled; fix the endpoint, "
-            "then enable the webhook again."
-        )
-    return note
 
 
 def continue_page(claims: portal.Claims) -> str:

@@ -416,31 +416,7 @@ class TestPublicUrl:
 
 
 class TestRetryNote:
-    """The page's footnote about retries, from the settings in force."""
-
-    def test_the_defaults(self) -> None:
-        """The default settings: three retries, a 10 s wait, disabled after 5 days."""
-        note = webpage.retry_note(Settings())
-        assert note.startswith(
-            "A delivery that fails is retried up to 3 times: after about 5 minutes, "
-            "1 hour and 12 hours, about 13 hours in all. Each attempt waits up to 10 seconds"
-            " for an answer."
-        )
-        assert "none succeeding for 5 days, is disabled" in note
-
-    def test_other_settings(self) -> None:
-        """One retry, a fractional timeout, and auto-disable off are said as they are."""
-        settings = Settings(retry_delays=(0.5,), http_timeout=2.5, auto_disable_after=None)
-        note = webpage.retry_note(settings)
-        assert note.startswith(
-            "A delivery that fails is retried once: after about 0.5 seconds. "
-            "Each attempt waits up to 2.5 seconds"
-        )
-        assert "disabled" not in note
-
-    def test_no_retries(self) -> None:
-        note = webpage.retry_note(Settings(retry_delays=()))
-        assert note.startswith("A delivery that fails is not retried.")
+    """The page's footnote about retries (outbox.retry.retry_note says it)."""
 
     def test_the_page_shows_it_and_the_number_of_attempts(self) -> None:
         session = portal.Session("acct_1", "csrf", datetime.now(UTC))

@@ -1,4 +1,4 @@
-"""Tests for outbox.retry: retry schedule, jitter and Retry-After."""
+"""Tests for outbox.retry: retry schedule, jitter, Retry-After, and the words for them."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from outbox.config import Settings
 from outbox.retry import (
     JITTER,
     SLOWDOWNS,
     duration_words,
     next_delay,
     parse_retry_after,
+    retry_note,
     slowdown_delay,
 )
 
@@ -231,3 +233,31 @@ class TestDurationWords:
     def test_the_largest_exact_unit(self, seconds: float, words: str) -> None:
         """A duration is said in the largest unit that divides it, never rounded."""
         assert duration_words(seconds) == words
+
+
+class TestRetryNote:
+    """What the page and `outbox status` say about retries, from the settings in force."""
+
+    def test_the_defaults(self) -> None:
+        """The default settings: three retries, a 10 s wait, disabled after 5 days."""
+        note = retry_note(Settings())
+        assert note.startswith(
+            "A delivery that fails is retried up to 3 times: after about 5 minutes, "
+            "1 hour and 12 hours, about 13 hours in all. Each attempt waits up to 10 seconds"
+            " for an answer."
+        )
+        assert "none succeeding for 5 days, is disabled" in note
+
+    def test_other_settings(self) -> None:
+        """One retry, a fractional timeout, and auto-disable off are said as they are."""
+        settings = Settings(retry_delays=(0.5,), http_timeout=2.5, auto_disable_after=None)
+        note = retry_note(settings)
+        assert note.startswith(
+            "A delivery that fails is retried once: after about 0.5 seconds. "
+            "Each attempt waits up to 2.5 seconds"
+        )
+        assert "disabled" not in note
+
+    def test_no_retries(self) -> None:
+        note = retry_note(Settings(retry_delays=()))
+        assert note.startswith("A delivery that fails is not retried.")
