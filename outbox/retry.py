@@ -18,6 +18,7 @@ __all__ = [
     "next_delay",
     "parse_retry_after",
     "retry_note",
+    "series",
     "slowdown_delay",
 ]
 
@@ -101,13 +102,14 @@ def duration_words(seconds: float) -> str:
     return f"{seconds:g} seconds"
 
 
-def _series(words: list[str]) -> str:
+def series(words: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def _rounded(seconds: float) -> str:
     """A duration in its largest whole unit, rounded: ``13 hours`` for 13 h 5 min."""
-    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+    for size, unit in _UNITS[:-1]:
         if seconds >= size:
             count = round(seconds / size)
             return f"{count} {unit}{'' if count == 1 else 's'}"
@@ -123,7 +125,7 @@ def retry_note(settings: Settings) -> str:
         window = f", about {_rounded(sum(delays))} in all" if len(delays) > 1 else ""
         retries = (
             f"A delivery that fails is retried {times}: after about "
-            f"{_series([duration_words(d) for d in delays])}{window}."
+            f"{series([duration_words(d) for d in delays])}{window}."
         )
     else:
         retries = "A delivery that fails is not retried."

@@ -150,13 +150,9 @@ async def run(settings: Settings, mode: Mode = BOTH) -> int:
             while True:
                 if wait and not await wait_for_schema(settings, admin):
                     return 0
-                try:
-                    code = await _run(settings, mode, admin)
-                except db.SchemaMismatch:
-                    # Changed again since wait_for_schema looked.
-                    if not wait:
-                        raise
-                    continue
+                # The schema was checked above, or just now by the wait: a migrate that
+                # comes after is the schema watch's to see.
+                code = await _run(settings, mode, admin)
                 if code != EXIT_SCHEMA or not wait:
                     return code
     finally:
@@ -274,7 +270,6 @@ async def watch_loop(parts: Supervisor) -> None:
 
 
 async def _run(settings: Settings, mode: Mode, admin: Admin | None) -> int:
-    await check_schema(settings)
     # Every attempt allocates a few short-lived objects and no cycles to speak of: move
     # the start-up objects out of the collector's way and collect young objects rarely.
     gc.freeze()

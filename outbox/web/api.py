@@ -72,8 +72,6 @@ class Stage:
 
 
 STAGE = web.AppKey("stage", Stage)
-# What answers while the sidecar waits for its schema.
-_WHILE_WAITING = frozenset({"/healthz", "/readyz", "/metrics"})
 # How often the backlog gauges of /metrics are read from the database.
 BACKLOG_EVERY = 5.0
 
@@ -96,7 +94,7 @@ _END_OVERLAP = "previous_secret_expires_at"
 
 @web.middleware
 async def _schema_known(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.app[STAGE].waiting and request.path not in _WHILE_WAITING:
+    if request.app[STAGE].waiting and request.path not in _PROBES:
         raise http.ApiError(
             503,
             "unavailable",
@@ -373,6 +371,10 @@ async def prometheus(request: web.Request) -> web.Response:
     """Prometheus text format (no token needed), from memory only."""
     body, content_type = metrics.exposition(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+# Served without a token, by every mode, also while the sidecar waits for its schema.
+_PROBES: dict[str, Handler] = {"/healthz": healthz, "/readyz": readyz, "/metrics": prometheus}
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -696,9 +698,8 @@ def make_app(
     app[READINESS] = Readiness(pool)
     app[STAGE] = stage
     add = app.router.add_route
-    add("GET", "/healthz", healthz)
-    add("GET", "/readyz", readyz)
-    add("GET", "/metrics", prometheus)
+    for path, probe in _PROBES.items():
+        add("GET", path, probe)
     if test_sender is None:
         return app
     app[auth.CREDENTIALS] = auth.Credentials()

@@ -27,7 +27,7 @@ from aiohttp import web
 from outbox import errors
 from outbox.config import Settings
 from outbox.events import EVENTS
-from outbox.retry import retry_note
+from outbox.retry import retry_note, series
 from outbox.web import auth, http, portal
 
 __all__ = [
@@ -126,7 +126,7 @@ def settings_page(current: portal.Session, settings: Settings, session_token: st
         product=product,
         title=f"Webhooks · Settings · {product}" if product else "Webhooks · Settings",
         intro=intro(product),
-        events=_series(list(EVENTS.values())),
+        events=series(list(EVENTS.values())),
     )
 
 
@@ -160,10 +160,6 @@ def theme_css(accent: str) -> str:
         f":root {{\n  --primary: {accent};\n  --primary-dark: {dark};\n"
         f"  --focus: {accent};\n  --on-primary: {on_accent};\n}}\n"
     )
-
-
-def _series(words: list[str]) -> str:
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def continue_page(claims: portal.Claims) -> str:
