@@ -307,7 +307,9 @@ class TestPace:
         assert len(other_rows) == 2
         assert {r["id"] for r in other_rows}.isdisjoint(r["id"] for r in mine)
         delays = sorted(r["delay"] for r in other_rows)
-        assert 1.3 < delays[0] <= 1.5 and abs(delays[1] - delays[0] - 1) < 1e-3, delays
+        # Each row's delay is read against the clock as that row is returned: on a busy
+        # machine the second is read a few milliseconds after the first.
+        assert 1.3 < delays[0] <= 1.5 and abs(delays[1] - delays[0] - 1) < 0.01, delays
         assert 3.3 < float(pace(sql, hook)) <= 3.5
 
     def test_a_delayed_attempt_is_leased_from_its_start(
